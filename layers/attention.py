@@ -1,0 +1,204 @@
+"""Softmax attention: MHA / GQA / MQA, causal, optional sliding window and attention sinks.
+
+Shape legend:
+  B batch, T new tokens, S cache slots, D model width,
+  H query heads, G = H / Hkv query heads per key/value head, Hkv key/value heads, Dh head dim.
+
+Token at position t attends to key position j when j <= t and either the layer has no window,
+or t - j < window, or j < n_sinks (StreamingLLM, Xiao et al. 2023: the first tokens stay
+visible). Keys are rotated (RoPE) before they are cached, as usual.
+
+Caches:
+  * full causal: a KV cache of max_len slots, slot j holds position j.
+  * window: a ring buffer of n_sinks + window slots, so decode memory does not grow with length.
+    Slots [0, n_sinks) hold the sink tokens; the token written at index j >= n_sinks goes to slot
+    n_sinks + (j - n_sinks) % window. Each slot also stores the absolute position it holds
+    (-1 = empty), so the mask is computed from positions alone and the same code serves
+    training, prefill in chunks of any size, and single-token decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.cache import CacheBytes
+from layers.rope import apply_rope
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionArgs:
+    n_heads: int | None = None      # None: model.n_heads
+    n_kv_heads: int | None = None   # None: model.n_kv_heads
+    window: int | None = None       # None: full causal attention
+    n_sinks: int = 0
+    rope: bool = True
+
+
+@struct.dataclass
+class KVCache(CacheBytes):
+    """k, v: [B, S, Hkv, Dh]; pos: [B, S] absolute position in each slot (-1 empty);
+    length: [] int32, how many tokens have been written."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    length: jax.Array
+    window: int | None = struct.field(pytree_node=False, default=None)
+    n_sinks: int = struct.field(pytree_node=False, default=0)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None,
+                   n_sinks: int) -> jax.Array:
+    """[B, T] x [B, S] positions -> [B, T, S] bool: which keys each query may see."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= (q - k < window) | (k < n_sinks)
+    return visible
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      scale: float) -> jax.Array:
+    """q [B, T, H, Dh], k/v [B, S, Hkv, Dh], mask [B, T, S] -> [B, T, H, Dh]."""
+    b, t, h, dh = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, dh)
+    # Scores and softmax in float32: bf16 logits lose the small differences softmax amplifies.
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, dh).astype(q.dtype)
+
+
+def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
+    """Write T new tokens (k/v [B, T, Hkv, Dh], positions [B, T]) at index cache.length."""
+    start = cache.length
+    t = k.shape[1]
+    if cache.window is None:
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            buf, new.astype(buf.dtype), start, axis=1)
+        return cache.replace(k=upd(cache.k, k), v=upd(cache.v, v), pos=upd(cache.pos, positions),
+                             length=start + t)
+    # Ring buffer: slot s must hold the newest index j <= end that maps to it; take it from the
+    # new chunk when j >= start, else keep the old slot.
+    n_sinks, window = cache.n_sinks, cache.window
+    end = start + t - 1
+    slots = jnp.arange(n_sinks + window)
+    ring = slots - n_sinks
+    j_ring = end - jnp.mod(end - n_sinks - ring, window)
+    j = jnp.where(slots < n_sinks, slots, j_ring)
+    take_new = (j >= start) & (j <= end) & ((slots < n_sinks) | (j >= n_sinks))
+    src = jnp.clip(j - start, 0, t - 1)
+
+    def select(buf, new):
+        gathered = jnp.take(new, src, axis=1).astype(buf.dtype)
+        m = take_new.reshape((1, -1) + (1,) * (buf.ndim - 2))
+        return jnp.where(m, gathered, buf)
+
+    return cache.replace(k=select(cache.k, k), v=select(cache.v, v),
+                         pos=select(cache.pos, positions), length=start + t)
+
+
+class Attention(nnx.Module):
+    """Multi-head softmax attention with GQA, RoPE, optional window and sinks.
+
+    `y, cache = attn(x, positions=pos, cache=cache)`: x [B, T, D], positions [B, T].
+    """
+
+    Args = AttentionArgs
+
+    def __init__(self, cfg, args: AttentionArgs, *, rngs: nnx.Rngs):
+        self.d_model = cfg.d_model
+        self.n_heads = args.n_heads or cfg.n_heads
+        self.n_kv_heads = args.n_kv_heads or (cfg.resolved_kv_heads if args.n_heads is None
+                                              else self.n_heads)
+        self.head_dim = cfg.resolved_head_dim
+        self.window = args.window
+        self.n_sinks = args.n_sinks
+        self.use_rope = args.rope
+        self.rope_theta = cfg.rope_theta
+        self.dtype = jnp.dtype(cfg.dtype)
+        init = nnx.initializers.normal(cfg.init_std)
+        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
+        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.qkv = nnx.Linear(cfg.d_model, qkv_out, kernel_init=init, **lin)
+        self.out = nnx.Linear(self.n_heads * self.head_dim, cfg.d_model, kernel_init=out_init,
+                              **lin)
+
+    @staticmethod
+    def check_config(cfg, args: AttentionArgs, name: str) -> list[str]:
+        """Problems with these settings, one line each (empty when fine)."""
+        errs = []
+        p = f"model.mixer_args.{name}"
+        n_heads = args.n_heads or cfg.n_heads
+        n_kv = args.n_kv_heads or (cfg.resolved_kv_heads if args.n_heads is None else n_heads)
+        if n_heads <= 0 or n_kv <= 0:
+            errs.append(f"{p}: n_heads and n_kv_heads must be > 0")
+        elif n_heads % n_kv:
+            errs.append(f"{p}.n_kv_heads={n_kv} must divide n_heads={n_heads}")
+        if args.n_heads is not None and cfg.head_dim is None and cfg.d_model % n_heads:
+            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model}")
+        if args.rope and cfg.resolved_head_dim % 2:
+            errs.append(f"{p}: RoPE needs an even head_dim, got {cfg.resolved_head_dim}")
+        if args.window is not None:
+            if args.window <= 0:
+                errs.append(f"{p}.window must be > 0 or null, got {args.window}")
+            elif args.window > cfg.max_len:
+                errs.append(f"{p}.window={args.window} is larger than "
+                            f"model.max_len={cfg.max_len}")
+        if args.n_sinks < 0:
+            errs.append(f"{p}.n_sinks must be >= 0, got {args.n_sinks}")
+        elif args.n_sinks and args.window is None:
+            errs.append(f"{p}.n_sinks={args.n_sinks} needs a window "
+                        "(full attention already sees the first tokens)")
+        return errs
+
+    def cache_slots(self, max_len: int) -> int:
+        # A ring keeps `window` slots even when max_len is shorter: a windowed layer can decode
+        # past max_len, and it then needs the whole window.
+        return max_len if self.window is None else self.n_sinks + self.window
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+        s = self.cache_slots(max_len)
+        shape = (batch_size, s, self.n_kv_heads, self.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       pos=jnp.full((batch_size, s), -1, jnp.int32),
+                       length=jnp.zeros((), jnp.int32), window=self.window,
+                       n_sinks=self.n_sinks)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        b, t, _ = x.shape
+        h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = jnp.split(self.qkv(x), [h * dh, (h + hkv) * dh], axis=-1)
+        q = q.reshape(b, t, h, dh)
+        k = k.reshape(b, t, hkv, dh)
+        v = v.reshape(b, t, hkv, dh)
+        if self.use_rope:
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+        if cache is None:
+            keys, values, k_pos = k, v, positions
+        else:
+            if cache.window is None and t > cache.k.shape[1]:
+                raise ValueError(f"{t} tokens do not fit a KV cache of {cache.k.shape[1]} slots")
+            # Attend over what the cache held before this chunk plus the chunk itself, then
+            # write the chunk: a ring smaller than the chunk would otherwise drop keys that
+            # the chunk's early queries still need.
+            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+            cache = write_cache(cache, k, v, positions)
+        mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
+        o = softmax_attention(q, keys, values, mask, dh ** -0.5)
+        return self.out(o.reshape(b, t, h * dh)), cache

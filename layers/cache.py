@@ -1,0 +1,19 @@
+"""What every decode cache shares: it is an immutable pytree that reports its own size."""
+
+from __future__ import annotations
+
+import jax
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes held by the array leaves of a pytree (static: uses shapes and dtypes only)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+                   if hasattr(x, "dtype")))
+
+
+class CacheBytes:
+    """Mixin for cache dataclasses: `cache.nbytes` is the memory the cache holds."""
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self)

@@ -1,0 +1,64 @@
+"""Mixer registry: the names used in `model.mixers` -> mixer classes and default settings.
+
+A mixer class provides `Args` (a frozen dataclass of its settings), `check_config(model_cfg,
+args, name) -> list[str]`, `init_cache(batch_size, max_len, dtype)` and
+`__call__(x, *, positions, cache) -> (y, cache)`. Register a new family by adding a line here
+and its defaults under `model.mixer_args` in configs/base.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from layers.attention import Attention, AttentionArgs
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    cls: type
+    defaults: object   # an Args instance: what a name means before any config touches it
+
+
+MIXERS: dict[str, MixerSpec] = {
+    "attn": MixerSpec(Attention, AttentionArgs()),
+    "swa": MixerSpec(Attention, AttentionArgs(window=64)),
+}
+
+
+def resolve_mixer_args(model_cfg) -> dict:
+    """model.mixer_args (raw dicts) -> {name: Args} for every registered or configured mixer.
+
+    Raises ConfigError for an unknown mixer name, an unknown setting, a wrong type, or a
+    setting the mixer rejects (check_config).
+    """
+    from configs.schema import ConfigError, build_dataclass, to_plain
+
+    raw = model_cfg.mixer_args or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model.mixer_args: expected a mapping, got {raw!r}")
+    out = {}
+    for name, spec in MIXERS.items():
+        given = raw.get(name, {})
+        if given is None:
+            given = {}
+        if dataclasses.is_dataclass(given):
+            given = to_plain(given)
+        merged = {**to_plain(spec.defaults), **given}
+        out[name] = build_dataclass(type(spec.defaults), merged, f"model.mixer_args.{name}.")
+    for name in raw:
+        if name not in MIXERS:
+            import difflib
+            close = difflib.get_close_matches(str(name), list(MIXERS), n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key 'model.mixer_args.{name}'{hint} "
+                              f"(mixers: {', '.join(sorted(MIXERS))})")
+    for name in set(model_cfg.mixers):
+        errs = MIXERS[name].cls.check_config(model_cfg, out[name], name)
+        if errs:
+            raise ConfigError(errs[0])
+    return out
+
+
+def build_mixer(model_cfg, name: str, *, rngs):
+    spec = MIXERS[name]
+    return spec.cls(model_cfg, model_cfg.args_for(name), rngs=rngs)

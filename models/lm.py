@@ -1,0 +1,114 @@
+"""The language model: embedding -> n_layers x (norm -> mixer -> +, norm -> SwiGLU -> +) ->
+norm -> head. Mixers come from `model.mixers`, repeated cyclically over the layers.
+
+Shape legend: B batch, T tokens, D model width, V vocabulary.
+
+`logits, cache = model(tokens, cache=cache)` serves training (cache None), prefill and decode
+(a ModelCache from `model.init_cache`). Parameters are float32; activations run in
+`model.dtype` (bf16 by default); logits and the loss are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.cache import tree_nbytes
+from layers.mlp import SwiGLU
+from layers.norm import RMSNorm
+from layers.registry import build_mixer
+
+
+@struct.dataclass
+class ModelCache:
+    """layers: one cache per layer; length: [] int32, tokens consumed so far (all sequences of
+    the batch advance together)."""
+
+    layers: tuple
+    length: jax.Array
+    max_len: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self.layers)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, mixer_name: str, *, rngs: nnx.Rngs):
+        self.mixer_name = mixer_name
+        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = build_mixer(cfg, mixer_name, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.resolved_d_ff, dtype=jnp.dtype(cfg.dtype),
+                          init_std=cfg.init_std,
+                          out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers), rngs=rngs)
+
+    def __call__(self, x, *, positions, cache=None):
+        y, cache = self.mixer(self.mixer_norm(x), positions=positions, cache=cache)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
+
+
+class LM(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.max_len = cfg.max_len
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
+                               param_dtype=jnp.float32,
+                               embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, name, rngs=rngs) for name in cfg.layer_mixers()])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nnx.Linear(
+            cfg.d_model, cfg.vocab_size, use_bias=False, dtype=self.dtype,
+            param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(cfg.init_std),
+            rngs=rngs)
+
+    def init_cache(self, batch_size: int, max_len: int | None = None,
+                   dtype=None) -> ModelCache:
+        """An empty decode cache for `batch_size` sequences of up to `max_len` tokens (layers
+        with a window or a recurrent state keep a fixed size whatever max_len is)."""
+        max_len = max_len or self.max_len
+        dtype = jnp.dtype(dtype) if dtype is not None else self.dtype
+        layers = tuple(b.mixer.init_cache(batch_size, max_len, dtype) for b in self.blocks)
+        return ModelCache(layers=layers, length=jnp.zeros((), jnp.int32), max_len=max_len)
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache | None]:
+        """tokens [B, T] int -> logits [B, T, V] float32 and the updated cache."""
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = start + jnp.arange(t, dtype=jnp.int32)
+        positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
+        x = self.embed(tokens)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, positions=positions,
+                                   cache=None if cache is None else cache.layers[i])
+            new_layers.append(layer_cache)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        if cache is not None:
+            cache = cache.replace(layers=tuple(new_layers), length=cache.length + t)
+        return logits.astype(jnp.float32), cache
+
+
+def build_model(model_cfg, seed: int = 0) -> LM:
+    """A freshly initialized LM for a validated ModelConfig."""
+    return LM(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Masked mean cross-entropy (float32) and the masked token accuracy."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    denom = jnp.maximum(mask.sum(), 1.0)
+    loss = ((logz - gold) * mask).sum() / denom
+    acc = ((jnp.argmax(logits, axis=-1) == targets) * mask).sum() / denom
+    return loss, acc

@@ -1,0 +1,57 @@
+"""The decode-parity check every mixer must pass (DESIGN.md, "the mixer contract").
+
+full forward over T tokens == prefill of P tokens then T - P single-token steps
+                           == prefill in chunks of size C (the last chunk may be shorter).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Per-dtype tolerances on max |difference| / max |reference|. float32 differs only by
+# summation order; bf16 rounds q/k/v and the mixer output to 8 bits of mantissa, and the
+# three paths round at different points, so a few bf16 ulps (2^-8 ~ 0.4%) are expected.
+PARITY_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def _run(module, x, cache, pieces):
+    # Jitted over (params, x, positions, cache) so each chunk size compiles once; slicing in
+    # numpy keeps the slice offsets out of the compiled function.
+    graphdef, state = nnx.split(module)
+    call = jax.jit(lambda st, xs, pos, c: nnx.merge(graphdef, st)(xs, positions=pos, cache=c))
+    dtype, x = x.dtype, np.asarray(x, np.float32)   # bf16 -> f32 -> bf16 is exact
+    outs, start = [], 0
+    for size in pieces:
+        pos = np.broadcast_to(np.arange(start, start + size, dtype=np.int32), (x.shape[0], size))
+        xs = jnp.asarray(x[:, start:start + size], dtype=dtype)
+        y, cache = call(state, xs, pos, cache)
+        outs.append(np.asarray(y, np.float32))
+        start += size
+    return np.concatenate(outs, axis=1), cache
+
+
+def decode_paths(module, x, *, prefill: int, chunk: int, max_len: int, cache_dtype):
+    """-> (full, prefill+steps, chunked) outputs of a mixer (x [B, T, D])."""
+    b, t, _ = x.shape
+    full, _ = _run(module, x, None, [t])
+    cache = module.init_cache(b, max_len, cache_dtype)
+    stepped, _ = _run(module, x, cache, [prefill] + [1] * (t - prefill))
+    cache = module.init_cache(b, max_len, cache_dtype)
+    sizes = [chunk] * (t // chunk) + ([t % chunk] if t % chunk else [])
+    chunked, _ = _run(module, x, cache, sizes)
+    return full, stepped, chunked
+
+
+def relative_error(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def assert_decode_parity(module, x, *, prefill: int, chunk: int, max_len: int, dtype):
+    full, stepped, chunked = decode_paths(module, x, prefill=prefill, chunk=chunk,
+                                          max_len=max_len, cache_dtype=dtype)
+    tol = PARITY_TOL[dtype]
+    assert relative_error(stepped, full) < tol, ("prefill+steps", relative_error(stepped, full))
+    assert relative_error(chunked, full) < tol, ("chunked", relative_error(chunked, full))

@@ -1,0 +1,1 @@
+"""Training machinery behind train.py: optimizer, checkpoints, the loop."""

@@ -1,0 +1,197 @@
+"""The training loop: jitted AdamW steps, periodic eval, checkpoints, resume, SIGTERM, logs.
+
+Resume is exact: params, optimizer state and the data iterator's state are restored from the
+newest checkpoint in RUN_DIR, so the steps after it see the same batches and produce the same
+losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from configs.schema import Config, save_config
+from models.lm import build_model, lm_loss
+from training.checkpoint import Checkpointer, CheckpointError, check_same_model
+from training.optim import learning_rate_schedule, make_optimizer
+
+
+def make_train_step(graphdef, optimizer):
+    def loss_fn(params, batch):
+        logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
+        return lm_loss(logits, batch["targets"], batch["loss_mask"])
+
+    # Params and optimizer state are donated: the step rewrites them in place.
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "acc": acc,
+                                   "grad_norm": optax.global_norm(grads)}
+
+    @jax.jit
+    def eval_step(params, batch):
+        return loss_fn(params, batch)
+
+    return train_step, eval_step
+
+
+@contextmanager
+def _sigterm_flag():
+    """Turns SIGTERM into a flag the loop checks after each step (then saves and exits)."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread: no handler, the loop still works
+        previous = None
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Logger:
+    """metrics.jsonl (append), optional wandb, and a progress display."""
+
+    def __init__(self, cfg: Config, run_dir: Path, start_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.total = cfg.train.steps
+        self.wandb = None
+        if cfg.wandb.mode != "disabled":
+            import wandb  # imported only when used: it is slow to import
+
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name,
+                                    mode=cfg.wandb.mode, dir=str(run_dir), id=run_id,
+                                    resume="allow", config=cfg.to_dict())
+        self.bar = None
+        if cfg.train.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"},
+                           step=record["step"])
+
+    def progress(self, step: int, text: str) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+        else:
+            print(f"step {step}/{self.total} {text}", flush=True)
+
+    def message(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def evaluate(eval_step, params, batches) -> dict:
+    losses, accs = zip(*(eval_step(params, b) for b in batches))
+    return {"eval_loss": float(jnp.mean(jnp.stack(losses))),
+            "eval_acc": float(jnp.mean(jnp.stack(accs)))}
+
+
+def train(cfg: Config, *, stop_at_step: int | None = None) -> dict:
+    """Train (or resume) the run described by cfg. Returns the final metrics.
+
+    stop_at_step: behave as if SIGTERM arrived after that step (used by tests).
+    """
+    from data import describe, make_eval_batches, make_train_iterator
+
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run_dir '{run_dir}' exists and is not a directory")
+    # Everything that can fail on bad input happens before the run dir is written to.
+    train_iter = make_train_iterator(cfg.data, cfg.model.vocab_size)
+    eval_batches = make_eval_batches(cfg.data, cfg.model.vocab_size, cfg.train.eval_batches)
+    ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
+
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    graphdef, state = nnx.split(model)
+    params = state.to_pure_dict()
+    del model, state
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    opt_state = optimizer.init(params)
+
+    start_step = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        check_same_model(ckpt.read_config(latest), cfg, f"run dir '{run_dir}'")
+        params, opt_state, data_state = ckpt.restore_train_state(latest, params, opt_state)
+        train_iter.set_state(data_state)
+        start_step = latest
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    logger = _Logger(cfg, run_dir, start_step)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    logger.message(f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
+                   f"{n_params / 1e6:.3f}M params, mixers {list(cfg.model.layer_mixers())}, "
+                   f"data {describe(cfg.data, cfg.model.vocab_size)}, run dir {run_dir}")
+
+    train_step, eval_step = make_train_step(graphdef, optimizer)
+    lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    t, last_metrics = cfg.train, {}
+    step = start_step
+    clock, clock_step = time.perf_counter(), start_step
+    with _sigterm_flag() as flag:
+        try:
+            while step < t.steps:
+                batch = next(train_iter)
+                params, opt_state, m = train_step(params, opt_state, batch)
+                step += 1
+                stop = flag["stop"] or (stop_at_step is not None and step >= stop_at_step)
+                if step % t.log_every == 0 or step == t.steps or stop:
+                    m = {k: float(v) for k, v in m.items()}
+                    now = time.perf_counter()
+                    tps = tokens_per_step * (step - clock_step) / max(now - clock, 1e-9)
+                    clock, clock_step = now, step
+                    last_metrics = {"step": step, **m, "lr": float(lr_at(step - 1)),
+                                    "tokens_per_s": tps}
+                    logger.write(last_metrics)
+                    logger.progress(step, f"loss {m['loss']:.4f} acc {m['acc']:.3f} "
+                                          f"{tps:,.0f} tok/s")
+                if step % t.eval_every == 0 or step == t.steps:
+                    ev = evaluate(eval_step, params, eval_batches)
+                    last_metrics = {**last_metrics, **ev}
+                    logger.write({"step": step, **ev})
+                    logger.message(f"step {step}: eval loss {ev['eval_loss']:.4f} "
+                                   f"acc {ev['eval_acc']:.3f}")
+                    clock = time.perf_counter()  # eval time is not training throughput
+                if step % t.checkpoint_every == 0 or step == t.steps or stop:
+                    ckpt.save(step, params, opt_state, train_iter.get_state(), cfg)
+                if stop:
+                    logger.message(f"stopping at step {step} (checkpoint saved)")
+                    break
+        finally:
+            ckpt.wait()
+            logger.close()
+    return {"step": step, **last_metrics}
