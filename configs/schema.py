@@ -91,8 +91,8 @@ class DataConfig:
     # MQAR (Zoology / Based): key-value pairs at the start, queries after; keys come from the
     # first half of the vocabulary and values from the second half.
     num_kv_pairs: int = 8
-    # Exponent of the power law that places queries (Zoology's alpha); larger puts queries
-    # closer to the pairs.
+    # Exponent of the power law that places queries (Zoology's alpha); smaller puts queries
+    # closer to the pairs, 1.0 spreads them evenly.
     mqar_power_a: float = 0.01
 
 

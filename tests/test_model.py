@@ -78,6 +78,10 @@ def test_causality_future_tokens_do_not_change_past_logits():
     assert not np.allclose(la[:, 10:], lb[:, 10:])
 
 
+def _moved(params, direction, step):
+    return jax.tree.map(lambda p, d: p + step * d, params, direction)
+
+
 def test_loss_gradients_match_finite_differences():
     model = build_model(_cfg("model.dtype=float32"), seed=2)
     graphdef, state = nnx.split(model)
@@ -101,9 +105,7 @@ def test_loss_gradients_match_finite_differences():
     for direction in ([g / g_norm for g in g_leaves], [r / r_norm for r in random_dir]):
         d_tree = jax.tree.unflatten(treedef, direction)
         eps = 1e-2
-        shift = lambda s, d_tree=d_tree: jax.tree.map(lambda p, d: p + s * eps * d, params,
-                                                        d_tree)
-        fd = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * eps)
+        fd = (loss(_moved(params, d_tree, eps)) - loss(_moved(params, d_tree, -eps))) / (2 * eps)
         analytic = sum(jnp.vdot(g, d) for g, d in zip(g_leaves, direction))
         assert abs(float(fd) - float(analytic)) < 2e-2 * float(g_norm), (fd, analytic)
     assert float(g_norm) > 1e-3

@@ -7,7 +7,6 @@ Key/value heads are repeated to H heads (GQA: query head h uses kv head h // (H 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
