@@ -95,6 +95,12 @@ def cache_capacity(cache) -> int | None:
 
     A full-attention layer (a cache with `window` None and a `k` buffer) holds one slot per
     position and cannot take more; windowed rings and recurrent states have no limit.
+
+    Args:
+        cache: a ModelCache, or its `jax.eval_shape` (only shapes are read).
+
+    Returns:
+        The smallest full-attention slot count, or None when no layer is bounded.
     """
     caps = [layer.k.shape[1] for layer in cache.layers
             if hasattr(layer, "window") and layer.window is None and hasattr(layer, "k")]

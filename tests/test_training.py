@@ -140,3 +140,29 @@ def test_sigterm_saves_and_resume_matches(uninterrupted, tmp_path):
     straight, resumed = _losses(uninterrupted), _losses(tmp_path)
     for step in range(stopped + 1, 13):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_into_the_run_dir(tmp_path):
+    train(_cfg(tmp_path, "train.steps=3", "wandb.mode=offline"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (tmp_path / "wandb_id").read_text().strip() in runs[0].name
+    assert len(_losses(tmp_path)) == 3
+
+
+@pytest.mark.slow
+def test_generate_cli_from_a_run_dir(uninterrupted, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "generate.py", *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+    ok = run("--run_dir", str(uninterrupted), "--prompt_tokens", "1 2 3",
+             "--max_new_tokens", "4")
+    assert ok.returncode == 0, ok.stderr
+    assert "tokens/s" in ok.stdout + ok.stderr
+    for args, pattern in [(["--run_dir", str(tmp_path / "none")], "does not exist"),
+                          (["--run_dir", str(tmp_path)], "has no checkpoint"),
+                          (["--run_dir", str(uninterrupted), "--max_new_tokens", "40"],
+                           "exceeds the cache length")]:
+        bad = run(*args, "--prompt_tokens", "1 2 3")
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+        assert lines[0].startswith("error: ") and pattern in lines[0], lines[0]

@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -76,8 +77,9 @@ class _Logger:
         if cfg.wandb.mode != "disabled":
             import wandb  # imported only when used: it is slow to import
 
+            # The run id lives in the run dir so a resumed run continues the same wandb run.
             id_file = run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name,
                                     mode=cfg.wandb.mode, dir=str(run_dir), id=run_id,

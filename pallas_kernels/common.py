@@ -1,0 +1,102 @@
+"""Small helpers shared by the linear-family ops (linear_attention, gla).
+
+Shapes: B batch, T time, H heads, K key dim, V value dim, N number of chunks, C chunk size.
+Public tensors are [B, T, H, D]; the chunked XLA paths work on [B, H, N, C, D].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# float32 matmuls at full precision: on GPU (TF32) and TPU (one bf16 pass) the default float32
+# matmul keeps ~10 mantissa bits, and the recurrent state is a sum over all T tokens, so the
+# rounding would accumulate over the sequence instead of staying at one ulp per step.
+PRECISION = jax.lax.Precision.HIGHEST
+
+# Backends named by the design but not built yet; asking for them gets a clear error.
+NOT_BUILT = ("pallas",)
+
+
+def default_scale(k: jax.Array, scale: float | None = None) -> float:
+    """Query scale: `scale` if given, else K ** -0.5 (K = k.shape[-1])."""
+    return k.shape[-1] ** -0.5 if scale is None else scale
+
+
+def resolve_backend(backend: str, allowed: Sequence[str], auto: str = "xla") -> str:
+    """Maps `backend` to one of `allowed`; "auto" means `auto`.
+
+    Raises:
+        ValueError: for "pallas" (not built yet) or any name outside `allowed` + "auto".
+    """
+    if backend == "auto":
+        return auto
+    if backend in allowed:
+        return backend
+    choices = ", ".join(repr(b) for b in ("auto", *allowed))
+    if backend in NOT_BUILT:
+        raise ValueError(f"backend {backend!r} is not built yet; choose one of {choices}")
+    raise ValueError(f"unknown backend {backend!r}; choose one of {choices}")
+
+
+def pad_to_multiple(x: jax.Array, multiple: int, axis: int) -> jax.Array:
+    """Zero-pads `axis` of `x` at the end up to a multiple of `multiple` (no-op if already)."""
+    pad = (-x.shape[axis]) % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """[B, T, H, ...] -> float32 [B, H, N, C, ...], zero-padding T up to N * C.
+
+    Callers must make sure that zeros are inert for their tensor (k = v = 0 adds nothing to the
+    state; a log-gate of 0 is a decay of 1, i.e. the state passes through padded steps as is).
+    """
+    x = pad_to_multiple(x.astype(jnp.float32), chunk_size, axis=1)
+    b, tp, h = x.shape[:3]
+    x = jnp.moveaxis(x, 2, 1)                                    # [B, H, Tp, ...]
+    return x.reshape(b, h, tp // chunk_size, chunk_size, *x.shape[3:])
+
+
+def from_chunks(x: jax.Array, t: int, dtype) -> jax.Array:
+    """[B, H, N, C, D] -> [B, t, H, D] in `dtype`, dropping the padded tail."""
+    b, h, n, c = x.shape[:4]
+    x = x.reshape(b, h, n * c, *x.shape[4:])[:, :, :t]
+    return jnp.moveaxis(x, 1, 2).astype(dtype)
+
+
+def chunk_state_scan(
+    k_state: jax.Array,
+    v: jax.Array,
+    chunk_decay: jax.Array | None,
+    s0: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Passes the [K, V] state from chunk to chunk (the only sequential part of the chunk form).
+
+    S_{n+1} = diag(chunk_decay_n) S_n + k_state_n^T v_n, with k_state already decayed to the
+    chunk's last step (GLA, Yang et al. 2024, Sec. 4.2, the inter-chunk recurrence).
+
+    Args:
+        k_state: [B, H, N, C, K] float32 keys, each scaled by its decay to the chunk end.
+        v: [B, H, N, C, V] float32 values.
+        chunk_decay: [B, H, N, K] float32 total decay of each chunk, or None for no decay.
+        s0: [B, H, K, V] float32 state before the first chunk.
+
+    Returns:
+        (s_before [B, H, N, K, V]: the state entering each chunk, s_final [B, H, K, V]).
+    """
+    def step(s_in, xs):
+        kc, vc, dec = xs
+        s = s_in if dec is None else dec[..., None] * s_in
+        s = s + jnp.einsum("bhck,bhcv->bhkv", kc, vc, precision=PRECISION)
+        return s, s_in                      # emit the state *entering* this chunk
+
+    xs = (jnp.moveaxis(k_state, 2, 0), jnp.moveaxis(v, 2, 0),
+          None if chunk_decay is None else jnp.moveaxis(chunk_decay, 2, 0))
+    s_final, s_before = jax.lax.scan(step, s0, xs)
+    return jnp.moveaxis(s_before, 0, 2), s_final
