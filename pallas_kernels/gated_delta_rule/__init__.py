@@ -1,0 +1,52 @@
+"""Gated delta-rule linear attention (Gated DeltaNet): one public op with selectable backends.
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim.
+
+Backends: "reference" (token-by-token lax.scan, reference.py), "xla" (chunkwise gated WY form,
+xla.py). "auto" picks "xla" for now; the Pallas kernels come in a later issue.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.delta_rule._utils import check_inputs, resolve_backend
+from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
+from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
+
+__all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_xla"]
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
+                     output_final_state=False, chunk_size=64, backend="auto"):
+    """Gated delta rule: S'_t = exp(g_t) S_{t-1}; S_t = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T;
+    o_t = (scale q_t)^T S_t.
+
+    Computed in float32 whatever the input dtype. k is normally L2-normalised by the caller, but
+    the op does not assume it.
+
+    Args:
+        q: [B, T, H, K] queries.
+        k: [B, T, H, K] keys.
+        v: [B, T, H, V] values.
+        g: [B, T, H] log-space decays (<= 0; exp(g_t) multiplies the state).
+        beta: [B, T, H] write strengths, usually in (0, 1).
+        scale: query scale; defaults to K ** -0.5.
+        initial_state: optional [B, H, K, V] starting state (zeros if None).
+        output_final_state: whether to return the final state.
+        chunk_size: chunk length of the "xla" backend (ignored by "reference").
+        backend: "auto" (= "xla" until the Pallas kernels land), "reference" or "xla".
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32, or None when
+        output_final_state is False).
+
+    Raises:
+        ValueError: unknown backend, inconsistent shapes, or chunk_size < 1.
+    """
+    impl = resolve_backend(backend, "gated_delta_rule")
+    check_inputs("gated_delta_rule", q, k, v, beta, g=g, initial_state=initial_state)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    if impl == "reference":
+        return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
+    if int(chunk_size) < 1:
+        raise ValueError(f"gated_delta_rule: chunk_size must be >= 1; got {chunk_size}")
+    return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)

@@ -1,0 +1,55 @@
+"""The gated delta rule, token by token: the readable definition the faster paths are checked
+against.
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim.
+    q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; state S [B, H, K, V]; o [B, T, H, V].
+
+Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with
+Delta Rule", eq. 10): a Mamba2-style scalar decay alpha_t = exp(g_t) (g_t <= 0, log space)
+first shrinks the whole memory, then the delta rule writes into the decayed state:
+
+    S'_t = exp(g_t) S_{t-1}
+    S_t  = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T
+         = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t  = (scale q_t)^T S_t
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.delta_rule._utils import PRECISION, initial_state_f32
+
+
+def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=None,
+                               output_final_state=False):
+    """Runs the gated delta-rule recurrence one step at a time (lax.scan over T), in float32.
+
+    Args:
+        q: [B, T, H, K] queries.
+        k: [B, T, H, K] keys.
+        v: [B, T, H, V] values.
+        g: [B, T, H] log-space decays (<= 0).
+        beta: [B, T, H] write strengths.
+        scale: query scale; defaults to K ** -0.5.
+        initial_state: optional [B, H, K, V] starting state (zeros if None).
+        output_final_state: whether to return the final state.
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)   # time-major for the scan
+    xs = (f32(q) * scale, f32(k), f32(v), f32(g), f32(beta))
+
+    def step(s, x):
+        q_t, k_t, v_t, g_t, b_t = x                                 # [B, H, K|V], g/b [B, H]
+        s = jnp.exp(g_t)[..., None, None] * s
+        pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=PRECISION)
+        s = s + jnp.einsum("bhk,bhv->bhkv", b_t[..., None] * k_t, v_t - pred,
+                           precision=PRECISION)
+        return s, jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=PRECISION)
+
+    s, o = jax.lax.scan(step, initial_state_f32(initial_state, q, v), xs)
+    return jnp.swapaxes(o, 0, 1).astype(q.dtype), (s if output_final_state else None)

@@ -1,0 +1,109 @@
+"""The gated delta rule in chunkwise-parallel form (gated WY / UT representation), jax.numpy.
+
+Shape legend: B batch, T time, H heads, K key dim, V value dim, C chunk size, N = ceil(T / C).
+    q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; state S [B, H, K, V]; o [B, T, H, V].
+
+Derivation (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks", sec. 3.3, extending the
+UT transform of Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
+Sequence Length", eq. 5-11). Inside a chunk starting from state S, let G_t = g_1 + ... + g_t
+(within-chunk cumulative log-decay, G_t <= 0), gamma_t = exp(G_t), and
+D_tj = exp(G_t - G_j) for t >= j (the decay from step j to step t; <= 1). Then
+
+    S_t = gamma_t S + sum_{j<=t} D_tj k_j x_j^T,   x_t = beta_t (v_t - S'_t^T k_t),
+
+where S'_t = exp(g_t) S_{t-1} = gamma_t S + sum_{j<t} D_tj k_j x_j^T is the decayed state step
+t reads. Substituting:
+
+    x_t = beta_t v_t - beta_t gamma_t S^T k_t - sum_{j<t} beta_t D_tj (k_t . k_j) x_j
+
+and, with A = tril(diag(beta) (Kc Kc^T * D), -1) (elementwise *):
+
+    (I + A) X = diag(beta) Vc - diag(beta gamma) Kc S
+    X = U - W S,   U = T diag(beta) Vc,   W = T diag(beta gamma) Kc,   T = (I + A)^-1
+    O = diag(gamma) Q S + tril(Q Kc^T * D) X        (inclusive diagonal, D_tt = 1)
+    S_next = gamma_C S + (diag(exp(G_C - G)) Kc)^T X
+
+With g = 0 this is exactly the ungated form in delta_rule/xla.py. The unit lower-triangular
+system is solved with jax.scipy.linalg.solve_triangular (unit_diagonal=True) for both
+right-hand sides at once; see that file for why a solve rather than an explicit inverse or a
+hand-written forward substitution.
+
+Numerics: G_t - G_j is positive for t < j and could be large (strong gates over a long chunk),
+so exp of it would overflow to inf, and inf * 0 from a later mask gives NaN (in the values and
+in the gradients). The differences are therefore masked to -inf BEFORE the exponential, so only
+exponents <= 0 are ever evaluated; every decay factor used lies in [0, 1].
+
+Any T works: inputs are zero-padded to a multiple of C. A padded step has g = 0 (no decay),
+beta = 0 and k = 0 (no write, no read), so the state after the last real step is unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.delta_rule._utils import (
+    PRECISION,
+    from_chunks,
+    initial_state_f32,
+    pad_time,
+    to_chunks,
+)
+
+
+def _mm(spec, a, b):
+    return jnp.einsum(spec, a, b, precision=PRECISION)
+
+
+def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
+                         output_final_state=False, chunk_size=64):
+    """Chunkwise-parallel gated delta rule (same contract as the reference), float32 inside.
+
+    Args:
+        q: [B, T, H, K] queries.
+        k: [B, T, H, K] keys.
+        v: [B, T, H, V] values.
+        g: [B, T, H] log-space decays (<= 0).
+        beta: [B, T, H] write strengths.
+        scale: query scale; defaults to K ** -0.5.
+        initial_state: optional [B, H, K, V] starting state (zeros if None).
+        output_final_state: whether to return the final state.
+        chunk_size: C, the number of steps handled in parallel per chunk (a Python int).
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
+    """
+    t = q.shape[1]
+    c = int(chunk_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    prep = lambda x: to_chunks(pad_time(x.astype(jnp.float32), c), c)
+    qc, kc, vc = prep(q) * scale, prep(k), prep(v)                  # [N, B, H, C, K|V]
+    bc = prep(beta)[..., None]                                       # [N, B, H, C, 1]
+    cum = jnp.cumsum(prep(g), axis=-1)                               # G: [N, B, H, C]
+    gamma = jnp.exp(cum)[..., None]                                  # [N, B, H, C, 1], <= 1
+
+    incl = jnp.tril(jnp.ones((c, c), bool))
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    # Mask before exp: only t >= j (exponent <= 0) is exponentiated; see the module docstring.
+    decay = jnp.exp(jnp.where(incl, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+
+    a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc) * decay, 0.0)
+    rhs = jnp.concatenate([bc * gamma * kc, bc * vc], axis=-1)
+    wu = jax.scipy.linalg.solve_triangular(jnp.eye(c, dtype=a.dtype) + a, rhs, lower=True,
+                                          unit_diagonal=True)
+    w, u = wu[..., :kc.shape[-1]], wu[..., kc.shape[-1]:]
+    qk = jnp.where(incl, _mm("...ik,...jk->...ij", qc, kc) * decay, 0.0)
+    gq = gamma * qc                                                  # diag(gamma) Q
+    kd = jnp.exp(cum[..., -1:] - cum)[..., None] * kc                # diag(exp(G_C - G)) Kc
+    g_last = jnp.exp(cum[..., -1])[..., None, None]                  # gamma_C: [N, B, H, 1, 1]
+
+    def chunk_step(s, xs):
+        gq_c, kd_c, w_c, u_c, qk_c, g_c = xs
+        x = u_c - _mm("bhck,bhkv->bhcv", w_c, s)
+        o = _mm("bhck,bhkv->bhcv", gq_c, s) + _mm("bhij,bhjv->bhiv", qk_c, x)
+        return g_c * s + _mm("bhck,bhcv->bhkv", kd_c, x), o
+
+    s, o = jax.lax.scan(chunk_step, initial_state_f32(initial_state, q, v),
+                        (gq, kd, w, u, qk, g_last))
+    o = from_chunks(o)[:, :t].astype(q.dtype)
+    return o, (s if output_final_state else None)

@@ -1,0 +1,181 @@
+"""Gated linear attention in chunkwise-parallel form, in jax.numpy (matmuls inside chunks).
+
+Shapes: B batch, T time, H heads, K key dim, V value dim, N chunks, C chunk size,
+S sub-chunks per chunk, c sub-chunk size (C = S * c).
+q, k, gk [B, T, H, K]; g [B, T, H]; v [B, T, H, V]; state [B, H, K, V].
+
+Chunkwise GLA (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient
+Training", Sec. 4.2). Within a chunk let G_i = sum_{j<=i} gk_j (inclusive cumulative log decay
+from the chunk start, G_i <= 0 and non-increasing in i), and S_n the state entering the chunk:
+
+    o_i     = (scale q_i * exp(G_i))^T S_n                                     (inter-chunk)
+            + sum_{j<=i} (scale q_i * k_j * exp(G_i - G_j))^T 1 v_j             (intra-chunk)
+    S_{n+1} = diag(exp(G_C)) S_n + sum_j (k_j * exp(G_C - G_j)) v_j^T
+
+Every exponent above is <= 0, so nothing overflows however negative the gates are; terms that
+underflow to 0 are below float32's range in the exact result too.
+
+Numerics of the intra-chunk term: the paper's factorization (q_i exp(G_i)) (k_j exp(-G_j))^T
+turns it into one matmul but needs exp(-G_j), which overflows once the gates sum below ~-88
+inside a chunk (e.g. gk = -5 over 18 steps). We instead follow the paper's secondary-level
+chunking (Sec. 4.3): the chunk is cut into sub-chunks of c tokens;
+  * a query sub-chunk a and an earlier key sub-chunk b < a go through a matmul, factorized
+    around the reference point R_b = G at the last step of sub-chunk b:
+    exp(G_i - G_j) = exp(G_i - R_b) * exp(R_b - G_j), both factors <= 1 since j <= R_b's step
+    <= i; the query factor is masked (a > b) *before* the exp, so no positive exponent is formed;
+  * diagonal blocks (a == b) form the pairwise exp(G_i - G_j) [c, c, K] directly, masked to
+    i >= j before the exp.
+simple_gla's decay is a scalar per step, so its [C, C] decay matrix exp(G_i - G_j) is formed
+directly (masked before the exp) and needs no sub-chunks.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.common import (
+    PRECISION,
+    chunk_state_scan,
+    default_scale,
+    from_chunks,
+    to_chunks,
+)
+
+# Sub-chunk size for gla's diagonal blocks: the [c, c, K] pairwise-decay tensor per sub-chunk
+# is what bounds memory, 16 keeps it at 256 K floats per sub-chunk.
+SUB_CHUNK = 16
+
+
+def _exp_masked(x, mask):
+    """exp(x) where mask, 0 elsewhere; masked before the exp so positive x is never formed.
+
+    exp(-inf) = 0 and its derivative exp(-inf) = 0, so masked entries give exact zeros in the
+    forward and backward passes (no inf * 0).
+    """
+    return jnp.exp(jnp.where(mask, x, -jnp.inf))
+
+
+def _gla_intra_scores(qs, ks, g_cum, sub):
+    """Intra-chunk scores A[i, j] = sum_d q_id k_jd exp(G_id - G_jd) for j <= i, else 0.
+
+    Args:
+        qs: [B, H, N, C, K] scaled queries.
+        ks: [B, H, N, C, K] keys.
+        g_cum: [B, H, N, C, K] inclusive cumulative log decays within each chunk.
+        sub: sub-chunk size c (divides C).
+
+    Returns:
+        [B, H, N, C, C] float32 lower-triangular scores.
+    """
+    b, h, n, cs, dk = qs.shape
+    s = cs // sub
+    q4, k4, g4 = (x.reshape(b, h, n, s, sub, dk) for x in (qs, ks, g_cum))
+
+    # Diagonal sub-blocks: pairwise decay, causal inside the sub-chunk.
+    causal = np.tril(np.ones((sub, sub), bool))[:, :, None]               # [c(i), c(j), 1]
+    diff = g4[..., :, None, :] - g4[..., None, :, :]                        # [..., S, c, c, K]
+    a_diag = jnp.einsum("bhnsik,bhnsjk,bhnsijk->bhnsij", q4, k4, _exp_masked(diff, causal),
+                        precision=PRECISION)
+
+    # Off-diagonal sub-blocks (query sub-chunk a > key sub-chunk b), around R_b.
+    ref = g4[..., -1, :]                                                   # [..., S(b), K]
+    k_ref = k4 * jnp.exp(ref[..., :, None, :] - g4)                        # exponent <= 0
+    expo = g4[..., :, None, :, :] - ref[..., None, :, None, :]             # [..., a, b, c, K]
+    later = (np.arange(s)[:, None] > np.arange(s)[None, :])[:, :, None, None]
+    q_ref = q4[..., :, None, :, :] * _exp_masked(expo, later)              # zero for a <= b
+    # einsum letters: x = query sub-chunk a, y = key sub-chunk b (z is the batch axis).
+    a_off = jnp.einsum("zhnxyik,zhnyjk->zhnxyij", q_ref, k_ref, precision=PRECISION)
+
+    blocks = a_off + np.eye(s, dtype=np.float32)[:, :, None, None] * a_diag[..., :, None, :, :]
+    return blocks.transpose(0, 1, 2, 3, 5, 4, 6).reshape(b, h, n, cs, cs)  # [a, i, b, j]
+
+
+def _finish(o, s_final, t, dtype, output_final_state):
+    return from_chunks(o, t, dtype), (s_final if output_final_state else None)
+
+
+def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
+            chunk_size=64):
+    """Chunkwise GLA with per-key-channel decay; same contract as `gla_reference`.
+
+    Any T works: T is zero-padded to a multiple of chunk_size (k = v = 0 adds nothing, and a
+    log-gate of 0 is a decay of 1, so the state passes padded steps unchanged); padded outputs
+    are dropped. Sub-chunks are SUB_CHUNK tokens when that divides chunk_size, else one
+    sub-chunk spans the whole chunk.
+
+    Args:
+        q: [B, T, H, K] queries.
+        k: [B, T, H, K] keys.
+        v: [B, T, H, V] values.
+        gk: [B, T, H, K] log-space decays (<= 0).
+        scale: query scale; defaults to K ** -0.5.
+        initial_state: S [B, H, K, V] or None for zeros.
+        output_final_state: also return the float32 state after the last token.
+        chunk_size: tokens per chunk (C).
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
+    """
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = default_scale(k, scale)
+    s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    # float32 inside: cumulative gates and the state are long sums (see reference.py).
+    qc, kc, vc, gc = (to_chunks(x, chunk_size) for x in (q, k, v, gk))    # [B, H, N, C, D]
+    qc = qc * scale
+    g_cum = jnp.cumsum(gc, axis=3)                                         # G_i, <= 0
+    g_last = g_cum[..., -1, :]                                             # G_C [B, H, N, K]
+
+    k_state = kc * jnp.exp(g_last[..., None, :] - g_cum)                   # exponent <= 0
+    s_before, s_final = chunk_state_scan(k_state, vc, jnp.exp(g_last), s0)
+    o = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g_cum), s_before, precision=PRECISION)
+
+    sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
+    scores = _gla_intra_scores(qc, kc, g_cum, sub)
+    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc, precision=PRECISION)
+    return _finish(o, s_final, t, q.dtype, output_final_state)
+
+
+def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
+                   chunk_size=64):
+    """Chunkwise GLA with one scalar decay per head and step; contract of `simple_gla_reference`.
+
+    Padding as in `gla_xla`.
+
+    Args:
+        q: [B, T, H, K] queries.
+        k: [B, T, H, K] keys.
+        v: [B, T, H, V] values.
+        g: [B, T, H] log-space decays (<= 0).
+        scale: query scale; defaults to K ** -0.5.
+        initial_state: S [B, H, K, V] or None for zeros.
+        output_final_state: also return the float32 state after the last token.
+        chunk_size: tokens per chunk (C).
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
+    """
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = default_scale(k, scale)
+    s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    qc, kc, vc = (to_chunks(x, chunk_size) for x in (q, k, v))             # [B, H, N, C, D]
+    gc = to_chunks(g, chunk_size)                                          # [B, H, N, C]
+    qc = qc * scale
+    g_cum = jnp.cumsum(gc, axis=-1)
+    g_last = g_cum[..., -1]                                                # [B, H, N]
+
+    k_state = kc * jnp.exp(g_last[..., None] - g_cum)[..., None]
+    chunk_decay = jnp.broadcast_to(jnp.exp(g_last)[..., None], (*g_last.shape, dk))
+    s_before, s_final = chunk_state_scan(k_state, vc, chunk_decay, s0)
+    o = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g_cum)[..., None], s_before,
+                   precision=PRECISION)
+
+    causal = np.tril(np.ones((chunk_size, chunk_size), bool))
+    decay = _exp_masked(g_cum[..., :, None] - g_cum[..., None, :], causal)  # [B, H, N, C, C]
+    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, precision=PRECISION) * decay
+    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc, precision=PRECISION)
+    return _finish(o, s_final, t, q.dtype, output_final_state)

@@ -1,0 +1,77 @@
+"""Linear attention in chunkwise-parallel form, in jax.numpy (matmuls inside chunks).
+
+Shapes: B batch, T time, H heads, K key dim, V value dim, N chunks, C chunk size.
+q, k [B, T, H, K]; v [B, T, H, V]; state S [B, H, K, V]; normalizer state z [B, H, K].
+
+The chunkwise form of linear attention (Yang et al. 2024, "Gated Linear Attention Transformers
+with Hardware-Efficient Training", Sec. 2.2; Katharopoulos et al. 2020 for the recurrence):
+for chunk n with rows Q_n, K_n, V_n and the state S_n entering it,
+
+    O_n     = scale * (Q_n S_n + tril(Q_n K_n^T) V_n)      (inter-chunk + intra-chunk)
+    S_{n+1} = S_n + K_n^T V_n
+
+The normalizer z_t = sum_{i<=t} k_i is the same recurrence with a value column of ones, so with
+normalize=True the values get an extra all-ones column and the state an extra column z: one pass
+yields numerator and denominator together.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.common import (
+    PRECISION,
+    chunk_state_scan,
+    default_scale,
+    from_chunks,
+    to_chunks,
+)
+from pallas_kernels.linear_attention.reference import EPS, split_state
+
+
+def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=None,
+                         output_final_state=False, chunk_size=64):
+    """Chunkwise linear attention; same contract as `linear_attention_reference`.
+
+    Any T works: T is zero-padded to a multiple of chunk_size (zero k and v, including the ones
+    column, add nothing to S or z) and the padded outputs are dropped.
+
+    Args:
+        q: [B, T, H, K] queries (feature map already applied).
+        k: [B, T, H, K] keys.
+        v: [B, T, H, V] values.
+        scale: query scale; defaults to K ** -0.5.
+        normalize: divide by (scale q_t)^T z_t + EPS.
+        initial_state: S [B, H, K, V], or (S, z) when normalize=True; None means zeros.
+        output_final_state: also return the state after the last token.
+        chunk_size: tokens per chunk (C).
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final_state float32 or None).
+    """
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = default_scale(k, scale)
+    s0, z0 = split_state(initial_state, normalize, (b, h, dk, dv))
+    if normalize:
+        v = jnp.concatenate([v.astype(jnp.float32), jnp.ones((*v.shape[:3], 1), jnp.float32)], -1)
+        s0 = jnp.concatenate([s0, z0[..., None]], axis=-1)          # [B, H, K, V + 1]
+    # float32 inside: the state sums all past tokens (see reference.py).
+    qc, kc, vc = (to_chunks(x, chunk_size) for x in (q, k, v))     # [B, H, N, C, D]
+    qc = qc * scale
+
+    s_before, s_final = chunk_state_scan(kc, vc, None, s0)
+    o = jnp.einsum("bhnck,bhnkv->bhncv", qc, s_before, precision=PRECISION)
+    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, precision=PRECISION)
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    scores = jnp.where(causal, scores, 0.0)
+    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc, precision=PRECISION)
+
+    if normalize:
+        o = o[..., :dv] / (o[..., dv:] + EPS)
+    o = from_chunks(o, t, q.dtype)
+    if not output_final_state:
+        return o, None
+    if normalize:
+        return o, (s_final[..., :dv], s_final[..., dv])
+    return o, s_final
