@@ -166,3 +166,17 @@ def test_generate_cli_from_a_run_dir(uninterrupted, tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1, bad.stderr
         assert lines[0].startswith("error: ") and pattern in lines[0], lines[0]
+
+
+def test_foreign_data_state_is_an_error(uninterrupted, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    for f in (run_dir / "checkpoints" / "12" / "data").rglob("*"):
+        if f.is_file():
+            f.write_text(json.dumps({"something": "else"}))
+    before = _snapshot(run_dir)
+    with pytest.raises(CheckpointError, match="data-iterator state"):
+        train(_cfg(run_dir, "train.steps=20"))
+    assert _snapshot(run_dir) == before

@@ -147,16 +147,26 @@ def train(cfg: Config, *, stop_at_step: int | None = None) -> dict:
     if latest is not None:
         check_same_model(ckpt.read_config(latest), cfg, f"run dir '{run_dir}'")
         params, opt_state, data_state = ckpt.restore_train_state(latest, params, opt_state)
-        train_iter.set_state(data_state)
+        try:
+            train_iter.set_state(data_state["iterator"])
+        except Exception as e:  # a hand-edited or foreign data state
+            raise CheckpointError(f"checkpoint step {latest} in '{run_dir}' has a data-iterator "
+                                  f"state this data pipeline cannot restore "
+                                  f"({type(e).__name__}: {e})") from None
         start_step = latest
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     logger = _Logger(cfg, run_dir, start_step)
+    data_summary = describe(cfg.data, cfg.model.vocab_size)
+    if latest is not None and data_state.get("source") != data_summary:
+        # The iterator state is an index into the data: on other data it resumes elsewhere.
+        logger.message(f"warning: the data differ from the checkpoint's "
+                       f"({data_state.get('source')!r} then, {data_summary!r} now)")
     n_params = sum(x.size for x in jax.tree.leaves(params))
     logger.message(f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
                    f"{n_params / 1e6:.3f}M params, mixers {list(cfg.model.layer_mixers())}, "
-                   f"data {describe(cfg.data, cfg.model.vocab_size)}, run dir {run_dir}")
+                   f"data {data_summary}, run dir {run_dir}")
 
     train_step, eval_step = make_train_step(graphdef, optimizer)
     lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps)
@@ -189,7 +199,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None) -> dict:
                                    f"acc {ev['eval_acc']:.3f}")
                     clock = time.perf_counter()  # eval time is not training throughput
                 if step % t.checkpoint_every == 0 or step == t.steps or stop:
-                    ckpt.save(step, params, opt_state, train_iter.get_state(), cfg)
+                    ckpt.save(step, params, opt_state,
+                              {"iterator": train_iter.get_state(), "source": data_summary}, cfg)
                 if stop:
                     logger.message(f"stopping at step {step} (checkpoint saved)")
                     break
