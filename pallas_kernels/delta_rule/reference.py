@@ -4,16 +4,18 @@ Shape legend: B batch, T time, H heads, K key dim, V value dim.
     q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state S [B, H, K, V]; o [B, T, H, V].
 
 DeltaNet (Schlag, Irie & Schmidhuber 2021, "Linear Transformers Are Secretly Fast Weight
-Programmers", eq. 23-25; Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule
-over Sequence Length", eq. 1): the state is a fast-weight memory that first reads its current
-prediction for key k_t and then moves it a fraction beta_t of the way towards v_t:
+Programmers", arXiv:2102.11174; Yang et al. 2024, "Parallelizing Linear Transformers with the
+Delta Rule over Sequence Length", arXiv:2406.06484): the state is a fast-weight memory that
+first reads its current prediction for key k_t and then moves it a fraction beta_t of the way
+towards v_t:
 
     S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T  =  (I - beta_t k_t k_t^T) S_{t-1}
                                                          + beta_t k_t v_t^T
     o_t = (scale q_t)^T S_t
 
 k is usually L2-normalised by the caller (then beta_t in (0, 1) keeps S bounded), but nothing
-here assumes it.
+here assumes it. The papers write the state as V x K (S_t = S_{t-1} + beta_t (v_t - S_{t-1} k_t)
+k_t^T); here it is stored transposed, [K, V], so o_t = S_t^T (scale q_t).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Shape legend: B batch, T time, H heads, K key dim, V value dim, C chunk size, N 
     q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state S [B, H, K, V]; o [B, T, H, V].
 
 Derivation (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
-Sequence Length", sec. 3.2-3.3, eq. 5-11). Inside a chunk starting from state S, write the
+Sequence Length", arXiv:2406.06484, sec. 3: the WY representation of the product of
+Householder-like factors and its UT-transform form). Inside a chunk starting from state S, write the
 update of step t as beta_t k_t u_t^T with u_t = v_t - S_{t-1}^T k_t; then
 S_t = S + sum_{j<=t} k_j x_j^T with x_j = beta_j u_j, and unrolling S_{t-1} gives
 
@@ -24,7 +25,8 @@ the cheap S-dependent part (X, O, S_next) runs sequentially in a lax.scan over t
 [Kc Vc] with jax.scipy.linalg.solve_triangular (unit_diagonal=True): one batched substitution
 for both right-hand sides, no explicit inverse (a solve is better conditioned than inverting
 then multiplying), and it is differentiable. A hand-written forward substitution would be a
-C-step sequential loop of matrix-vector products, slower under XLA for the same arithmetic.
+C-step sequential loop (one row per step) for the same arithmetic, where the solve is a single
+batched LAPACK/cuBLAS-style call.
 
 Any T works: inputs are zero-padded to a multiple of C. A padded step has beta = 0 and k = 0,
 so it writes nothing and reads nothing; the state after the last real step is unchanged.

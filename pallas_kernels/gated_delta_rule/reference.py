@@ -5,7 +5,7 @@ Shape legend: B batch, T time, H heads, K key dim, V value dim.
     q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; state S [B, H, K, V]; o [B, T, H, V].
 
 Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with
-Delta Rule", eq. 10): a Mamba2-style scalar decay alpha_t = exp(g_t) (g_t <= 0, log space)
+Delta Rule", arXiv:2412.06464): a Mamba2-style scalar decay alpha_t = exp(g_t) (g_t <= 0, log space)
 first shrinks the whole memory, then the delta rule writes into the decayed state:
 
     S'_t = exp(g_t) S_{t-1}

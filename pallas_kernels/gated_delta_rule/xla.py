@@ -3,10 +3,10 @@
 Shape legend: B batch, T time, H heads, K key dim, V value dim, C chunk size, N = ceil(T / C).
     q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; state S [B, H, K, V]; o [B, T, H, V].
 
-Derivation (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks", sec. 3.3, extending the
-UT transform of Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
-Sequence Length", eq. 5-11). Inside a chunk starting from state S, let G_t = g_1 + ... + g_t
-(within-chunk cumulative log-decay, G_t <= 0), gamma_t = exp(G_t), and
+Derivation (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks", arXiv:2412.06464, extending
+the UT transform of Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule
+over Sequence Length", arXiv:2406.06484). Inside a chunk starting from state S, let
+G_t = g_1 + ... + g_t (within-chunk cumulative log-decay, G_t <= 0), gamma_t = exp(G_t), and
 D_tj = exp(G_t - G_j) for t >= j (the decay from step j to step t; <= 1). Then
 
     S_t = gamma_t S + sum_{j<=t} D_tj k_j x_j^T,   x_t = beta_t (v_t - S'_t^T k_t),
