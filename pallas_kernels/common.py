@@ -6,14 +6,15 @@ Public tensors are [B, T, H, D]; the chunked XLA paths work on [B, H, N, C, D].
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 # float32 matmuls at full precision: on GPU (TF32) and TPU (one bf16 pass) the default float32
-# matmul keeps ~10 mantissa bits, and the recurrent state is a sum over all T tokens, so the
-# rounding would accumulate over the sequence instead of staying at one ulp per step.
+# matmul keeps ~10 or ~8 mantissa bits, and the recurrent state is a sum over all T tokens, so
+# the rounding would accumulate over the sequence instead of staying at one ulp per step.
 PRECISION = jax.lax.Precision.HIGHEST
 
 # Backends named by the design but not built yet; asking for them gets a clear error.
@@ -56,7 +57,12 @@ def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
 
     Callers must make sure that zeros are inert for their tensor (k = v = 0 adds nothing to the
     state; a log-gate of 0 is a decay of 1, i.e. the state passes through padded steps as is).
+
+    Raises:
+        ValueError: if chunk_size is not a positive integer (TypeError if not an integer).
     """
+    if isinstance(chunk_size, bool) or operator.index(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     x = pad_to_multiple(x.astype(jnp.float32), chunk_size, axis=1)
     b, tp, h = x.shape[:3]
     x = jnp.moveaxis(x, 2, 1)                                    # [B, H, Tp, ...]
@@ -79,7 +85,7 @@ def chunk_state_scan(
     """Passes the [K, V] state from chunk to chunk (the only sequential part of the chunk form).
 
     S_{n+1} = diag(chunk_decay_n) S_n + k_state_n^T v_n, with k_state already decayed to the
-    chunk's last step (GLA, Yang et al. 2024, Sec. 4.2, the inter-chunk recurrence).
+    chunk's last step (GLA, Yang et al. 2024, Sec. 4, the inter-chunk recurrence).
 
     Args:
         k_state: [B, H, N, C, K] float32 keys, each scaled by its decay to the chunk end.

@@ -12,12 +12,26 @@ from pallas_kernels.gla.xla import gla_xla, simple_gla_xla
 
 BACKENDS = ("reference", "xla")
 
-_ARGS_DOC = """
+
+def _check(q, k, v, gate, gate_shape, name):
+    """Raises ValueError unless q, k, v and the gate have consistent shapes."""
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or gate.shape != gate_shape:
+        raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}, "
+                         f"{name} {gate.shape} (expected {gate_shape})")
+
+
+def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
+        chunk_size=64, backend="auto"):
+    """Gated linear attention with a per-key-channel decay (Yang et al. 2024, Sec. 4).
+
+    S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t; the "xla" backend uses
+    the chunkwise form with secondary sub-chunks (Sec. 4; see xla.py for the numerics).
+
     Args:
-        q: [B, T, H, K] queries, float32 or bf16.
+        q: [B, T, H, K] queries, float32 or bf16 (computed in float32 inside).
         k: [B, T, H, K] keys.
         v: [B, T, H, V] values.
-        {gate}
+        gk: [B, T, H, K] log-space decays (<= 0), one per key channel.
         scale: query scale; defaults to K ** -0.5.
         initial_state: S [B, H, K, V] before the first token, or None for zeros.
         output_final_state: also return the float32 state after the last token (pass it back
@@ -33,16 +47,6 @@ _ARGS_DOC = """
     Raises:
         ValueError: unknown backend or mismatched shapes.
     """
-
-
-def _check(q, k, v, gate, gate_shape, name):
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or gate.shape != gate_shape:
-        raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}, "
-                         f"{name} {gate.shape} (expected {gate_shape})")
-
-
-def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-        chunk_size=64, backend="auto"):
     _check(q, k, v, gk, k.shape, "gk")
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if resolve_backend(backend, BACKENDS) == "reference":
@@ -52,19 +56,35 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
                chunk_size=64, backend="auto"):
+    """GLA with one scalar decay per head and step (the head-wise special case of GLA).
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t.
+
+    Args:
+        q: [B, T, H, K] queries, float32 or bf16 (computed in float32 inside).
+        k: [B, T, H, K] keys.
+        v: [B, T, H, V] values.
+        g: [B, T, H] log-space decays (<= 0), one per head and step.
+        scale: query scale; defaults to K ** -0.5.
+        initial_state: S [B, H, K, V] before the first token, or None for zeros.
+        output_final_state: also return the float32 state after the last token (pass it back
+            as initial_state to continue, e.g. when decoding).
+        chunk_size: tokens per chunk for the "xla" backend (ignored by "reference").
+        backend: "auto", "reference" (token-by-token scan) or "xla" (chunkwise). "auto" picks
+            "xla" for now; the Pallas kernels are not built yet ("pallas" raises ValueError).
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None when
+        output_final_state is False).
+
+    Raises:
+        ValueError: unknown backend or mismatched shapes.
+    """
     _check(q, k, v, g, q.shape[:3], "g")
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if resolve_backend(backend, BACKENDS) == "reference":
         return simple_gla_reference(q, k, v, g, **kwargs)
     return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs)
 
-
-gla.__doc__ = """Gated linear attention: S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,
-    o_t = (scale q_t)^T S_t (Yang et al. 2024, Eq. 3; chunkwise form in Sec. 4.2-4.3).
-""" + _ARGS_DOC.format(gate="gk: [B, T, H, K] log-space decays (<= 0), one per key channel.")
-
-simple_gla.__doc__ = """GLA with a scalar gate: S_t = exp(g_t) S_{t-1} + k_t v_t^T,
-    o_t = (scale q_t)^T S_t (the head-wise-decay special case of Yang et al. 2024).
-""" + _ARGS_DOC.format(gate="g: [B, T, H] log-space decays (<= 0), one per head and step.")
 
 __all__ = ["gla", "simple_gla"]

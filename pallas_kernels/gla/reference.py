@@ -5,7 +5,7 @@ q, k [B, T, H, K]; v [B, T, H, V]; gk [B, T, H, K] or g [B, T, H] log-space deca
 state S [B, H, K, V].
 
 GLA (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training",
-Eq. 3 / Sec. 4.1), with alpha_t = exp(gk_t):
+Sec. 4, the recurrent form of GLA with a diagonal gate), with alpha_t = exp(gk_t):
 
     S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,      o_t = (scale q_t)^T S_t
 

@@ -5,8 +5,9 @@ S sub-chunks per chunk, c sub-chunk size (C = S * c).
 q, k, gk [B, T, H, K]; g [B, T, H]; v [B, T, H, V]; state [B, H, K, V].
 
 Chunkwise GLA (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient
-Training", Sec. 4.2). Within a chunk let G_i = sum_{j<=i} gk_j (inclusive cumulative log decay
-from the chunk start, G_i <= 0 and non-increasing in i), and S_n the state entering the chunk:
+Training", Sec. 4, the chunkwise parallel form). Within a chunk let G_i = sum_{j<=i} gk_j (the
+inclusive cumulative log decay from the chunk start, G_i <= 0 and non-increasing in i), and
+S_n the state entering the chunk:
 
     o_i     = (scale q_i * exp(G_i))^T S_n                                     (inter-chunk)
             + sum_{j<=i} (scale q_i * k_j * exp(G_i - G_j))^T 1 v_j             (intra-chunk)
@@ -18,11 +19,13 @@ underflow to 0 are below float32's range in the exact result too.
 Numerics of the intra-chunk term: the paper's factorization (q_i exp(G_i)) (k_j exp(-G_j))^T
 turns it into one matmul but needs exp(-G_j), which overflows once the gates sum below ~-88
 inside a chunk (e.g. gk = -5 over 18 steps). We instead follow the paper's secondary-level
-chunking (Sec. 4.3): the chunk is cut into sub-chunks of c tokens;
-  * a query sub-chunk a and an earlier key sub-chunk b < a go through a matmul, factorized
-    around the reference point R_b = G at the last step of sub-chunk b:
-    exp(G_i - G_j) = exp(G_i - R_b) * exp(R_b - G_j), both factors <= 1 since j <= R_b's step
-    <= i; the query factor is masked (a > b) *before* the exp, so no positive exponent is formed;
+chunking (Sec. 4, hardware-efficient GLA): the chunk is cut into sub-chunks of c tokens;
+  * a query sub-chunk a and an earlier key sub-chunk b < a go through matmuls, with the decay
+    split at sub-chunk boundaries (R_b = G at the last step of sub-chunk b, R_{-1} = 0):
+    exp(G_i - G_j) = exp(G_i - R_{a-1}) * exp(R_{a-1} - R_b) * exp(R_b - G_j).
+    Each exponent is <= 0 because G is non-increasing and j <= end of b <= end of a-1 < i;
+    the middle [S, S, K] factor is masked to a > b *before* the exp, so no positive exponent
+    is ever formed;
   * diagonal blocks (a == b) form the pairwise exp(G_i - G_j) [c, c, K] directly, masked to
     i >= j before the exp.
 simple_gla's decay is a scalar per step, so its [C, C] decay matrix exp(G_i - G_j) is formed
@@ -56,21 +59,23 @@ def _exp_masked(x, mask):
     return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def _gla_intra_scores(qs, ks, g_cum, sub):
-    """Intra-chunk scores A[i, j] = sum_d q_id k_jd exp(G_id - G_jd) for j <= i, else 0.
+def _gla_intra(qs, ks, vs, g_cum, sub):
+    """Intra-chunk output sum_{j<=i} (sum_d q_id k_jd exp(G_id - G_jd)) v_j.
 
     Args:
         qs: [B, H, N, C, K] scaled queries.
         ks: [B, H, N, C, K] keys.
+        vs: [B, H, N, C, V] values.
         g_cum: [B, H, N, C, K] inclusive cumulative log decays within each chunk.
         sub: sub-chunk size c (divides C).
 
     Returns:
-        [B, H, N, C, C] float32 lower-triangular scores.
+        [B, H, N, C, V] float32.
     """
     b, h, n, cs, dk = qs.shape
     s = cs // sub
     q4, k4, g4 = (x.reshape(b, h, n, s, sub, dk) for x in (qs, ks, g_cum))
+    v4 = vs.reshape(b, h, n, s, sub, vs.shape[-1])
 
     # Diagonal sub-blocks: pairwise decay, causal inside the sub-chunk.
     causal = np.tril(np.ones((sub, sub), bool))[:, :, None]               # [c(i), c(j), 1]
@@ -78,17 +83,23 @@ def _gla_intra_scores(qs, ks, g_cum, sub):
     a_diag = jnp.einsum("bhnsik,bhnsjk,bhnsijk->bhnsij", q4, k4, _exp_masked(diff, causal),
                         precision=PRECISION)
 
-    # Off-diagonal sub-blocks (query sub-chunk a > key sub-chunk b), around R_b.
-    ref = g4[..., -1, :]                                                   # [..., S(b), K]
-    k_ref = k4 * jnp.exp(ref[..., :, None, :] - g4)                        # exponent <= 0
-    expo = g4[..., :, None, :, :] - ref[..., None, :, None, :]             # [..., a, b, c, K]
-    later = (np.arange(s)[:, None] > np.arange(s)[None, :])[:, :, None, None]
-    q_ref = q4[..., :, None, :, :] * _exp_masked(expo, later)              # zero for a <= b
+    # Off-diagonal sub-blocks (query sub-chunk a > key sub-chunk b): three factors, each <= 1.
+    ref = g4[..., -1, :]                                                   # R_b [..., S, K]
+    prev = jnp.concatenate([jnp.zeros_like(ref[..., :1, :]), ref[..., :-1, :]], axis=-2)
+    q_ref = q4 * jnp.exp(g4 - prev[..., None, :])                          # exp(G_i - R_{a-1})
+    k_ref = k4 * jnp.exp(ref[..., None, :] - g4)                           # exp(R_b - G_j)
+    later = (np.arange(s)[:, None] > np.arange(s)[None, :])[:, :, None]   # a > b
+    bridge = _exp_masked(prev[..., :, None, :] - ref[..., None, :, :], later)  # [..., a, b, K]
     # einsum letters: x = query sub-chunk a, y = key sub-chunk b (z is the batch axis).
-    a_off = jnp.einsum("zhnxyik,zhnyjk->zhnxyij", q_ref, k_ref, precision=PRECISION)
+    a_off = jnp.einsum("zhnxik,zhnxyk,zhnyjk->zhnxyij", q_ref, bridge, k_ref,
+                       precision=PRECISION)
 
-    blocks = a_off + np.eye(s, dtype=np.float32)[:, :, None, None] * a_diag[..., :, None, :, :]
-    return blocks.transpose(0, 1, 2, 3, 5, 4, 6).reshape(b, h, n, cs, cs)  # [a, i, b, j]
+    # Scores stay in [a, b, i, j] block layout and multiply v per block, rather than being
+    # transposed into a [C, C] matrix: fewer copies, and it sidesteps an XLA:CPU crash (jaxlib
+    # 0.10.2, YNN transpose fusion, segfault in the gradient when N == 1).
+    o = jnp.einsum("zhnxyij,zhnyjv->zhnxiv", a_off, v4, precision=PRECISION)
+    o = o + jnp.einsum("zhnxij,zhnxjv->zhnxiv", a_diag, v4, precision=PRECISION)
+    return o.reshape(b, h, n, cs, vs.shape[-1])
 
 
 def _finish(o, s_final, t, dtype, output_final_state):
@@ -133,8 +144,7 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
     o = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g_cum), s_before, precision=PRECISION)
 
     sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
-    scores = _gla_intra_scores(qc, kc, g_cum, sub)
-    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc, precision=PRECISION)
+    o = o + _gla_intra(qc, kc, vc, g_cum, sub)
     return _finish(o, s_final, t, q.dtype, output_final_state)
 
 

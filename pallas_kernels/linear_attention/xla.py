@@ -4,8 +4,8 @@ Shapes: B batch, T time, H heads, K key dim, V value dim, N chunks, C chunk size
 q, k [B, T, H, K]; v [B, T, H, V]; state S [B, H, K, V]; normalizer state z [B, H, K].
 
 The chunkwise form of linear attention (Yang et al. 2024, "Gated Linear Attention Transformers
-with Hardware-Efficient Training", Sec. 2.2; Katharopoulos et al. 2020 for the recurrence):
-for chunk n with rows Q_n, K_n, V_n and the state S_n entering it,
+with Hardware-Efficient Training", Sec. 2, the chunkwise parallel form; Katharopoulos et al.
+2020 for the recurrence): for chunk n with rows Q_n, K_n, V_n and the state S_n entering it,
 
     O_n     = scale * (Q_n S_n + tril(Q_n K_n^T) V_n)      (inter-chunk + intra-chunk)
     S_{n+1} = S_n + K_n^T V_n
