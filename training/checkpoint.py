@@ -91,6 +91,10 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def close(self) -> None:
+        """Finish pending saves and release Orbax's background threads."""
+        self.manager.close()
+
     def _restore(self, step: int, **items):
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -153,8 +157,11 @@ def restore_for_inference(run_dir: str, step: int | None = None):
     elif step not in steps:
         raise CheckpointError(f"run dir '{run_dir}' has no checkpoint at step {step} "
                               f"(available: {', '.join(map(str, sorted(steps)))})")
-    cfg = ckpt.read_config(step)
-    model = build_model(cfg.model, seed=cfg.train.seed)
-    graphdef, state = nnx.split(model)
-    params = ckpt.restore_params(step, state.to_pure_dict())
+    try:
+        cfg = ckpt.read_config(step)
+        model = build_model(cfg.model, seed=cfg.train.seed)
+        graphdef, state = nnx.split(model)
+        params = ckpt.restore_params(step, state.to_pure_dict())
+    finally:
+        ckpt.close()
     return cfg, nnx.merge(graphdef, params), step

@@ -125,7 +125,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None) -> dict:
 
     stop_at_step: behave as if SIGTERM arrived after that step (used by tests).
     """
-    from data import describe, make_eval_batches, make_train_iterator
+    from data import make_eval_batches, make_train_iterator
 
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -134,6 +134,14 @@ def train(cfg: Config, *, stop_at_step: int | None = None) -> dict:
     train_iter = make_train_iterator(cfg.data, cfg.model.vocab_size)
     eval_batches = make_eval_batches(cfg.data, cfg.model.vocab_size, cfg.train.eval_batches)
     ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
+    try:
+        return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step) -> dict:
+    from data import describe
 
     model = build_model(cfg.model, seed=cfg.train.seed)
     graphdef, state = nnx.split(model)
