@@ -22,6 +22,8 @@ class MixerSpec:
 MIXERS: dict[str, MixerSpec] = {
     "attn": MixerSpec(Attention, AttentionArgs()),
     "swa": MixerSpec(Attention, AttentionArgs(window=64)),
+    # -- based / conv / gla (layers/based.py, layers/gated_conv.py, layers/gla.py) --
+    # -- deltanet / gated_deltanet (layers/delta_net.py) --
 }
 
 
