@@ -11,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 from layers.attention import Attention, AttentionArgs
+from layers.based import Based, BasedArgs
+from layers.delta_net import DeltaNet, DeltaNetArgs
+from layers.gated_conv import GatedConv, GatedConvArgs
+from layers.gla import GLA, GLAArgs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +27,12 @@ MIXERS: dict[str, MixerSpec] = {
     "attn": MixerSpec(Attention, AttentionArgs()),
     "swa": MixerSpec(Attention, AttentionArgs(window=64)),
     # -- based / conv / gla (layers/based.py, layers/gated_conv.py, layers/gla.py) --
+    "based": MixerSpec(Based, BasedArgs()),
+    "conv": MixerSpec(GatedConv, GatedConvArgs()),
+    "gla": MixerSpec(GLA, GLAArgs()),
     # -- deltanet / gated_deltanet (layers/delta_net.py) --
+    "deltanet": MixerSpec(DeltaNet, DeltaNetArgs(gated=False)),
+    "gated_deltanet": MixerSpec(DeltaNet, DeltaNetArgs(gated=True)),
 }
 
 

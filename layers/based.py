@@ -1,0 +1,152 @@
+"""Based linear attention (Arora et al. 2024, "Simple linear attention language models balance the
+recall-throughput tradeoff"): normalized linear attention with a 2nd-order Taylor feature map.
+
+Shape legend:
+  B batch, T new tokens, D model width, H heads, Fd feature dim d' (q/k projection width per
+  head), F = 1 + Fd + Fd^2 Taylor features, V value dim per head (D // H).
+
+Per head (Sec. 3.2 / Eq. 2 of the paper):
+
+    phi(x) = [1, x / d'^(1/4), vec(x x^T) / (sqrt(2) sqrt(d'))]              (F = 273 for d' 16)
+    phi(q).phi(k) = 1 + s + s^2 / 2,  s = q.k / sqrt(d')   (Taylor expansion of exp(s) to 2nd order)
+    y_i = phi(q_i)^T sum_{j<=i} phi(k_j) v_j^T / (phi(q_i)^T sum_{j<=i} phi(k_j) + eps)
+
+No RoPE: the Taylor kernel already ranks keys by similarity, and Based leaves position to the
+short convolutions and sliding-window attention it is interleaved with.
+
+Why the normalizer is positive although phi(x) has signed entries: the denominator is
+sum_{j<=i} phi(q_i).phi(k_j) = sum_j (1 + s_j + s_j^2 / 2) = sum_j ((s_j + 1)^2 + 1) / 2 >= i / 2,
+so it never crosses zero (only the dot product, not each feature, has to be non-negative).
+
+Decode state per head: S [F, V] and the key-feature sum z [F], float32, independent of length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.cache import CacheBytes
+from pallas_kernels.common import PRECISION
+from pallas_kernels.linear_attention import EPS, linear_attention
+
+BACKENDS = ("auto", "reference", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class BasedArgs:
+    n_heads: int | None = None      # None: model.n_heads
+    feature_dim: int = 16           # d': q/k projection width per head (the paper's 16)
+    chunk_size: int = 64            # chunk length of the "xla" (chunkwise) backend
+    backend: Literal["auto", "reference", "xla"] = "auto"
+
+
+@struct.dataclass
+class BasedCache(CacheBytes):
+    """state: [B, H, F, V] float32, sum_j phi(k_j) v_j^T; z: [B, H, F] float32, sum_j phi(k_j)."""
+
+    state: jax.Array
+    z: jax.Array
+
+
+def taylor_feature_map(x: jax.Array) -> jax.Array:
+    """[..., Fd] -> [..., 1 + Fd + Fd^2]: phi(x) = [1, x', vec(x' x'^T) / sqrt(2)], x' = x Fd^-1/4.
+
+    Computed in float32 (the square terms lose precision first) and returned in x's dtype, so
+    that every path (full forward, chunked prefill, single-token step) sees the same features.
+    """
+    fd = x.shape[-1]
+    x32 = x.astype(jnp.float32) * fd ** -0.25   # x'.y' = x.y / sqrt(d'), as in Eq. 2
+    outer = (x32[..., :, None] * x32[..., None, :]).reshape(*x.shape[:-1], fd * fd)
+    ones = jnp.ones((*x.shape[:-1], 1), jnp.float32)
+    return jnp.concatenate([ones, x32, outer * 2 ** -0.5], axis=-1).astype(x.dtype)
+
+
+class Based(nnx.Module):
+    """Based linear attention mixer.
+
+    `y, cache = based(x, positions=pos, cache=cache)`: x [B, T, D]; positions are unused
+    (no RoPE) but accepted for the common mixer signature.
+    """
+
+    Args = BasedArgs
+
+    def __init__(self, cfg, args: BasedArgs, *, rngs: nnx.Rngs):
+        self.n_heads = args.n_heads or cfg.n_heads
+        self.feature_dim = args.feature_dim
+        self.n_features = 1 + args.feature_dim + args.feature_dim ** 2
+        self.head_v = cfg.d_model // self.n_heads
+        self.chunk_size = args.chunk_size
+        self.backend = args.backend
+        self.dtype = jnp.dtype(cfg.dtype)
+        h, fd = self.n_heads, self.feature_dim
+        init = nnx.initializers.normal(cfg.init_std)
+        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
+        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.qkv = nnx.Linear(cfg.d_model, h * (2 * fd + self.head_v), kernel_init=init, **lin)
+        self.out = nnx.Linear(h * self.head_v, cfg.d_model, kernel_init=out_init, **lin)
+
+    @staticmethod
+    def check_config(cfg, args: BasedArgs, name: str) -> list[str]:
+        """Problems with these settings, one line each (empty when fine)."""
+        errs = []
+        p = f"model.mixer_args.{name}"
+        n_heads = args.n_heads or cfg.n_heads
+        if n_heads <= 0:
+            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
+        elif cfg.d_model % n_heads:
+            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model}")
+        if args.feature_dim <= 0:
+            errs.append(f"{p}.feature_dim must be > 0, got {args.feature_dim}")
+        if args.chunk_size <= 0:
+            errs.append(f"{p}.chunk_size must be > 0, got {args.chunk_size}")
+        if args.backend not in BACKENDS:
+            errs.append(f"{p}.backend: expected one of {', '.join(map(repr, BACKENDS))}, "
+                        f"got {args.backend!r}")
+        return errs
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> BasedCache:
+        # The state is a running sum over all past tokens: float32 whatever `dtype` is, and its
+        # size does not depend on max_len.
+        del max_len, dtype
+        shape = (batch_size, self.n_heads, self.n_features)
+        return BasedCache(state=jnp.zeros((*shape, self.head_v), jnp.float32),
+                          z=jnp.zeros(shape, jnp.float32))
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array,
+                 cache: BasedCache | None = None) -> tuple[jax.Array, BasedCache | None]:
+        del positions
+        b, t, _ = x.shape
+        h, fd, dv = self.n_heads, self.feature_dim, self.head_v
+        q, k, v = jnp.split(self.qkv(x), [h * fd, 2 * h * fd], axis=-1)
+        q = taylor_feature_map(q.reshape(b, t, h, fd))      # [B, T, H, F]
+        k = taylor_feature_map(k.reshape(b, t, h, fd))
+        v = v.reshape(b, t, h, dv)
+        # scale=1: the 1/sqrt(d') temperature is already inside the feature map.
+        op = dict(scale=1.0, normalize=True, chunk_size=self.chunk_size, backend=self.backend)
+        if cache is None:
+            o, _ = linear_attention(q, k, v, **op)
+        elif t == 1:
+            o, cache = self._step(q[:, 0], k[:, 0], v[:, 0], cache)
+            o = o[:, None]
+        else:
+            o, (s, z) = linear_attention(q, k, v, initial_state=(cache.state, cache.z),
+                                         output_final_state=True, **op)
+            cache = cache.replace(state=s, z=z)
+        return self.out(o.reshape(b, t, h * dv).astype(self.dtype)), cache
+
+    def _step(self, q, k, v, cache: BasedCache) -> tuple[jax.Array, BasedCache]:
+        """One token (q, k [B, H, F], v [B, H, V]) on the cached state, in float32."""
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+        s = cache.state + k[..., :, None] * v[..., None, :]
+        z = cache.z + k
+        num = jnp.einsum("bhf,bhfv->bhv", q, s, precision=PRECISION)
+        # Same EPS as the op, so the step and the chunked paths agree to rounding.
+        o = num / (jnp.sum(q * z, axis=-1, keepdims=True) + EPS)
+        return o.astype(self.dtype), cache.replace(state=s, z=z)

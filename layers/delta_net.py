@@ -1,0 +1,226 @@
+"""DeltaNet and Gated DeltaNet token mixers: linear attention whose state is edited by the
+delta rule, optionally with a Mamba2-style decay gate.
+
+Shape legend:
+  B batch, T new tokens, D model width, H heads, K key (and query) head dim, V value head dim.
+
+DeltaNet (Schlag, Irie & Schmidhuber 2021, "Linear Transformers Are Secretly Fast Weight
+Programmers"; made trainable in parallel by Yang et al. 2024, "Parallelizing Linear
+Transformers with the Delta Rule over Sequence Length", arXiv:2406.06484) keeps a matrix memory
+S [K, V] per head and, instead of adding k v^T, replaces what the memory predicts for k:
+
+    S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T,        o_t = scale * S_t^T q_t
+
+Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with
+Delta Rule", arXiv:2412.06464, eq. 10) first decays the whole memory by alpha_t = exp(g_t):
+
+    S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T
+
+Layer (both papers, and flash-linear-attention's DeltaNet / GatedDeltaNet layers): q, k, v are
+linear projections of x, each through a short causal conv and SiLU; q and k are L2-normalised
+per head (keeps the delta-rule transition I - beta k k^T a contraction); beta = sigmoid(x W_b).
+The output is RMS-normalised per head, multiplied by an output gate SiLU(x W_g) in the gated
+variant, and projected back to D.
+
+Cache: the recurrent state [B, H, K, V] (float32) and the conv tails of q, k, v; its size does
+not depend on max_len.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.cache import CacheBytes
+from layers.conv import ConvCache, ShortConv
+from layers.norm import RMSNorm
+from pallas_kernels.delta_rule import delta_rule
+from pallas_kernels.gated_delta_rule import gated_delta_rule
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaNetArgs:
+    gated: bool = False             # True: Gated DeltaNet (decay gate g and output gate)
+    n_heads: int | None = None      # None: model.n_heads
+    head_dim: int | None = None     # key dim K; None: model.d_model // n_heads
+    expand_v: float = 1.0           # value dim V = int(K * expand_v)
+    conv_width: int = 4             # short causal conv on q, k and v
+    chunk_size: int = 64            # chunk length of the chunkwise-parallel op
+    backend: Literal["auto", "reference", "xla"] = "auto"
+
+
+@struct.dataclass
+class DeltaNetCache(CacheBytes):
+    """state: [B, H, K, V] float32 memory; q_conv/k_conv/v_conv: the short convs' input tails
+    ([B, W - 1, H*K] or [B, W - 1, H*V], in the cache dtype)."""
+
+    state: jax.Array
+    q_conv: ConvCache
+    k_conv: ConvCache
+    v_conv: ConvCache
+
+
+def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x [..., K] -> x / sqrt(sum x^2 + eps), in float32 (bf16 squares lose the small keys)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def recurrent_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+                   g: jax.Array | None, scale: float) -> tuple[jax.Array, jax.Array]:
+    """One token of the (gated) delta rule, in float32.
+
+    Args:
+        state: [B, H, K, V] float32 memory before the token.
+        q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H] log decay or None (no gate).
+        scale: query scale.
+
+    Returns:
+        (o [B, H, V] float32, new state [B, H, K, V] float32).
+    """
+    f32 = lambda a: a.astype(jnp.float32)
+    q, k, v, beta = f32(q), f32(k), f32(v), f32(beta)
+    hi = jax.lax.Precision.HIGHEST   # match the ops, which run float32 matmuls at full precision
+    if g is not None:
+        state = jnp.exp(f32(g))[..., None, None] * state          # S' = exp(g) S
+    pred = jnp.einsum("bhk,bhkv->bhv", k, state, precision=hi)     # S'^T k: what memory recalls
+    state = state + jnp.einsum("bhk,bhv->bhkv", beta[..., None] * k, v - pred, precision=hi)
+    o = jnp.einsum("bhk,bhkv->bhv", q * scale, state, precision=hi)
+    return o, state
+
+
+class DeltaNet(nnx.Module):
+    """DeltaNet / Gated DeltaNet mixer (`args.gated`).
+
+    `y, cache = layer(x, positions=pos, cache=cache)`: x [B, T, D] -> y [B, T, D]. Positions are
+    not used: order enters through the recurrence and the causal convs.
+    """
+
+    Args = DeltaNetArgs
+
+    def __init__(self, cfg, args: DeltaNetArgs, *, rngs: nnx.Rngs):
+        self.gated = args.gated
+        self.n_heads = h = args.n_heads or cfg.n_heads
+        self.key_dim = kd = args.head_dim or cfg.d_model // h
+        self.value_dim = vd = int(kd * args.expand_v)
+        self.chunk_size = args.chunk_size
+        self.backend = args.backend
+        self.eps = cfg.norm_eps
+        self.dtype = jnp.dtype(cfg.dtype)
+        d = cfg.d_model
+        init = nnx.initializers.normal(cfg.init_std)
+        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers), as attention.
+        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.q_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
+        self.k_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
+        self.v_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
+        self.b_proj = nnx.Linear(d, h, kernel_init=init, **lin)
+        conv = dict(dtype=self.dtype, rngs=rngs)
+        self.q_conv = ShortConv(h * kd, args.conv_width, **conv)
+        self.k_conv = ShortConv(h * kd, args.conv_width, **conv)
+        self.v_conv = ShortConv(h * vd, args.conv_width, **conv)
+        if self.gated:
+            self.a_proj = nnx.Linear(d, h, kernel_init=init, **lin)
+            self.g_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
+            # Mamba2 / Gated DeltaNet init: A = exp(A_log) ~ uniform(1, 16) per head, and dt_bias
+            # the inverse softplus of dt ~ log-uniform[1e-3, 1e-1], so that at init the decay
+            # exp(-A softplus(dt_bias)) spans slow and fast heads (from ~0.999 to ~0.2).
+            key_a, key_dt = jax.random.split(rngs.params())
+            a = jax.random.uniform(key_a, (h,), jnp.float32, 1.0, 16.0)
+            self.A_log = nnx.Param(jnp.log(a))
+            u = jax.random.uniform(key_dt, (h,), jnp.float32)
+            dt = jnp.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+            dt = jnp.maximum(dt, 1e-4)
+            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))   # softplus^-1(dt)
+        else:
+            self.a_proj = self.g_proj = self.A_log = self.dt_bias = None
+        # One RMSNorm over V shared by the heads, as in flash-linear-attention's layers.
+        self.o_norm = RMSNorm(vd, eps=cfg.norm_eps)
+        self.out = nnx.Linear(h * vd, d, kernel_init=out_init, **lin)
+
+    @staticmethod
+    def check_config(cfg, args: DeltaNetArgs, name: str) -> list[str]:
+        """Problems with these settings, one line each (empty when fine)."""
+        errs = []
+        p = f"model.mixer_args.{name}"
+        n_heads = args.n_heads or cfg.n_heads
+        if args.n_heads is not None and args.n_heads <= 0:
+            errs.append(f"{p}.n_heads must be > 0 or null, got {args.n_heads}")
+        elif args.head_dim is None and cfg.d_model % n_heads:
+            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model} "
+                        f"(or set {p}.head_dim)")
+        if args.head_dim is not None and args.head_dim <= 0:
+            errs.append(f"{p}.head_dim must be > 0 or null, got {args.head_dim}")
+        elif n_heads > 0:
+            kd = args.head_dim or cfg.d_model // n_heads
+            if kd >= 1 and int(kd * args.expand_v) < 1:
+                errs.append(f"{p}.expand_v={args.expand_v} gives a value dim < 1 "
+                            f"(key dim {kd})")
+        if args.conv_width < 1:
+            errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
+        if args.chunk_size < 1:
+            errs.append(f"{p}.chunk_size must be >= 1, got {args.chunk_size}")
+        return errs
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> DeltaNetCache:
+        # max_len is unused: the memory is a fixed [K, V] matrix per head.
+        del max_len
+        h, kd, vd = self.n_heads, self.key_dim, self.value_dim
+        return DeltaNetCache(state=jnp.zeros((batch_size, h, kd, vd), jnp.float32),
+                             q_conv=self.q_conv.init_cache(batch_size, dtype),
+                             k_conv=self.k_conv.init_cache(batch_size, dtype),
+                             v_conv=self.v_conv.init_cache(batch_size, dtype))
+
+    def _decay(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> g [B, T, H] float32: log decay -exp(A_log) softplus(x W_a + dt_bias)
+        (<= 0), as Mamba2's discretised A dt."""
+        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
+        return -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array,
+                 cache: DeltaNetCache | None = None) -> tuple[jax.Array, DeltaNetCache | None]:
+        del positions
+        b, t, _ = x.shape
+        h, kd, vd = self.n_heads, self.key_dim, self.value_dim
+        conv_caches = (None,) * 3 if cache is None else (cache.q_conv, cache.k_conv,
+                                                         cache.v_conv)
+        q, qc = self.q_conv(self.q_proj(x), conv_caches[0])
+        k, kc = self.k_conv(self.k_proj(x), conv_caches[1])
+        v, vc = self.v_conv(self.v_proj(x), conv_caches[2])
+        # The op takes inputs in the compute dtype and accumulates in float32.
+        q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, kd), self.eps).astype(self.dtype)
+        k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, kd), self.eps).astype(self.dtype)
+        v = jax.nn.silu(v).reshape(b, t, h, vd)
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))     # [B, T, H]
+        g = self._decay(x) if self.gated else None
+        scale = kd ** -0.5
+
+        if cache is not None and t == 1:
+            # Single-token decode: the recurrence itself is cheaper than any chunked form.
+            o, state = recurrent_step(cache.state, q[:, 0], k[:, 0], v[:, 0], beta[:, 0],
+                                      None if g is None else g[:, 0], scale)
+            o = o[:, None].astype(self.dtype)
+        else:
+            # Training (no state) or prefill / chunked prefill (start from the cached state).
+            kwargs = dict(scale=scale, chunk_size=self.chunk_size, backend=self.backend,
+                          initial_state=None if cache is None else cache.state,
+                          output_final_state=cache is not None)
+            if self.gated:
+                o, state = gated_delta_rule(q, k, v, g, beta, **kwargs)
+            else:
+                o, state = delta_rule(q, k, v, beta, **kwargs)
+
+        o = self.o_norm(o)                                              # per head, over V
+        if self.gated:
+            gate = jax.nn.silu(self.g_proj(x).astype(jnp.float32)).reshape(b, t, h, vd)
+            o = (o.astype(jnp.float32) * gate).astype(self.dtype)
+        y = self.out(o.reshape(b, t, h * vd))
+        if cache is not None:
+            cache = cache.replace(state=state, q_conv=qc, k_conv=kc, v_conv=vc)
+        return y, cache
