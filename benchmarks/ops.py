@@ -1,0 +1,134 @@
+"""Time the linear-family ops: token-by-token reference vs chunked XLA, forward and
+forward+backward, side by side in one run (ratios are what to read; this machine is noisy).
+
+    python benchmarks/ops.py                       # B=1 H=4 K=V=64, T in 512 2048 8192
+    python benchmarks/ops.py --T 512 --repeats 2   # quicker
+    python benchmarks/ops.py --ops gated_delta_rule gla --T 2048 8192 --B 4
+
+Prints a markdown table and saves it with the raw numbers (JSON) under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pallas_kernels.delta_rule import delta_rule  # noqa: E402
+from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
+from pallas_kernels.gla import gla, simple_gla  # noqa: E402
+from pallas_kernels.linear_attention import linear_attention  # noqa: E402
+
+
+def _inputs(op: str, b: int, t: int, h: int, d: int, dtype, seed: int = 0):
+    """Random inputs in the ranges the layers produce (normalized keys, gates <= 0)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((b, t, h, d)).astype(np.float32) for _ in range(3))
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    args = {"q": q, "k": k, "v": v}
+    if op == "gla":
+        args["gk"] = np.log(1 / (1 + np.exp(-rng.standard_normal((b, t, h, d)) - 3)))
+    if op in ("simple_gla", "gated_delta_rule"):
+        args["g"] = -np.log1p(np.exp(rng.standard_normal((b, t, h))))
+    if op in ("delta_rule", "gated_delta_rule"):
+        args["beta"] = 1 / (1 + np.exp(-rng.standard_normal((b, t, h))))
+    return {name: jnp.asarray(x, dtype if x.ndim == 4 else jnp.float32)
+            for name, x in args.items()}
+
+
+OPS = {
+    "linear_attention": lambda a, **kw: linear_attention(a["q"], a["k"], a["v"], **kw),
+    "gla": lambda a, **kw: gla(a["q"], a["k"], a["v"], a["gk"], **kw),
+    "simple_gla": lambda a, **kw: simple_gla(a["q"], a["k"], a["v"], a["g"], **kw),
+    "delta_rule": lambda a, **kw: delta_rule(a["q"], a["k"], a["v"], a["beta"], **kw),
+    "gated_delta_rule": lambda a, **kw: gated_delta_rule(a["q"], a["k"], a["v"], a["g"],
+                                                         a["beta"], **kw),
+}
+
+
+def _timed(fn, args, repeats: int) -> float:
+    """Median wall seconds of a compiled call (compilation excluded)."""
+    jax.block_until_ready(fn(args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(op: str, backend: str, args: dict, repeats: int, chunk_size: int):
+    call = OPS[op]
+
+    def forward(a):
+        return call(a, backend=backend, chunk_size=chunk_size)[0]
+
+    def loss(a):
+        return jnp.sum(forward(a).astype(jnp.float32) ** 2)
+
+    fwd = jax.jit(forward)
+    fwd_bwd = jax.jit(jax.grad(loss))
+    return _timed(fwd, args, repeats), _timed(fwd_bwd, args, repeats)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    p.add_argument("--T", nargs="+", type=int, default=[512, 2048, 8192])
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--D", type=int, default=64, help="K = V head dim")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--chunk_size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args(argv)
+
+    rows = []
+    header = ("| op | T | ref fwd ms | xla fwd ms | fwd speed-up | ref fwd+bwd ms | "
+              "xla fwd+bwd ms | fwd+bwd speed-up |\n|---|---|---|---|---|---|---|---|")
+    print(f"device {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}),"
+          f" B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, median of {a.repeats}")
+    print(header, flush=True)
+    lines = []
+    for op in a.ops:
+        for t in a.T:
+            args = _inputs(op, a.B, t, a.H, a.D, jnp.dtype(a.dtype))
+            ref_f, ref_fb = measure(op, "reference", args, a.repeats, a.chunk_size)
+            xla_f, xla_fb = measure(op, "xla", args, a.repeats, a.chunk_size)
+            row = {"op": op, "T": t, "B": a.B, "H": a.H, "D": a.D, "dtype": a.dtype,
+                   "reference_fwd_s": ref_f, "xla_fwd_s": xla_f,
+                   "reference_fwd_bwd_s": ref_fb, "xla_fwd_bwd_s": xla_fb}
+            rows.append(row)
+            line = (f"| {op} | {t} | {ref_f * 1e3:.1f} | {xla_f * 1e3:.1f} | "
+                    f"{ref_f / xla_f:.1f}x | {ref_fb * 1e3:.1f} | {xla_fb * 1e3:.1f} | "
+                    f"{ref_fb / xla_fb:.1f}x |")
+            lines.append(line)
+            print(line, flush=True)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"ops_{jax.devices()[0].platform}"
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{stem}.md").write_text(
+        f"B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, median of {a.repeats} "
+        f"(`python benchmarks/ops.py {' '.join(argv or sys.argv[1:])}`)\n\n"
+        + header + "\n" + "\n".join(lines) + "\n")
+    print(f"saved {out / stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
