@@ -58,6 +58,10 @@ OPS = {
 }
 
 
+HEADER = ("| op | T | ref fwd ms | xla fwd ms | fwd speed-up | ref fwd+bwd ms | "
+          "xla fwd+bwd ms | fwd+bwd speed-up |\n|---|---|---|---|---|---|---|---|")
+
+
 def _timed(fn, args, repeats: int) -> float:
     """Median wall seconds of a compiled call (compilation excluded)."""
     jax.block_until_ready(fn(args))
@@ -94,14 +98,17 @@ def main(argv=None) -> int:
     p.add_argument("--chunk_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--rows_json", help=argparse.SUPPRESS)   # internal: one op per process
     a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if a.rows_json is None:
+        print(f"device {jax.devices()[0].device_kind} ({platform.machine()}),"
+              f" B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, "
+              f"median of {a.repeats}\n{HEADER}", flush=True)
+        if len(a.ops) > 1:
+            return run_isolated(a, argv)
 
     rows = []
-    header = ("| op | T | ref fwd ms | xla fwd ms | fwd speed-up | ref fwd+bwd ms | "
-              "xla fwd+bwd ms | fwd+bwd speed-up |\n|---|---|---|---|---|---|---|---|")
-    print(f"device {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}),"
-          f" B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, median of {a.repeats}")
-    print(header, flush=True)
     lines = []
     for op in a.ops:
         for t in a.T:
@@ -118,16 +125,60 @@ def main(argv=None) -> int:
             lines.append(line)
             print(line, flush=True)
 
+    if a.rows_json is not None:
+        Path(a.rows_json).write_text(json.dumps({"rows": rows, "lines": lines}))
+        return 0
+    save(a, argv, rows, lines)
+    return 0
+
+
+def run_isolated(a, argv) -> int:
+    """One process per op. jaxlib 0.10.2's XLA:CPU runtime was seen to deadlock (idle, inside
+    block_until_ready) on the delta-rule programs after the other ops' large T=8192 programs had
+    run in the same process; separate processes avoid that and keep each op's memory apart."""
+    import subprocess
+    import tempfile
+
+    rows, lines = [], []
+    for op in a.ops:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows_file = Path(tmp) / "rows.json"
+            proc = subprocess.run([sys.executable, __file__, "--ops", op, *_strip_ops(argv),
+                                   "--rows_json", str(rows_file)], check=False)
+            if proc.returncode != 0 or not rows_file.exists():
+                print(f"{op}: benchmark process failed (exit {proc.returncode})", flush=True)
+                continue
+            got = json.loads(rows_file.read_text())
+        rows += got["rows"]
+        lines += got["lines"]
+    save(a, argv, rows, lines)
+    return 0
+
+
+def _strip_ops(argv):
+    """argv without the --ops list."""
+    out, skipping = [], False
+    for x in argv:
+        if x == "--ops":
+            skipping = True
+            continue
+        if skipping and not x.startswith("--"):
+            continue
+        skipping = False
+        out.append(x)
+    return out
+
+
+def save(a, argv, rows, lines) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ops_{jax.devices()[0].platform}"
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     (out / f"{stem}.md").write_text(
         f"B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, median of {a.repeats} "
-        f"(`python benchmarks/ops.py {' '.join(argv or sys.argv[1:])}`)\n\n"
-        + header + "\n" + "\n".join(lines) + "\n")
+        f"(`python benchmarks/ops.py {' '.join(argv)}`)\n\n"
+        + HEADER + "\n" + "\n".join(lines) + "\n")
     print(f"saved {out / stem}.md and .json")
-    return 0
 
 
 if __name__ == "__main__":
