@@ -106,3 +106,62 @@ def chunk_state_scan(
           None if chunk_decay is None else jnp.moveaxis(chunk_decay, 2, 0))
     s_final, s_before = jax.lax.scan(step, s0, xs)
     return jnp.moveaxis(s_before, 0, 2), s_final
+
+
+# ----------------------------------------------------------------------------- unit-lower solve
+
+
+def _forward_substitution(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    c = a.shape[-1]
+
+    def row(i, x):
+        # Rows >= i of x are still zero, and a is strictly lower, so a[i] @ x sums j < i only.
+        xi = rhs[..., i, :] - jnp.einsum("...j,...jf->...f", a[..., i, :], x,
+                                         precision=PRECISION)
+        return x.at[..., i, :].set(xi)
+
+    return jax.lax.fori_loop(0, c, row, jnp.zeros_like(rhs))
+
+
+def _backward_substitution(a: jax.Array, g: jax.Array) -> jax.Array:
+    """Solves (I + a)^T y = g for strictly lower-triangular a."""
+    c = a.shape[-1]
+
+    def row(n, y):
+        i = c - 1 - n
+        # Rows <= i of y are still zero: a[:, i] @ y sums j > i only.
+        yi = g[..., i, :] - jnp.einsum("...j,...jf->...f", a[..., :, i], y, precision=PRECISION)
+        return y.at[..., i, :].set(yi)
+
+    return jax.lax.fori_loop(0, c, row, jnp.zeros_like(g))
+
+
+@jax.custom_vjp
+def solve_unit_lower(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """x with (I + a) x = rhs, for a [..., C, C] strictly lower triangular, rhs [..., C, F].
+
+    Forward substitution in plain jnp rather than jax.scipy.linalg.solve_triangular: on CPU that
+    calls scipy's bundled OpenBLAS, whose thread pool deadlocked (idle, in block_until_ready)
+    against XLA's own threads in long runs with jaxlib 0.10.2. The custom VJP solves the
+    transposed system for the backward pass (d rhs = (I + a)^-T dx, d a = -tril(d rhs x^T, -1)),
+    so no per-row intermediates are stored.
+    """
+    return _forward_substitution(a, rhs)
+
+
+def _solve_fwd(a, rhs):
+    x = _forward_substitution(a, rhs)
+    return x, (a, x)
+
+
+def _solve_bwd(res, g):
+    a, x = res
+    g_rhs = _backward_substitution(a, g)
+    c = a.shape[-1]
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    g_a = -jnp.where(strict, jnp.einsum("...if,...jf->...ij", g_rhs, x, precision=PRECISION),
+                     0.0)
+    return g_a, g_rhs
+
+
+solve_unit_lower.defvjp(_solve_fwd, _solve_bwd)

@@ -22,11 +22,11 @@ W and U depend only on the chunk's own inputs, so they are computed for all chun
 the cheap S-dependent part (X, O, S_next) runs sequentially in a lax.scan over the N chunks.
 
 (I + A) is unit lower triangular; rather than forming T we solve (I + A) [W U] = diag(beta)
-[Kc Vc] with jax.scipy.linalg.solve_triangular (unit_diagonal=True): one batched substitution
-for both right-hand sides, no explicit inverse (a solve is better conditioned than inverting
-then multiplying), and it is differentiable. A hand-written forward substitution would be a
-C-step sequential loop (one row per step) for the same arithmetic, where the solve is a single
-batched LAPACK/cuBLAS-style call.
+[Kc Vc] by forward substitution (pallas_kernels.common.solve_unit_lower): one pass for both
+right-hand sides, no explicit inverse (a solve is better conditioned than inverting then
+multiplying), with a custom VJP that solves the transposed system. It replaced
+jax.scipy.linalg.solve_triangular, whose CPU path calls scipy's OpenBLAS and deadlocked against
+XLA's threads in long runs (jaxlib 0.10.2).
 
 Any T works: inputs are zero-padded to a multiple of C. A padded step has beta = 0 and k = 0,
 so it writes nothing and reads nothing; the state after the last real step is unchanged.
@@ -37,6 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import solve_unit_lower
 from pallas_kernels.delta_rule._utils import (
     PRECISION,
     from_chunks,
@@ -77,8 +78,7 @@ def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_fina
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
     a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc), 0.0)
     rhs = jnp.concatenate([bc * kc, bc * vc], axis=-1)
-    wu = jax.scipy.linalg.solve_triangular(jnp.eye(c, dtype=a.dtype) + a, rhs, lower=True,
-                                          unit_diagonal=True)
+    wu = solve_unit_lower(a, rhs)
     w, u = wu[..., :kc.shape[-1]], wu[..., kc.shape[-1]:]
     qk = jnp.where(jnp.tril(jnp.ones((c, c), bool)), _mm("...ik,...jk->...ij", qc, kc), 0.0)
 

@@ -24,9 +24,8 @@ and, with A = tril(diag(beta) (Kc Kc^T * D), -1) (elementwise *):
     S_next = gamma_C S + (diag(exp(G_C - G)) Kc)^T X
 
 With g = 0 this is exactly the ungated form in delta_rule/xla.py. The unit lower-triangular
-system is solved with jax.scipy.linalg.solve_triangular (unit_diagonal=True) for both
-right-hand sides at once; see that file for why a solve rather than an explicit inverse or a
-hand-written forward substitution.
+system is solved by forward substitution (pallas_kernels.common.solve_unit_lower) for both
+right-hand sides at once; see that file for why.
 
 Numerics: G_t - G_j is positive for t < j and could be large (strong gates over a long chunk),
 so exp of it would overflow to inf, and inf * 0 from a later mask gives NaN (in the values and
@@ -42,6 +41,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import solve_unit_lower
 from pallas_kernels.delta_rule._utils import (
     PRECISION,
     from_chunks,
@@ -89,8 +89,7 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
 
     a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc) * decay, 0.0)
     rhs = jnp.concatenate([bc * gamma * kc, bc * vc], axis=-1)
-    wu = jax.scipy.linalg.solve_triangular(jnp.eye(c, dtype=a.dtype) + a, rhs, lower=True,
-                                          unit_diagonal=True)
+    wu = solve_unit_lower(a, rhs)
     w, u = wu[..., :kc.shape[-1]], wu[..., kc.shape[-1]:]
     qk = jnp.where(incl, _mm("...ik,...jk->...ij", qc, kc) * decay, 0.0)
     gq = gamma * qc                                                  # diag(gamma) Q
