@@ -26,8 +26,9 @@ def default_scale(k: jax.Array, scale: float | None = None) -> float:
     return k.shape[-1] ** -0.5 if scale is None else scale
 
 
-def resolve_backend(backend: str, allowed: Sequence[str], auto: str = "xla") -> str:
-    """Maps `backend` to one of `allowed`; "auto" means `auto`.
+def resolve_backend(backend: str, allowed: Sequence[str], auto: str = "xla",
+                    op: str | None = None) -> str:
+    """Maps `backend` to one of `allowed`; "auto" means `auto`. `op` prefixes error messages.
 
     Raises:
         ValueError: for "pallas" (not built yet) or any name outside `allowed` + "auto".
@@ -37,9 +38,35 @@ def resolve_backend(backend: str, allowed: Sequence[str], auto: str = "xla") -> 
     if backend in allowed:
         return backend
     choices = ", ".join(repr(b) for b in ("auto", *allowed))
+    where = f"{op}: " if op else ""
     if backend in NOT_BUILT:
-        raise ValueError(f"backend {backend!r} is not built yet; choose one of {choices}")
-    raise ValueError(f"unknown backend {backend!r}; choose one of {choices}")
+        raise ValueError(f"{where}backend {backend!r} is not built yet; choose one of {choices}")
+    raise ValueError(f"{where}unknown backend {backend!r}; choose one of {choices}")
+
+
+def check_delta_inputs(op: str, q, k, v, beta, g=None, initial_state=None) -> None:
+    """Raises ValueError on inconsistent shapes (q/k [B,T,H,K], v [B,T,H,V], beta/g [B,T,H])."""
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"{op}: q and k must both be [B, T, H, K]; got {q.shape}, {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: v must be [B, T, H, V] matching q; got {v.shape}")
+    if beta.shape != q.shape[:3]:
+        raise ValueError(f"{op}: beta must be [B, T, H] = {q.shape[:3]}; got {beta.shape}")
+    if g is not None and g.shape != q.shape[:3]:
+        raise ValueError(f"{op}: g must be [B, T, H] = {q.shape[:3]}; got {g.shape}")
+    b, _, h, dk = q.shape
+    want = (b, h, dk, v.shape[-1])
+    if initial_state is not None and initial_state.shape != want:
+        raise ValueError(f"{op}: initial_state must be [B, H, K, V] = {want}; "
+                         f"got {initial_state.shape}")
+
+
+def initial_state_f32(initial_state, q: jax.Array, v: jax.Array) -> jax.Array:
+    """The [B, H, K, V] float32 starting state (zeros when none is given)."""
+    if initial_state is None:
+        b, _, h, dk = q.shape
+        return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+    return initial_state.astype(jnp.float32)
 
 
 def pad_to_multiple(x: jax.Array, multiple: int, axis: int) -> jax.Array:

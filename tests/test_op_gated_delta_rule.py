@@ -168,7 +168,7 @@ def test_public_api_defaults_and_errors():
     assert rel_err(o_auto, o_ref) < F32_TOL
     with pytest.raises(ValueError, match="pallas.*not built"):
         gated_delta_rule(q, k, v, g, beta, backend="pallas")
-    with pytest.raises(ValueError, match="allowed: auto, reference, xla"):
+    with pytest.raises(ValueError, match="choose one of .auto., .reference., .xla."):
         gated_delta_rule(q, k, v, g, beta, backend="triton")
     with pytest.raises(ValueError, match="g must be"):
         gated_delta_rule(q, k, v, g[..., :1], beta)

@@ -74,7 +74,7 @@ def test_xla_matches_reference(op, t, with_init):
 
 
 # Gradients compile slowly on CPU, so they run on fewer shapes: a padded single chunk, several
-# chunks, small chunks, and (gla) a chunk that is not a multiple of the 16-token sub-chunk.
+# chunks, small chunks, and (gla) a chunk that is not a multiple of the 8-token sub-chunk.
 @pytest.mark.parametrize("op,t,chunk_size", [
     ("gla", 63, 64), ("gla", 200, 64), ("gla", 200, 16), ("gla", 200, 20),
     ("simple_gla", 63, 64), ("simple_gla", 200, 64), ("simple_gla", 200, 16),

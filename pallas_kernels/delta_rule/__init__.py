@@ -8,7 +8,7 @@ xla.py). "auto" picks "xla" for now; the Pallas kernels come in a later issue.
 
 from __future__ import annotations
 
-from pallas_kernels.delta_rule._utils import check_inputs, resolve_backend
+from pallas_kernels.common import check_delta_inputs, resolve_backend
 from pallas_kernels.delta_rule.reference import delta_rule_reference
 from pallas_kernels.delta_rule.xla import delta_rule_xla
 
@@ -40,8 +40,8 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     Raises:
         ValueError: unknown backend, inconsistent shapes, or chunk_size < 1.
     """
-    impl = resolve_backend(backend, "delta_rule")
-    check_inputs("delta_rule", q, k, v, beta, initial_state=initial_state)
+    impl = resolve_backend(backend, ("reference", "xla"), op="delta_rule")
+    check_delta_inputs("delta_rule", q, k, v, beta, initial_state=initial_state)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if impl == "reference":
         return delta_rule_reference(q, k, v, beta, **kwargs)

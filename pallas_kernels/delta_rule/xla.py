@@ -34,26 +34,15 @@ so it writes nothing and reads nothing; the state after the last real step is un
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from pallas_kernels.common import solve_unit_lower
-from pallas_kernels.delta_rule._utils import (
-    PRECISION,
-    from_chunks,
-    initial_state_f32,
-    pad_time,
-    to_chunks,
-)
-
-
-def _mm(spec, a, b):
-    return jnp.einsum(spec, a, b, precision=PRECISION)
+from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
 
 def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
                    chunk_size=64):
     """Chunkwise-parallel delta rule (same contract as delta_rule_reference), float32 inside.
+
+    The derivation above is the gated one (gated_delta_rule/xla.py) with every decay equal to
+    1, and that is how it runs: the gated path with g=None, which skips the decay factors.
 
     Args:
         q: [B, T, H, K] queries.
@@ -68,26 +57,5 @@ def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_fina
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
     """
-    t = q.shape[1]
-    c = int(chunk_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    prep = lambda x: to_chunks(pad_time(x.astype(jnp.float32), c), c)
-    qc, kc, vc = prep(q) * scale, prep(k), prep(v)                  # [N, B, H, C, K|V]
-    bc = prep(beta)[..., None]                                       # [N, B, H, C, 1]
-
-    strict = jnp.tril(jnp.ones((c, c), bool), -1)
-    a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc), 0.0)
-    rhs = jnp.concatenate([bc * kc, bc * vc], axis=-1)
-    wu = solve_unit_lower(a, rhs)
-    w, u = wu[..., :kc.shape[-1]], wu[..., kc.shape[-1]:]
-    qk = jnp.where(jnp.tril(jnp.ones((c, c), bool)), _mm("...ik,...jk->...ij", qc, kc), 0.0)
-
-    def chunk_step(s, xs):
-        q_c, k_c, w_c, u_c, qk_c = xs
-        x = u_c - _mm("bhck,bhkv->bhcv", w_c, s)
-        o = _mm("bhck,bhkv->bhcv", q_c, s) + _mm("bhij,bhjv->bhiv", qk_c, x)
-        return s + _mm("bhck,bhcv->bhkv", k_c, x), o
-
-    s, o = jax.lax.scan(chunk_step, initial_state_f32(initial_state, q, v), (qc, kc, w, u, qk))
-    o = from_chunks(o)[:, :t].astype(q.dtype)
-    return o, (s if output_final_state else None)
+    return gated_delta_rule_xla(q, k, v, None, beta, scale=scale, initial_state=initial_state,
+                                output_final_state=output_final_state, chunk_size=chunk_size)

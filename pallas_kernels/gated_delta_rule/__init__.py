@@ -8,7 +8,7 @@ xla.py). "auto" picks "xla" for now; the Pallas kernels come in a later issue.
 
 from __future__ import annotations
 
-from pallas_kernels.delta_rule._utils import check_inputs, resolve_backend
+from pallas_kernels.common import check_delta_inputs, resolve_backend
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
@@ -42,8 +42,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     Raises:
         ValueError: unknown backend, inconsistent shapes, or chunk_size < 1.
     """
-    impl = resolve_backend(backend, "gated_delta_rule")
-    check_inputs("gated_delta_rule", q, k, v, beta, g=g, initial_state=initial_state)
+    impl = resolve_backend(backend, ("reference", "xla"), op="gated_delta_rule")
+    check_delta_inputs("gated_delta_rule", q, k, v, beta, g=g, initial_state=initial_state)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.delta_rule._utils import PRECISION, initial_state_f32
+from pallas_kernels.common import PRECISION, initial_state_f32
 
 
 def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=None,

@@ -41,18 +41,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import solve_unit_lower
-from pallas_kernels.delta_rule._utils import (
+from pallas_kernels.common import (
     PRECISION,
     from_chunks,
     initial_state_f32,
-    pad_time,
+    solve_unit_lower,
     to_chunks,
 )
 
 
 def _mm(spec, a, b):
     return jnp.einsum(spec, a, b, precision=PRECISION)
+
+
+def _chunk_major(x, c):
+    """[B, T, H, ...] -> float32 [N, B, H, C, ...] (zero-padded): lax.scan walks axis 0."""
+    return jnp.moveaxis(to_chunks(x, c), 2, 0)
 
 
 def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -63,7 +67,9 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         q: [B, T, H, K] queries.
         k: [B, T, H, K] keys.
         v: [B, T, H, V] values.
-        g: [B, T, H] log-space decays (<= 0).
+        g: [B, T, H] log-space decays (<= 0), or None for no decay: the ungated delta rule
+            (delta_rule/xla.py), which then skips every decay factor rather than multiplying
+            by exp(0) = 1.
         beta: [B, T, H] write strengths.
         scale: query scale; defaults to K ** -0.5.
         initial_state: optional [B, H, K, V] starting state (zeros if None).
@@ -76,25 +82,29 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
     t = q.shape[1]
     c = int(chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    prep = lambda x: to_chunks(pad_time(x.astype(jnp.float32), c), c)
-    qc, kc, vc = prep(q) * scale, prep(k), prep(v)                  # [N, B, H, C, K|V]
-    bc = prep(beta)[..., None]                                       # [N, B, H, C, 1]
-    cum = jnp.cumsum(prep(g), axis=-1)                               # G: [N, B, H, C]
-    gamma = jnp.exp(cum)[..., None]                                  # [N, B, H, C, 1], <= 1
-
+    qc, kc, vc = (_chunk_major(x, c) for x in (q, k, v))             # [N, B, H, C, K|V]
+    qc = qc * scale
+    bc = _chunk_major(beta, c)[..., None]                            # [N, B, H, C, 1]
     incl = jnp.tril(jnp.ones((c, c), bool))
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
-    # Mask before exp: only t >= j (exponent <= 0) is exponentiated; see the module docstring.
-    decay = jnp.exp(jnp.where(incl, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-
-    a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc) * decay, 0.0)
-    rhs = jnp.concatenate([bc * gamma * kc, bc * vc], axis=-1)
+    if g is None:
+        a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc), 0.0)
+        rhs = jnp.concatenate([bc * kc, bc * vc], axis=-1)
+        qk = jnp.where(incl, _mm("...ik,...jk->...ij", qc, kc), 0.0)
+        gq, kd, g_last = qc, kc, jnp.ones(qc.shape[:3] + (1, 1), jnp.float32)
+    else:
+        cum = jnp.cumsum(_chunk_major(g, c), axis=-1)                # G: [N, B, H, C]
+        gamma = jnp.exp(cum)[..., None]                              # [N, B, H, C, 1], <= 1
+        # Mask before exp: only t >= j (exponent <= 0) is exponentiated; see the docstring.
+        decay = jnp.exp(jnp.where(incl, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+        a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc) * decay, 0.0)
+        rhs = jnp.concatenate([bc * gamma * kc, bc * vc], axis=-1)
+        qk = jnp.where(incl, _mm("...ik,...jk->...ij", qc, kc) * decay, 0.0)
+        gq = gamma * qc                                              # diag(gamma) Q
+        kd = jnp.exp(cum[..., -1:] - cum)[..., None] * kc            # diag(exp(G_C - G)) Kc
+        g_last = jnp.exp(cum[..., -1])[..., None, None]              # gamma_C [N, B, H, 1, 1]
     wu = solve_unit_lower(a, rhs)
     w, u = wu[..., :kc.shape[-1]], wu[..., kc.shape[-1]:]
-    qk = jnp.where(incl, _mm("...ik,...jk->...ij", qc, kc) * decay, 0.0)
-    gq = gamma * qc                                                  # diag(gamma) Q
-    kd = jnp.exp(cum[..., -1:] - cum)[..., None] * kc                # diag(exp(G_C - G)) Kc
-    g_last = jnp.exp(cum[..., -1])[..., None, None]                  # gamma_C: [N, B, H, 1, 1]
 
     def chunk_step(s, xs):
         gq_c, kd_c, w_c, u_c, qk_c, g_c = xs
@@ -104,5 +114,5 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
 
     s, o = jax.lax.scan(chunk_step, initial_state_f32(initial_state, q, v),
                         (gq, kd, w, u, qk, g_last))
-    o = from_chunks(o)[:, :t].astype(q.dtype)
+    o = from_chunks(jnp.moveaxis(o, 0, 2), t, q.dtype)
     return o, (s if output_final_state else None)
