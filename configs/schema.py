@@ -355,9 +355,6 @@ def validate(cfg: Config) -> Config:
     _positive("optim.lr", o.lr)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     _positive("optim.grad_clip", o.grad_clip)
-    if o.warmup_steps >= cfg.train.steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be smaller than "
-                          f"train.steps={cfg.train.steps}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     if not cfg.run_dir:

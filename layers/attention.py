@@ -65,7 +65,9 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None,
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                       scale: float) -> jax.Array:
-    """q [B, T, H, Dh], k/v [B, S, Hkv, Dh], mask [B, T, S] -> [B, T, H, Dh]."""
+    """q [B, T, H, Dh], k [B, S, Hkv, Dh], v [B, S, Hkv, Dv], mask [B, T, S] -> [B, T, H, Dv].
+
+    Dv may differ from Dh (MLA's value heads are narrower than its query-key heads)."""
     b, t, h, dh = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, h // hkv, dh)
@@ -75,17 +77,27 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, dh).astype(q.dtype)
+    return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
 
 
 def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
     """Write T new tokens (k/v [B, T, Hkv, Dh], positions [B, T]) at index cache.length."""
+    return write_slots(cache, positions, k=k, v=v)
+
+
+def write_slots(cache, positions: jax.Array, **new: jax.Array):
+    """Write T new tokens at index cache.length into the named per-slot fields of a cache.
+
+    `cache` has `pos`, `length`, `window` and `n_sinks` like KVCache (MLACache does too);
+    `new` maps field names to [B, T, ...] arrays, e.g. k=..., v=... for KVCache.
+    """
     start = cache.length
-    t = k.shape[1]
+    t = positions.shape[1]
+    new = {**new, "pos": positions}
     if cache.window is None:
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
             buf, new.astype(buf.dtype), start, axis=1)
-        return cache.replace(k=upd(cache.k, k), v=upd(cache.v, v), pos=upd(cache.pos, positions),
+        return cache.replace(**{name: upd(getattr(cache, name), x) for name, x in new.items()},
                              length=start + t)
     # Ring buffer: slot s must hold the newest index j <= end that maps to it; take it from the
     # new chunk when j >= start, else keep the old slot.
@@ -103,8 +115,8 @@ def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array
         m = take_new.reshape((1, -1) + (1,) * (buf.ndim - 2))
         return jnp.where(m, gathered, buf)
 
-    return cache.replace(k=select(cache.k, k), v=select(cache.v, v),
-                         pos=select(cache.pos, positions), length=start + t)
+    return cache.replace(**{name: select(getattr(cache, name), x) for name, x in new.items()},
+                         length=start + t)
 
 
 class Attention(nnx.Module):

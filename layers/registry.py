@@ -12,9 +12,11 @@ import dataclasses
 
 from layers.attention import Attention, AttentionArgs
 from layers.based import Based, BasedArgs
+from layers.cca import CCA, CCAArgs
 from layers.delta_net import DeltaNet, DeltaNetArgs
 from layers.gated_conv import GatedConv, GatedConvArgs
 from layers.gla import GLA, GLAArgs
+from layers.mla import MLA, MLAArgs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,11 @@ MIXERS: dict[str, MixerSpec] = {
     # -- deltanet / gated_deltanet (layers/delta_net.py) --
     "deltanet": MixerSpec(DeltaNet, DeltaNetArgs(gated=False)),
     "gated_deltanet": MixerSpec(DeltaNet, DeltaNetArgs(gated=True)),
+    # -- cca / ccgqa (layers/cca.py) --
+    "cca": MixerSpec(CCA, CCAArgs()),
+    "ccgqa": MixerSpec(CCA, CCAArgs(n_kv_heads=2)),
+    # -- mla (layers/mla.py) --
+    "mla": MixerSpec(MLA, MLAArgs()),
 }
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from configs.schema import Config, save_config
 from models.lm import build_model, lm_loss
 from training.checkpoint import Checkpointer, CheckpointError, check_same_model
-from training.optim import learning_rate_schedule, make_optimizer
+from training.optim import effective_warmup, learning_rate_schedule, make_optimizer
 
 
 def make_train_step(graphdef, optimizer):
@@ -148,6 +148,10 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step) -> dict:
     params = state.to_pure_dict()
     del model, state
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    warmup = effective_warmup(cfg.optim, cfg.train.steps)
+    if warmup != cfg.optim.warmup_steps:
+        print(f"note: optim.warmup_steps={cfg.optim.warmup_steps} >= train.steps="
+              f"{cfg.train.steps}; warming up over {warmup} steps instead", flush=True)
     opt_state = optimizer.init(params)
 
     start_step = 0

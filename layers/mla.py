@@ -1,0 +1,249 @@
+"""Multi-head latent attention (MLA): DeepSeek-V2 (arXiv 2405.04434, Sec. 2.1), DeepSeek-V3
+(arXiv 2412.19437, Sec. 2.1.1).
+
+Shape legend:
+  B batch, T new tokens, S key slots (cache slots + T when decoding), D model width,
+  H heads, Rq q_lora_rank, R kv_lora_rank, N qk_nope_head_dim, P qk_rope_head_dim,
+  V v_head_dim. Einsum letters: b t s d h r n p v.
+
+Equations (V2 Sec. 2.1.2-2.1.3, eqs. 9-19; the paper's h_t is x here):
+  queries   c_q = RMSNorm(x W_dq) [B, T, Rq];  [q_nope ; q_rope] = c_q W_uq   [B, T, H, N + P]
+            (without a low-rank query path: [q_nope ; q_rope] = x W_q)
+  latents   [c_kv ; k_rope] = x W_dkv;  c_kv = RMSNorm(c_kv) [B, T, R];  k_rope = RoPE(k_rope)
+            [B, T, P], one rotated key shared by all heads
+  keys/vals [k_nope_i ; v_i] = c_kv W_ukv_i                                     [B, S, H, N + V]
+  scores    (q_nope_i . k_nope_i + RoPE(q_rope_i) . k_rope) * (N + P)^-0.5
+  output    y = concat_i(softmax(scores_i) v_i) W_o
+
+Two ways to compute the same thing:
+  * expanded: build k_nope and v per head from c_kv, then ordinary attention. Used for training
+    and prefill: T queries share the up-projection of S latents.
+  * absorbed (V2 Sec. 2.1.2): W_uk folds into the query, W_uv into the output,
+        q~_i = q_nope_i W_uk_i^T [R];  score_i,t = q~_i . c_t + q_rope_i . k_rope_t;
+        head_i = (sum_t p_i,t c_t) W_uv_i.
+    That is multi-query attention with one shared key [c_kv ; k_rope] (R + P wide) and one
+    shared value c_kv: a decode step reads the latents once and never up-projects the cache.
+The decode cache holds only c_kv and the rotated k_rope: (R + P) values per token per layer
+whatever H is (plus the int32 slot positions every cache here keeps), with the same full /
+ring-buffer (window + sinks) slot layout as layers/attention.py.
+
+Deviations: RoPE uses this codebase's rotate-half layout (layers/rope.py) where DeepSeek's code
+rotates interleaved pairs; the two differ by a fixed permutation of the P rope channels of W_q
+and W_dkv, so a model trained from scratch represents the same functions. V3's YaRN context
+extension (and its softmax-scale correction) is not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.attention import attention_mask, softmax_attention, write_slots
+from layers.cache import CacheBytes
+from layers.norm import RMSNorm
+from layers.rope import apply_rope
+
+ABSORB_MODES = ("decode", "always", "never")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAArgs:
+    # Defaults sized for a d_model-64 model; DeepSeek-V3 uses H 128, Rq 1536, R 512, N 128,
+    # P 64, V 128 at d_model 7168.
+    n_heads: int | None = None       # None: model.n_heads
+    q_lora_rank: int | None = None   # None or 0: queries straight from x (as in DeepSeek-V2-Lite)
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    window: int | None = None        # None: full causal attention
+    n_sinks: int = 0
+    # "decode": absorbed form for single-token steps with a cache, expanded elsewhere;
+    # "always" / "never": one form everywhere (the two give the same outputs, see tests).
+    absorb: Literal["decode", "always", "never"] = "decode"
+
+
+@struct.dataclass
+class MLACache(CacheBytes):
+    """c_kv: [B, S, R] normalized latents; k_rope: [B, S, P] rotated shared RoPE keys;
+    pos: [B, S] absolute position in each slot (-1 empty); length: [] int32 tokens written."""
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+    pos: jax.Array
+    length: jax.Array
+    window: int | None = struct.field(pytree_node=False, default=None)
+    n_sinks: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of c_kv + k_rope per cached token of one sequence: (R + P) x itemsize. The
+        int32 slot positions (4 bytes per slot) are bookkeeping, counted in nbytes only."""
+        return (self.c_kv.shape[-1] * self.c_kv.dtype.itemsize
+                + self.k_rope.shape[-1] * self.k_rope.dtype.itemsize)
+
+
+class MLA(nnx.Module):
+    """Multi-head latent attention with optional low-rank queries, sliding window and sinks.
+
+    `y, cache = mla(x, positions=pos, cache=cache)`: x [B, T, D], positions [B, T].
+    """
+
+    Args = MLAArgs
+
+    def __init__(self, cfg, args: MLAArgs, *, rngs: nnx.Rngs):
+        if args.absorb not in ABSORB_MODES:
+            raise ValueError(f"MLA absorb must be one of {', '.join(map(repr, ABSORB_MODES))}, "
+                             f"got {args.absorb!r}")
+        self.n_heads = args.n_heads or cfg.n_heads
+        self.q_lora_rank = args.q_lora_rank or 0
+        self.kv_lora_rank = args.kv_lora_rank
+        self.nope_dim = args.qk_nope_head_dim
+        self.rope_dim = args.qk_rope_head_dim
+        self.v_dim = args.v_head_dim
+        self.window = args.window
+        self.n_sinks = args.n_sinks
+        self.absorb = args.absorb
+        self.rope_theta = cfg.rope_theta
+        self.dtype = jnp.dtype(cfg.dtype)
+        h, r = self.n_heads, self.kv_lora_rank
+        init = nnx.initializers.normal(cfg.init_std)
+        # GPT-2 style, as in attention.py: residual-branch outputs scaled by 1/sqrt(2 n_layers).
+        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
+                   rngs=rngs)
+        q_out = h * (self.nope_dim + self.rope_dim)
+        if self.q_lora_rank:
+            self.wq_a = nnx.Linear(cfg.d_model, self.q_lora_rank, **lin)          # W_dq
+            self.q_norm = RMSNorm(self.q_lora_rank, eps=cfg.norm_eps)
+            self.wq_b = nnx.Linear(self.q_lora_rank, q_out, **lin)                # W_uq
+        else:
+            self.wq = nnx.Linear(cfg.d_model, q_out, **lin)
+        self.wkv_a = nnx.Linear(cfg.d_model, r + self.rope_dim, **lin)           # W_dkv
+        self.kv_norm = RMSNorm(r, eps=cfg.norm_eps)
+        # W_ukv kept as [R, H, N + V] so both forms slice per-head W_uk / W_uv from one tensor.
+        self.wkv_b = nnx.Param(init(rngs.params(), (r, h, self.nope_dim + self.v_dim),
+                                    jnp.float32))
+        self.out = nnx.Linear(h * self.v_dim, cfg.d_model, use_bias=False, dtype=self.dtype,
+                              param_dtype=jnp.float32, kernel_init=out_init, rngs=rngs)
+
+    @staticmethod
+    def check_config(cfg, args: MLAArgs, name: str) -> list[str]:
+        """Problems with these settings, one line each (empty when fine)."""
+        errs = []
+        p = f"model.mixer_args.{name}"
+        n_heads = args.n_heads or cfg.n_heads
+        if n_heads <= 0:
+            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
+        if args.q_lora_rank is not None and args.q_lora_rank < 0:
+            errs.append(f"{p}.q_lora_rank must be >= 0 or null (0/null: no low-rank query "
+                        f"path), got {args.q_lora_rank}")
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(args, key) <= 0:
+                errs.append(f"{p}.{key} must be > 0, got {getattr(args, key)}")
+        if args.qk_rope_head_dim > 0 and args.qk_rope_head_dim % 2:
+            errs.append(f"{p}.qk_rope_head_dim must be even (RoPE rotates pairs), "
+                        f"got {args.qk_rope_head_dim}")
+        if args.window is not None:
+            if args.window <= 0:
+                errs.append(f"{p}.window must be > 0 or null, got {args.window}")
+            elif args.window > cfg.max_len:
+                errs.append(f"{p}.window={args.window} is larger than "
+                            f"model.max_len={cfg.max_len}")
+        if args.n_sinks < 0:
+            errs.append(f"{p}.n_sinks must be >= 0, got {args.n_sinks}")
+        elif args.n_sinks and args.window is None:
+            errs.append(f"{p}.n_sinks={args.n_sinks} needs a window "
+                        "(full attention already sees the first tokens)")
+        if args.absorb not in ABSORB_MODES:
+            errs.append(f"{p}.absorb: expected one of {', '.join(map(repr, ABSORB_MODES))}, "
+                        f"got {args.absorb!r}")
+        return errs
+
+    def cache_slots(self, max_len: int) -> int:
+        # As attention.py: a ring keeps n_sinks + window slots whatever max_len is.
+        return max_len if self.window is None else self.n_sinks + self.window
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> MLACache:
+        s = self.cache_slots(max_len)
+        return MLACache(c_kv=jnp.zeros((batch_size, s, self.kv_lora_rank), dtype),
+                        k_rope=jnp.zeros((batch_size, s, self.rope_dim), dtype),
+                        pos=jnp.full((batch_size, s), -1, jnp.int32),
+                        length=jnp.zeros((), jnp.int32), window=self.window,
+                        n_sinks=self.n_sinks)
+
+    # ------------------------------------------------------------------ projections
+
+    def _queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] -> q_nope [B, T, H, N], rotated q_rope [B, T, H, P]."""
+        b, t, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q = q.reshape(b, t, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = jnp.split(q, [self.nope_dim], axis=-1)
+        return q_nope, apply_rope(q_rope, positions, self.rope_theta)
+
+    def _latents(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] -> normalized c_kv [B, T, R], rotated shared k_rope [B, T, P]."""
+        c_kv, k_rope = jnp.split(self.wkv_a(x), [self.kv_lora_rank], axis=-1)
+        k_rope = apply_rope(k_rope[:, :, None, :], positions, self.rope_theta)[:, :, 0]
+        return self.kv_norm(c_kv), k_rope
+
+    # ------------------------------------------------------------------ the two forms
+
+    def _expanded(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
+        """Per-head keys and values from the latents, then softmax attention -> [B, T, H, V]."""
+        h, n = self.n_heads, self.nope_dim
+        kv = jnp.einsum("bsr,rhn->bshn", c_kv, self.wkv_b[...].astype(c_kv.dtype))
+        k_nope, v = kv[..., :n], kv[..., n:]
+        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, self.rope_dim))
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, k_rope], axis=-1)
+        return softmax_attention(q, k, v, mask, scale)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
+        """W_uk folded into the query, W_uv into the output: MQA over the latents."""
+        w = self.wkv_b[...].astype(q_nope.dtype)
+        w_uk, w_uv = w[..., :self.nope_dim], w[..., self.nope_dim:]
+        # q~_i = q_nope_i W_uk_i^T, accumulated in float32 and rounded once to the compute dtype.
+        q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk,
+                           preferred_element_type=jnp.float32).astype(q_nope.dtype)
+        q = jnp.concatenate([q_lat, q_rope], axis=-1)                  # [B, T, H, R + P]
+        k = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None, :]    # [B, S, 1, R + P]
+        o_lat = softmax_attention(q, k, c_kv[:, :, None, :], mask, scale)   # [B, T, H, R]
+        return jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32
+                          ).astype(q_nope.dtype)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array,
+                 cache: MLACache | None = None) -> tuple[jax.Array, MLACache | None]:
+        b, t, _ = x.shape
+        q_nope, q_rope = self._queries(x, positions)
+        c_kv, k_rope = self._latents(x, positions)
+        if cache is None:
+            c_all, r_all, k_pos = c_kv, k_rope, positions
+        else:
+            if cache.window is None and t > cache.c_kv.shape[1]:
+                raise ValueError(f"{t} tokens do not fit an MLA cache of "
+                                 f"{cache.c_kv.shape[1]} slots")
+            # As attention.py: attend over the cache before this chunk plus the chunk, then
+            # write the chunk, so a ring smaller than the chunk loses no key a query needs.
+            c_all = jnp.concatenate([cache.c_kv.astype(c_kv.dtype), c_kv], axis=1)
+            r_all = jnp.concatenate([cache.k_rope.astype(k_rope.dtype), k_rope], axis=1)
+            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+            cache = write_slots(cache, positions, c_kv=c_kv, k_rope=k_rope)
+        mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
+        # The scale uses the full query-key width N + P (V2 Sec. 2.1.3), in both forms.
+        scale = (self.nope_dim + self.rope_dim) ** -0.5
+        # Absorbed for decode: a step reads S x (R + P) cached values, where the expanded form
+        # would first up-project all S latents to H x (N + V). With many queries (training,
+        # prefill) the up-projection is shared, and the expanded products are N + P and V
+        # wide per head instead of R + P and R (N, V < R in DeepSeek's settings).
+        absorbed = self.absorb == "always" or (self.absorb == "decode" and cache is not None
+                                               and t == 1)
+        form = self._absorbed if absorbed else self._expanded
+        o = form(q_nope, q_rope, c_all, r_all, mask, scale)
+        return self.out(o.reshape(b, t, self.n_heads * self.v_dim)), cache
