@@ -66,8 +66,7 @@ def build(name: str, overrides: dict, d_model: int, n_heads: int, max_len: int):
     return build_mixer(cfg, name, rngs=nnx.Rngs(0))
 
 
-def measure(mixer, batch: int, context: int, steps: int, prefill_chunk: int) -> dict:
-    d = mixer_width(mixer)
+def measure(mixer, d: int, batch: int, context: int, steps: int, prefill_chunk: int) -> dict:
     graphdef, state = nnx.split(mixer)
     call = lambda st, x, pos, c: nnx.merge(graphdef, st)(x, positions=pos, cache=c)  # noqa: E731
     prefill = jax.jit(call, donate_argnums=(3,))
@@ -91,10 +90,6 @@ def measure(mixer, batch: int, context: int, steps: int, prefill_chunk: int) -> 
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return {"step_ms": 1e3 * statistics.median(times), "cache_bytes": int(cache.nbytes)}
-
-
-def mixer_width(mixer) -> int:
-    return int(mixer.d_model)
 
 
 def bytes_per_token(mixer, batch: int) -> float:
@@ -151,7 +146,7 @@ def main(argv=None) -> int:
                "bytes_per_token": bytes_per_token(mixer, a.batch), "step_ms": {},
                "cache_bytes": {}}
         for ctx in a.context:
-            m = measure(mixer, a.batch, ctx, a.steps, a.prefill_chunk)
+            m = measure(mixer, a.d_model, a.batch, ctx, a.steps, a.prefill_chunk)
             row["step_ms"][str(ctx)] = m["step_ms"]
             row["cache_bytes"][str(ctx)] = m["cache_bytes"]
             print(f"{label:14s} ctx {ctx:6d}: {m['step_ms']:8.3f} ms/step, "
@@ -163,10 +158,10 @@ def main(argv=None) -> int:
             f"{jax.default_backend()} ({platform.machine()}), median of {a.steps} steps "
             f"(`python benchmarks/cache.py {' '.join(argv or sys.argv[1:])}`)")
     cols = "".join(f" step ms @{c} |" for c in a.context)
-    lines = [head, "", f"| mixer | bytes/token/layer | vs MHA |{cols}",
+    lines = [head, "", f"| mixer | bytes/token/layer | MHA bytes / these |{cols}",
              "|---|---|---|" + "---|" * len(a.context)]
     for r in rows:
-        ratio = f"{mha / r['bytes_per_token']:.1f}x smaller" if mha else "-"
+        ratio = f"{mha / r['bytes_per_token']:.1f}x" if mha else "-"
         steps = "".join(f" {r['step_ms'][str(c)]:.3f} |" for c in a.context)
         lines.append(f"| {r['mixer']} | {r['bytes_per_token']:.0f} | {ratio} |{steps}")
     print("\n".join(lines))

@@ -80,6 +80,22 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
 
 
+def window_errors(prefix: str, window: int | None, n_sinks: int, max_len: int) -> list[str]:
+    """Config problems of a window / sinks setting (shared by every windowed attention mixer)."""
+    errs = []
+    if window is not None:
+        if window <= 0:
+            errs.append(f"{prefix}.window must be > 0 or null, got {window}")
+        elif window > max_len:
+            errs.append(f"{prefix}.window={window} is larger than model.max_len={max_len}")
+    if n_sinks < 0:
+        errs.append(f"{prefix}.n_sinks must be >= 0, got {n_sinks}")
+    elif n_sinks and window is None:
+        errs.append(f"{prefix}.n_sinks={n_sinks} needs a window "
+                    "(full attention already sees the first tokens)")
+    return errs
+
+
 def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
     """Write T new tokens (k/v [B, T, Hkv, Dh], positions [B, T]) at index cache.length."""
     return write_slots(cache, positions, k=k, v=v)
@@ -162,17 +178,7 @@ class Attention(nnx.Module):
             errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model}")
         if args.rope and cfg.resolved_head_dim % 2:
             errs.append(f"{p}: RoPE needs an even head_dim, got {cfg.resolved_head_dim}")
-        if args.window is not None:
-            if args.window <= 0:
-                errs.append(f"{p}.window must be > 0 or null, got {args.window}")
-            elif args.window > cfg.max_len:
-                errs.append(f"{p}.window={args.window} is larger than "
-                            f"model.max_len={cfg.max_len}")
-        if args.n_sinks < 0:
-            errs.append(f"{p}.n_sinks must be >= 0, got {args.n_sinks}")
-        elif args.n_sinks and args.window is None:
-            errs.append(f"{p}.n_sinks={args.n_sinks} needs a window "
-                        "(full attention already sees the first tokens)")
+        errs += window_errors(p, args.window, args.n_sinks, cfg.max_len)
         return errs
 
     def cache_slots(self, max_len: int) -> int:

@@ -55,7 +55,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.attention import KVCache, attention_mask, softmax_attention, write_cache
+from layers.attention import (
+    KVCache,
+    attention_mask,
+    softmax_attention,
+    window_errors,
+    write_cache,
+)
 from layers.cache import CacheBytes
 from layers.conv import ConvCache
 from layers.rope import apply_rope
@@ -158,12 +164,7 @@ class CCA(nnx.Module):
                         f"head_dim = {hkv * latent // h}, which must be even")
         if args.conv_width < 1:
             errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
-        if args.window is not None:
-            if args.window <= 0:
-                errs.append(f"{p}.window must be > 0 or null, got {args.window}")
-            elif args.window > cfg.max_len:
-                errs.append(f"{p}.window={args.window} is larger than "
-                            f"model.max_len={cfg.max_len}")
+        errs += window_errors(p, args.window, 0, cfg.max_len)
         return errs
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> CCACache:

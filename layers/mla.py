@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.attention import attention_mask, softmax_attention, write_slots
+from layers.attention import attention_mask, softmax_attention, window_errors, write_slots
 from layers.cache import CacheBytes
 from layers.norm import RMSNorm
 from layers.rope import apply_rope
@@ -149,17 +149,7 @@ class MLA(nnx.Module):
         if args.qk_rope_head_dim > 0 and args.qk_rope_head_dim % 2:
             errs.append(f"{p}.qk_rope_head_dim must be even (RoPE rotates pairs), "
                         f"got {args.qk_rope_head_dim}")
-        if args.window is not None:
-            if args.window <= 0:
-                errs.append(f"{p}.window must be > 0 or null, got {args.window}")
-            elif args.window > cfg.max_len:
-                errs.append(f"{p}.window={args.window} is larger than "
-                            f"model.max_len={cfg.max_len}")
-        if args.n_sinks < 0:
-            errs.append(f"{p}.n_sinks must be >= 0, got {args.n_sinks}")
-        elif args.n_sinks and args.window is None:
-            errs.append(f"{p}.n_sinks={args.n_sinks} needs a window "
-                        "(full attention already sees the first tokens)")
+        errs += window_errors(p, args.window, args.n_sinks, cfg.max_len)
         if args.absorb not in ABSORB_MODES:
             errs.append(f"{p}.absorb: expected one of {', '.join(map(repr, ABSORB_MODES))}, "
                         f"got {args.absorb!r}")
