@@ -30,6 +30,7 @@ from pallas_kernels.delta_rule import delta_rule  # noqa: E402
 from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
 from pallas_kernels.gla import gla, simple_gla  # noqa: E402
 from pallas_kernels.linear_attention import linear_attention  # noqa: E402
+from pallas_kernels.titans import titans_memory  # noqa: E402
 
 
 def _inputs(op: str, b: int, t: int, h: int, d: int, dtype, seed: int = 0):
@@ -44,6 +45,11 @@ def _inputs(op: str, b: int, t: int, h: int, d: int, dtype, seed: int = 0):
         args["g"] = -np.log1p(np.exp(rng.standard_normal((b, t, h))))
     if op in ("delta_rule", "gated_delta_rule"):
         args["beta"] = 1 / (1 + np.exp(-rng.standard_normal((b, t, h))))
+    if op == "titans":   # a 2-layer MLP memory K -> 2K -> V; theta moderate (no divergence)
+        sig = lambda shift: 1 / (1 + np.exp(-rng.standard_normal((b, t, h)) - shift))
+        args.update(theta=0.3 * sig(0.0), eta=sig(1.0), alpha=sig(-2.0))
+        args["mem0"] = rng.standard_normal((b, h, d, 2 * d)) / np.sqrt(d)
+        args["mem1"] = rng.standard_normal((b, h, 2 * d, d)) / np.sqrt(2 * d)
     return {name: jnp.asarray(x, dtype if x.ndim == 4 else jnp.float32)
             for name, x in args.items()}
 
@@ -55,6 +61,9 @@ OPS = {
     "delta_rule": lambda a, **kw: delta_rule(a["q"], a["k"], a["v"], a["beta"], **kw),
     "gated_delta_rule": lambda a, **kw: gated_delta_rule(a["q"], a["k"], a["v"], a["g"],
                                                          a["beta"], **kw),
+    # Titans: the chunk size is part of the rule, and both backends run the same chunked rule.
+    "titans": lambda a, **kw: titans_memory(a["q"], a["k"], a["v"], a["theta"], a["eta"],
+                                            a["alpha"], memory0=(a["mem0"], a["mem1"]), **kw),
 }
 
 

@@ -78,7 +78,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    kind: Literal["mqar", "bytes", "tokens"] = "mqar"
+    kind: Literal["mqar", "needle", "bytes", "tokens"] = "mqar"
     seq_len: int = 64
     batch_size: int = 64
     seed: int = 0
@@ -94,6 +94,12 @@ class DataConfig:
     # Exponent of the power law that places queries (Zoology's alpha); smaller puts queries
     # closer to the pairs, 1.0 spreads them evenly.
     mqar_power_a: float = 0.01
+    # Needle in a haystack (data/needle.py): one needle of key tokens then value tokens in
+    # filler, queried at the end; filler, keys and values come from disjoint vocabulary ranges.
+    needle_key_len: int = 1
+    needle_value_len: int = 1
+    needle_filler: Literal["random", "constant"] = "random"
+    needle_distractors: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +346,20 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(
                 f"model.vocab_size={m.vocab_size} is too small for MQAR with "
                 f"{d.num_kv_pairs} pairs (need >= {2 * d.num_kv_pairs + 2})")
+    elif d.kind == "needle":
+        _positive("data.needle_key_len", d.needle_key_len)
+        _positive("data.needle_value_len", d.needle_value_len)
+        _positive("data.needle_distractors", d.needle_distractors, allow_zero=True)
+        need = (d.needle_distractors + 2) * (d.needle_key_len + d.needle_value_len) - 1
+        if d.seq_len < need:
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} is too short for the needle task with "
+                f"data.needle_key_len={d.needle_key_len}, data.needle_value_len="
+                f"{d.needle_value_len} and data.needle_distractors={d.needle_distractors} "
+                f"(need >= {need}: needles, query and answer)")
+        if m.vocab_size < 4:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for the needle "
+                              "task (need >= 4: filler, key and value ranges)")
     else:
         if d.path is None:
             raise ConfigError(f"data.path is required for data.kind={d.kind!r}")

@@ -1,10 +1,13 @@
 """Training and evaluation data for mnemax.
 
-Three sources, chosen by ``data.kind``:
+Four sources, chosen by ``data.kind``:
 
 * ``mqar``: multi-query associative recall, the synthetic recall task of Zoology (Arora et al.,
   2023, "Zoology: Measuring and improving recall in efficient language models"); see
   ``data.mqar``.
+* ``needle``: needle in a haystack, one key-value needle in filler queried at the end (only the
+  answer is scored); any ``seq_len``, so a model trained at one length is evaluated at others;
+  see ``data.needle``.
 * ``bytes``: raw bytes of a text file or directory (vocabulary 256); see ``data.text``.
 * ``tokens``: a flat binary file (or directory of ``*.bin``) of uint16/uint32 token ids.
 

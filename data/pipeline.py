@@ -16,10 +16,11 @@ import numpy as np
 
 from data.errors import DataError
 from data.mqar import EVAL_SPLIT, TRAIN_SPLIT, MQARSource, check_mqar_shape
+from data.needle import NeedleSource, check_needle_shape
 from data.stream import WindowSource
 from data.text import TextSplits, open_splits
 
-KINDS = ("mqar", "bytes", "tokens")
+KINDS = ("mqar", "needle", "bytes", "tokens")
 # Batches are assembled in prefetch threads; a few in flight hide the per-example Python cost
 # behind the training step without holding many batches in memory.
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
@@ -51,6 +52,15 @@ def _mqar_source(cfg, vocab_size: int, split: int) -> MQARSource:
                       split)
 
 
+def _needle_source(cfg, vocab_size: int, split: int) -> NeedleSource:
+    return NeedleSource(cfg.seq_len, vocab_size, cfg.needle_key_len, cfg.needle_value_len,
+                        cfg.needle_filler, cfg.seed, split,
+                        distractors=cfg.needle_distractors)
+
+
+_SYNTHETIC = {"mqar": _mqar_source, "needle": _needle_source}
+
+
 def _windows(splits: TextSplits, which: str, cfg, vocab_size: int) -> WindowSource:
     stream, lo, hi = splits.train if which == "train" else splits.eval
     key = "data.eval_path" if which == "eval" and cfg.eval_path is not None else "data.path"
@@ -64,8 +74,9 @@ def _windows(splits: TextSplits, which: str, cfg, vocab_size: int) -> WindowSour
 def make_train_iterator(cfg, vocab_size: int) -> grain.DatasetIterator:
     """Builds the infinite training iterator.
 
-    MQAR examples come in index order from the train split (each is already random, so no
-    shuffle is needed). Text windows are shuffled with ``data.seed``, reshuffled every epoch.
+    MQAR and needle examples come in index order from the train split (each is already random,
+    so no shuffle is needed). Text windows are shuffled with ``data.seed``, reshuffled every
+    epoch.
 
     Args:
       cfg: The ``DataConfig``.
@@ -77,11 +88,11 @@ def make_train_iterator(cfg, vocab_size: int) -> grain.DatasetIterator:
       ``set_state`` on a fresh iterator from the same config resumes with the same batches.
 
     Raises:
-      DataError: On bad data input (see ``data.text`` and ``data.mqar``).
+      DataError: On bad data input (see ``data.text``, ``data.mqar`` and ``data.needle``).
     """
     _check_common(cfg, vocab_size)
-    if cfg.kind == "mqar":
-        ds = grain.MapDataset.source(_mqar_source(cfg, vocab_size, TRAIN_SPLIT))
+    if cfg.kind in _SYNTHETIC:
+        ds = grain.MapDataset.source(_SYNTHETIC[cfg.kind](cfg, vocab_size, TRAIN_SPLIT))
     else:
         windows = _windows(open_splits(cfg, vocab_size), "train", cfg, vocab_size)
         # grain's shuffle takes a 32-bit seed; it derives each epoch's seed from this one.
@@ -93,9 +104,9 @@ def make_train_iterator(cfg, vocab_size: int) -> grain.DatasetIterator:
 def make_eval_batches(cfg, vocab_size: int, n_batches: int) -> list[dict[str, np.ndarray]]:
     """The first ``n_batches`` batches of the held-out split, in order (deterministic).
 
-    MQAR uses the eval split's examples 0, 1, ...; text uses the held-out windows in stream
-    order. If the held-out text has fewer than ``n_batches * batch_size`` windows it is cycled
-    from the start, which also fills a batch when there is less than one batch of windows
+    MQAR and needle use the eval split's examples 0, 1, ...; text uses the held-out windows in
+    stream order. If the held-out text has fewer than ``n_batches * batch_size`` windows it is
+    cycled from the start, which also fills a batch when there is less than one batch of windows
     (repeated windows then carry extra weight in the eval mean).
 
     Args:
@@ -112,8 +123,8 @@ def make_eval_batches(cfg, vocab_size: int, n_batches: int) -> list[dict[str, np
     _check_common(cfg, vocab_size)
     if n_batches < 0:
         raise DataError(f"the number of eval batches must be >= 0, got {n_batches}")
-    if cfg.kind == "mqar":
-        source = _mqar_source(cfg, vocab_size, EVAL_SPLIT)
+    if cfg.kind in _SYNTHETIC:
+        source = _SYNTHETIC[cfg.kind](cfg, vocab_size, EVAL_SPLIT)
         get = source.__getitem__
     else:
         windows = _windows(open_splits(cfg, vocab_size), "eval", cfg, vocab_size)
@@ -142,7 +153,8 @@ def _plural(n: int, word: str) -> str:
 
 
 def describe(cfg, vocab_size: int) -> str:
-    """One-line summary of the data, e.g. ``"mqar: 8 pairs, seq 64, vocab 128"``.
+    """One-line summary of the data, e.g. ``"mqar: 8 pairs, seq 64, vocab 128"`` or
+    ``"needle: key 1, value 1, random filler, seq 64, vocab 128"``.
 
     Text sizes come from the files (no token scan), e.g.
     ``"bytes: 3 files, 1.14 MB train / 60 kB eval (tail 5%), seq 256, vocab 256"``.
@@ -154,6 +166,12 @@ def describe(cfg, vocab_size: int) -> str:
     if cfg.kind == "mqar":
         check_mqar_shape(cfg.seq_len, vocab_size, cfg.num_kv_pairs, cfg.mqar_power_a)
         return f"mqar: {cfg.num_kv_pairs} pairs, seq {cfg.seq_len}, vocab {vocab_size}"
+    if cfg.kind == "needle":
+        check_needle_shape(cfg.seq_len, vocab_size, cfg.needle_key_len, cfg.needle_value_len,
+                           cfg.needle_filler, cfg.needle_distractors)
+        return (f"needle: key {cfg.needle_key_len}, value {cfg.needle_value_len}, "
+                f"{cfg.needle_filler} filler, {cfg.needle_distractors} distractors, "
+                f"seq {cfg.seq_len}, vocab {vocab_size}")
     s = open_splits(cfg, vocab_size, check_ids=False)
     files = _plural(s.train_files, "file")
     held = (f"eval_path, {_plural(s.eval_files, 'file')}" if cfg.eval_path is not None

@@ -94,6 +94,19 @@ def recurrent_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, b
     return o, state
 
 
+def decay_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mamba2 / Gated DeltaNet init of the decay parameters (A_log, dt_bias), each `shape`:
+    A = exp(A_log) ~ uniform(1, 16) per head, and dt_bias the inverse softplus of
+    dt ~ log-uniform[1e-3, 1e-1], so that at init the decay exp(-A softplus(dt_bias)) spans
+    slow and fast heads (from ~0.999 to ~0.2)."""
+    key_a, key_dt = jax.random.split(key)
+    a = jax.random.uniform(key_a, shape, jnp.float32, 1.0, 16.0)
+    u = jax.random.uniform(key_dt, shape, jnp.float32)
+    dt = jnp.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+    dt = jnp.maximum(dt, 1e-4)
+    return jnp.log(a), dt + jnp.log(-jnp.expm1(-dt))   # softplus^-1(dt)
+
+
 class DeltaNet(nnx.Module):
     """DeltaNet / Gated DeltaNet mixer (`args.gated`).
 
@@ -128,16 +141,8 @@ class DeltaNet(nnx.Module):
         if self.gated:
             self.a_proj = nnx.Linear(d, h, kernel_init=init, **lin)
             self.g_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
-            # Mamba2 / Gated DeltaNet init: A = exp(A_log) ~ uniform(1, 16) per head, and dt_bias
-            # the inverse softplus of dt ~ log-uniform[1e-3, 1e-1], so that at init the decay
-            # exp(-A softplus(dt_bias)) spans slow and fast heads (from ~0.999 to ~0.2).
-            key_a, key_dt = jax.random.split(rngs.params())
-            a = jax.random.uniform(key_a, (h,), jnp.float32, 1.0, 16.0)
-            self.A_log = nnx.Param(jnp.log(a))
-            u = jax.random.uniform(key_dt, (h,), jnp.float32)
-            dt = jnp.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
-            dt = jnp.maximum(dt, 1e-4)
-            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))   # softplus^-1(dt)
+            a_log, dt_bias = decay_init(rngs.params(), (h,))
+            self.A_log, self.dt_bias = nnx.Param(a_log), nnx.Param(dt_bias)
         else:
             self.a_proj = self.g_proj = self.A_log = self.dt_bias = None
         # One RMSNorm over V shared by the heads, as in flash-linear-attention's layers.

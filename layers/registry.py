@@ -3,7 +3,9 @@
 A mixer class provides `Args` (a frozen dataclass of its settings), `check_config(model_cfg,
 args, name) -> list[str]`, `init_cache(batch_size, max_len, dtype)` and
 `__call__(x, *, positions, cache) -> (y, cache)`. Register a new family by adding a line here
-and its defaults under `model.mixer_args` in configs/base.yaml.
+and its defaults under `model.mixer_args` in configs/base.yaml. A mixer may also define
+`aux_loss(x) -> float32 scalar` (x: its input): a weighted term the LM adds to the training loss
+(MoM's router balance).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from layers.delta_net import DeltaNet, DeltaNetArgs
 from layers.gated_conv import GatedConv, GatedConvArgs
 from layers.gla import GLA, GLAArgs
 from layers.mla import MLA, MLAArgs
+from layers.mom import MoM, MoMArgs
+from layers.titans import TitansArgs, TitansMemory
+from layers.titans_variants import TitansMAC, TitansMACArgs, TitansMAG, TitansMAGArgs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,13 @@ MIXERS: dict[str, MixerSpec] = {
     "ccgqa": MixerSpec(CCA, CCAArgs(n_kv_heads=2)),
     # -- mla (layers/mla.py) --
     "mla": MixerSpec(MLA, MLAArgs()),
+    # -- mom (layers/mom.py) --
+    "mom": MixerSpec(MoM, MoMArgs()),
+    # -- titans (layers/titans.py) --
+    "titans": MixerSpec(TitansMemory, TitansArgs()),
+    # -- titans_mac / titans_mag (layers/titans_variants.py) --
+    "titans_mac": MixerSpec(TitansMAC, TitansMACArgs()),
+    "titans_mag": MixerSpec(TitansMAG, TitansMAGArgs()),
 }
 
 

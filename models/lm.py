@@ -47,10 +47,16 @@ class Block(nnx.Module):
                           out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers), rngs=rngs)
 
     def __call__(self, x, *, positions, cache=None):
-        y, cache = self.mixer(self.mixer_norm(x), positions=positions, cache=cache)
+        """-> (x, cache, aux): aux is the mixer's auxiliary training loss (float32 scalar) when
+        it has one (`mixer.aux_loss(mixer_input)`, e.g. MoM's router balance), else None."""
+        h = self.mixer_norm(x)
+        y, cache = self.mixer(h, positions=positions, cache=cache)
+        # Recomputes what it needs (MoM: the router); under jit XLA shares it with the mixer's
+        # own computation, and drops it where unused (decode).
+        aux = self.mixer.aux_loss(h) if hasattr(self.mixer, "aux_loss") else None
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
-        return x, cache
+        return x, cache, aux
 
 
 class LM(nnx.Module):
@@ -77,23 +83,29 @@ class LM(nnx.Module):
         return ModelCache(layers=layers, length=jnp.zeros((), jnp.int32), max_len=max_len)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache | None]:
-        """tokens [B, T] int -> logits [B, T, V] float32 and the updated cache."""
+                 cache: ModelCache | None = None, return_aux: bool = False):
+        """tokens [B, T] int -> (logits [B, T, V] float32, the updated cache), and with
+        return_aux the sum of the layers' auxiliary losses as a third output (a float32 scalar,
+        already weighted by their configs; None when no layer has one)."""
         b, t = tokens.shape
         if positions is None:
             start = 0 if cache is None else cache.length
             positions = start + jnp.arange(t, dtype=jnp.int32)
         positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
         x = self.embed(tokens)
-        new_layers = []
+        new_layers, aux = [], []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, positions=positions,
-                                   cache=None if cache is None else cache.layers[i])
+            x, layer_cache, layer_aux = block(x, positions=positions,
+                                              cache=None if cache is None else cache.layers[i])
             new_layers.append(layer_cache)
+            if layer_aux is not None:
+                aux.append(layer_aux)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         if cache is not None:
             cache = cache.replace(layers=tuple(new_layers), length=cache.length + t)
+        if return_aux:
+            return logits.astype(jnp.float32), cache, (sum(aux) if aux else None)
         return logits.astype(jnp.float32), cache
 
 

@@ -32,14 +32,24 @@ def make_train_step(graphdef, optimizer):
         logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
         return lm_loss(logits, batch["targets"], batch["loss_mask"])
 
+    def objective(params, batch):
+        # The training objective: the LM loss plus the layers' weighted auxiliary losses (MoM's
+        # router balance); aux is None (and the objective the LM loss) for other models.
+        logits, _, aux = nnx.merge(graphdef, params)(batch["inputs"], return_aux=True)
+        loss, acc = lm_loss(logits, batch["targets"], batch["loss_mask"])
+        return (loss if aux is None else loss + aux), (acc, loss, aux)
+
     # Params and optimizer state are donated: the step rewrites them in place.
     @partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch):
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        (total, (acc, loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
+            params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "acc": acc,
-                                   "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total, "acc": acc, "grad_norm": optax.global_norm(grads)}
+        if aux is not None:   # "loss" is the objective; its parts are logged beside it
+            metrics.update(lm_loss=loss, aux_loss=aux)
+        return params, opt_state, metrics
 
     @jax.jit
     def eval_step(params, batch):
