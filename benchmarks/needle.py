@@ -36,8 +36,7 @@ further back than the window are out of its reach). A mixer whose Args have a ``
 (e.g. a Titans variant's attention branch) gets the same window. Recurrent mixers (Gated
 DeltaNet) carry a fixed-size state over any length.
 
-The ``titans_mag``, ``titans_mac`` and ``titans_mal`` entries run only if those mixers are
-registered in layers/registry.MIXERS; otherwise they are skipped with a note. Each model trains
+A model whose mixers are not registered in layers/registry.MIXERS is skipped with a note. Each model trains
 in its own process (XLA:CPU has deadlocked in long multi-model processes here). Prints a
 markdown table and saves .md, .json and .png under ``--out`` (default benchmarks/results/).
 """
@@ -65,7 +64,8 @@ MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "gated_deltanet": (("gated_deltanet",), (), "Gated DeltaNet"),
     "titans_mag": (("titans_mag",), (), "Titans MAG (memory as a gate)"),
     "titans_mac": (("titans_mac",), (), "Titans MAC (memory as context)"),
-    "titans_mal": (("titans_mal",), (), "Titans MAL (memory as a layer)"),
+    # MAL is a layer pattern, not a mixer: a Titans memory layer, then a sliding-window layer.
+    "titans_mal": (("titans", "swa"), (), "Titans MAL (memory layer + SWA layer)"),
 }
 DEFAULT_MODELS = list(MODELS)
 DEPTH_BINS = 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,8 @@ from flax import nnx, struct
 
 from layers.cache import CacheBytes
 from layers.rope import apply_rope
+from pallas_kernels.attention import attention as attention_op
+from pallas_kernels.attention.xla import softmax_attention  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,13 @@ class AttentionArgs:
     window: int | None = None       # None: full causal attention
     n_sinks: int = 0
     rope: bool = True
+    # Kernel of the no-cache (training / one-shot prefill) path, through the attention
+    # dispatcher (pallas_kernels/attention): "xla" is the masked softmax below; "auto" picks
+    # splash on TPU; "flash" (GPU) / "splash" (TPU) are Pallas kernels that skip the blocks
+    # outside the window. Cached steps always take the XLA path (their keys come from a ring).
+    # The kernels build the mask from token indices, i.e. they assume positions = arange(T)
+    # (true for the LM's no-cache call).
+    backend: Literal["xla", "auto", "flash", "splash"] = "xla"
 
 
 @struct.dataclass
@@ -61,23 +71,6 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None,
     if window is not None:
         visible &= (q - k < window) | (k < n_sinks)
     return visible
-
-
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                      scale: float) -> jax.Array:
-    """q [B, T, H, Dh], k [B, S, Hkv, Dh], v [B, S, Hkv, Dv], mask [B, T, S] -> [B, T, H, Dv].
-
-    Dv may differ from Dh (MLA's value heads are narrower than its query-key heads)."""
-    b, t, h, dh = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, h // hkv, dh)
-    # Scores and softmax in float32: bf16 logits lose the small differences softmax amplifies.
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
 
 
 def window_errors(prefix: str, window: int | None, n_sinks: int, max_len: int) -> list[str]:
@@ -151,6 +144,7 @@ class Attention(nnx.Module):
         self.head_dim = cfg.resolved_head_dim
         self.window = args.window
         self.n_sinks = args.n_sinks
+        self.backend = args.backend
         self.use_rope = args.rope
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
@@ -217,6 +211,10 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = write_cache(cache, k, v, positions)
-        mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
-        o = softmax_attention(q, keys, values, mask, dh ** -0.5)
+        if cache is None and self.backend != "xla":
+            o = attention_op(q, k, v, window=self.window, n_sinks=self.n_sinks,
+                             scale=dh ** -0.5, backend=self.backend)
+        else:
+            mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
+            o = softmax_attention(q, keys, values, mask, dh ** -0.5)
         return self.out(o.reshape(b, t, h * dh)), cache

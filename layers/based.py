@@ -35,7 +35,7 @@ from layers.cache import CacheBytes
 from pallas_kernels.common import PRECISION
 from pallas_kernels.linear_attention import EPS, linear_attention
 
-BACKENDS = ("auto", "reference", "xla")
+BACKENDS = ("auto", "reference", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class BasedArgs:
     n_heads: int | None = None      # None: model.n_heads
     feature_dim: int = 16           # d': q/k projection width per head (the paper's 16)
     chunk_size: int = 64            # chunk length of the "xla" (chunkwise) backend
-    backend: Literal["auto", "reference", "xla"] = "auto"
+    backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
 
 
 @struct.dataclass

@@ -51,7 +51,7 @@ class DeltaNetArgs:
     expand_v: float = 1.0           # value dim V = int(K * expand_v)
     conv_width: int = 4             # short causal conv on q, k and v
     chunk_size: int = 64            # chunk length of the chunkwise-parallel op
-    backend: Literal["auto", "reference", "xla"] = "auto"
+    backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
 
 
 @struct.dataclass

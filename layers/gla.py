@@ -33,7 +33,7 @@ from layers.norm import RMSNorm
 from pallas_kernels.common import PRECISION
 from pallas_kernels.gla import gla
 
-BACKENDS = ("auto", "reference", "xla")
+BACKENDS = ("auto", "reference", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class GLAArgs:
     gate_low_rank: int = 16         # R: the decay gate is x W_a1 [D, R] W_a2 [R, H K]
     gate_normalizer: float = 16.0   # tau: gk = log_sigmoid(.) / tau
     chunk_size: int = 64            # chunk length of the "xla" (chunkwise) backend
-    backend: Literal["auto", "reference", "xla"] = "auto"
+    backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
 
 
 @struct.dataclass

@@ -94,7 +94,7 @@ class MoMArgs:
     chunk_size: int = 64            # chunk length of the chunkwise-parallel op
     dispatch: Literal["auto", "packed", "masked"] = "auto"
     balance_loss_weight: float = 0.01
-    backend: Literal["auto", "reference", "xla"] = "auto"
+    backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
 
 
 @struct.dataclass

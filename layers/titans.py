@@ -23,6 +23,11 @@ sigmoid(x W_alpha + b) (the paper leaves their form open). The memory output is 
 per head (over K), gated by SiLU(x W_g) ("normalization and gating with a linear layer before
 the final output projection") and projected back to D.
 
+grad_clip (default 1; not in the paper) caps each token's gradient norm before it enters the
+momentum (pallas_kernels/titans/reference.py says why): without it a trained MAG model's MLP
+memory diverged to inf inside one 68-token sequence at training step 296 (the run's loss turned
+NaN), even at theta_max = 0.01.
+
 theta_max (not fixed by the paper) is small on purpose: a chunk applies the sum of its b
 gradients, all taken at the same weights, and momentum stretches that sum by up to
 1 / (1 - eta), so even a matrix memory with unit keys is only safe for theta <~ (1 - eta) / b
@@ -85,6 +90,7 @@ class TitansArgs:
     conv_width: int = 4             # short causal conv on q, k and v
     chunk_size: int = 16            # b: gradients at the chunk-start weights (part of the rule)
     theta_max: float = 0.01         # theta = theta_max * sigmoid(.): the inner learning-rate cap
+    grad_clip: float | None = 1.0   # per-token gradient norm cap (pallas_kernels/titans); None off
     backend: Literal["auto", "reference", "xla"] = "auto"
 
 
@@ -117,6 +123,7 @@ class TitansMemory(nnx.Module):
         self.head_dim = kd = args.head_dim or cfg.d_model // h
         self.chunk_size = args.chunk_size
         self.theta_max = args.theta_max
+        self.grad_clip = args.grad_clip
         self.backend = args.backend
         self.n_persistent = args.n_persistent
         self.eps = cfg.norm_eps
@@ -181,6 +188,8 @@ class TitansMemory(nnx.Module):
             errs.append(f"{p}.chunk_size must be >= 1, got {args.chunk_size}")
         if not args.theta_max > 0:
             errs.append(f"{p}.theta_max must be > 0, got {args.theta_max}")
+        if args.grad_clip is not None and not args.grad_clip > 0:
+            errs.append(f"{p}.grad_clip must be > 0 or null, got {args.grad_clip}")
         return errs
 
     # ------------------------------------------------------------------ functional core
@@ -221,7 +230,8 @@ class TitansMemory(nnx.Module):
         if state is not None and q.shape[1] == 1:
             # Single-token decode: the chunked rule's own step (the reference's body).
             o, state = titans_step(state, q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0],
-                                   alpha[:, 0], chunk_size=self.chunk_size)
+                                   alpha[:, 0], chunk_size=self.chunk_size,
+                                   grad_clip=self.grad_clip)
             return o[:, None].astype(self.dtype), state
         if state is None:
             kwargs = dict(memory0=self._memory0(q.shape[0]))
@@ -230,6 +240,7 @@ class TitansMemory(nnx.Module):
                           chunk_start0=state.chunk_start, chunk_offset=state.offset)
         return titans_memory(q, k, v, theta, eta, alpha, chunk_size=self.chunk_size,
                              output_final_state=state is not None, backend=self.backend,
+                             grad_clip=self.grad_clip,
                              **kwargs)
 
     def retrieve(self, q: jax.Array, memory: tuple | None = None) -> jax.Array:

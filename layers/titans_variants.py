@@ -94,6 +94,7 @@ class _MemorySettings:
     conv_width: int = 4             # short causal conv on the memory's q, k and v
     chunk_size: int = 16            # b: gradients at the chunk-start weights
     theta_max: float = 0.01         # inner learning-rate cap (larger diverges: titans.py)
+    grad_clip: float | None = 1.0   # per-token gradient norm cap (titans.py); None: off
     backend: Literal["auto", "reference", "xla"] = "auto"
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by the linear-family ops (linear_attention, gla).
+"""Small helpers shared by the linear-family ops (linear_attention, gla, delta rules).
 
 Shapes: B batch, T time, H heads, K key dim, V value dim, N number of chunks, C chunk size.
 Public tensors are [B, T, H, D]; the chunked XLA paths work on [B, H, N, C, D].
@@ -17,8 +17,14 @@ import jax.numpy as jnp
 # the rounding would accumulate over the sequence instead of staying at one ulp per step.
 PRECISION = jax.lax.Precision.HIGHEST
 
-# Backends named by the design but not built yet; asking for them gets a clear error.
+# Backends named by the design but not built for every op; asking an op for one it lacks gets
+# a clear error.
 NOT_BUILT = ("pallas",)
+
+# Backends of the chunked ops' sequential state sweep (pallas_kernels/state_passing): "pallas"
+# picks the kernel driver for the platform; "pallas_gpu" / "pallas_tpu" name a driver outright
+# (on CPU both run only in the Pallas interpreter, for tests).
+PALLAS_BACKENDS = ("pallas", "pallas_gpu", "pallas_tpu")
 
 
 def default_scale(k: jax.Array, scale: float | None = None) -> float:
@@ -42,6 +48,28 @@ def resolve_backend(backend: str, allowed: Sequence[str], auto: str = "xla",
     if backend in NOT_BUILT:
         raise ValueError(f"{where}backend {backend!r} is not built yet; choose one of {choices}")
     raise ValueError(f"{where}unknown backend {backend!r}; choose one of {choices}")
+
+
+def state_backend(impl: str, interpret: bool = False, op: str | None = None) -> str:
+    """The state_passing backend for a chunked op's resolved backend `impl`.
+
+    "xla" stays "xla"; "pallas" becomes "pallas_tpu" on TPU and "pallas_gpu" on GPU (and, with
+    interpret=True, on CPU: the loop driver runs anywhere in the interpreter).
+
+    Raises:
+        ValueError: a Pallas backend on CPU without interpret=True.
+    """
+    if impl not in PALLAS_BACKENDS:
+        return impl
+    platform = jax.default_backend()
+    if impl == "pallas":
+        impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    if platform == "cpu" and not interpret:
+        where = f"{op}: " if op else ""
+        raise ValueError(f"{where}backend {impl!r} needs a GPU or TPU (this is {platform}); use "
+                         "backend 'xla' on CPU, or interpret=True to run the kernel in the "
+                         "(slow) Pallas interpreter")
+    return impl
 
 
 def check_delta_inputs(op: str, q, k, v, beta, g=None, initial_state=None) -> None:
@@ -101,38 +129,6 @@ def from_chunks(x: jax.Array, t: int, dtype) -> jax.Array:
     b, h, n, c = x.shape[:4]
     x = x.reshape(b, h, n * c, *x.shape[4:])[:, :, :t]
     return jnp.moveaxis(x, 1, 2).astype(dtype)
-
-
-def chunk_state_scan(
-    k_state: jax.Array,
-    v: jax.Array,
-    chunk_decay: jax.Array | None,
-    s0: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Passes the [K, V] state from chunk to chunk (the only sequential part of the chunk form).
-
-    S_{n+1} = diag(chunk_decay_n) S_n + k_state_n^T v_n, with k_state already decayed to the
-    chunk's last step (GLA, Yang et al. 2024, Sec. 4, the inter-chunk recurrence).
-
-    Args:
-        k_state: [B, H, N, C, K] float32 keys, each scaled by its decay to the chunk end.
-        v: [B, H, N, C, V] float32 values.
-        chunk_decay: [B, H, N, K] float32 total decay of each chunk, or None for no decay.
-        s0: [B, H, K, V] float32 state before the first chunk.
-
-    Returns:
-        (s_before [B, H, N, K, V]: the state entering each chunk, s_final [B, H, K, V]).
-    """
-    def step(s_in, xs):
-        kc, vc, dec = xs
-        s = s_in if dec is None else dec[..., None] * s_in
-        s = s + jnp.einsum("bhck,bhcv->bhkv", kc, vc, precision=PRECISION)
-        return s, s_in                      # emit the state *entering* this chunk
-
-    xs = (jnp.moveaxis(k_state, 2, 0), jnp.moveaxis(v, 2, 0),
-          None if chunk_decay is None else jnp.moveaxis(chunk_decay, 2, 0))
-    s_final, s_before = jax.lax.scan(step, s0, xs)
-    return jnp.moveaxis(s_before, 0, 2), s_final
 
 
 # ----------------------------------------------------------------------------- unit-lower solve

@@ -94,7 +94,7 @@ def test_cache_bytes_do_not_depend_on_max_len():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("model.mixer_args.based.backend=pallas", "'auto', 'reference', 'xla'"),
+    ("model.mixer_args.based.backend=triton", "'auto', 'reference', 'xla', 'pallas'"),
     ("model.mixer_args.based.backend=bogus", "model.mixer_args.based.backend"),
     ("model.mixer_args.based.feature_dim=0", "model.mixer_args.based.feature_dim must be > 0"),
     ("model.mixer_args.based.n_heads=3", "model.mixer_args.based.n_heads=3 does not divide"),
@@ -109,6 +109,6 @@ def test_config_errors(override, match):
 
 def test_based_check_config_rejects_backend_outside_literal():
     # Args built in code skip the YAML type check; check_config still names the choices.
-    errs = Based.check_config(_model_cfg(), BasedArgs(backend="pallas"), "based")
+    errs = Based.check_config(_model_cfg(), BasedArgs(backend="triton"), "based")
     assert errs == ["model.mixer_args.based.backend: expected one of 'auto', 'reference', "
-                    "'xla', got 'pallas'"]
+                    "'xla', 'pallas', got 'triton'"]

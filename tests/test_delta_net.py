@@ -131,8 +131,9 @@ def test_cache_bytes_do_not_grow_with_length(name):
 
 
 @pytest.mark.parametrize("override,pattern", [
-    ("model.mixer_args.gated_deltanet.backend=pallas",
-     r"model.mixer_args.gated_deltanet.backend: expected one of 'auto', 'reference', 'xla'"),
+    ("model.mixer_args.gated_deltanet.backend=triton",
+     r"model.mixer_args.gated_deltanet.backend: expected one of 'auto', 'reference', 'xla', "
+     "'pallas'"),
     ("model.mixer_args.gated_deltanet.conv_width=0",
      r"model.mixer_args.gated_deltanet.conv_width must be >= 1, got 0"),
     ("model.mixer_args.gated_deltanet.chunk_size=0",

@@ -76,7 +76,7 @@ def test_cache_bytes_do_not_depend_on_max_len():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("model.mixer_args.gla.backend=bogus", "'auto', 'reference', 'xla'"),
+    ("model.mixer_args.gla.backend=bogus", "'auto', 'reference', 'xla', 'pallas'"),
     ("model.mixer_args.gla.expand_k=0.3", "model.mixer_args.gla.expand_k=0.3"),
     ("model.mixer_args.gla.expand_v=0", "model.mixer_args.gla.expand_v=0"),
     ("model.mixer_args.gla.gate_low_rank=0", "model.mixer_args.gla.gate_low_rank must be > 0"),

@@ -46,11 +46,11 @@ def _close(a, b, rtol=1e-5):
 
 
 @functools.cache
-def _value_and_grads(backend, chunk_size):
+def _value_and_grads(backend, chunk_size, grad_clip=None):
     """jit of (inputs, mem, mom, cotangents) -> (o, final state, grads of every input)."""
     def loss(args, mem, mom, cts):
         o, st = titans_memory(*args, memory0=mem, momentum0=mom, chunk_size=chunk_size,
-                              output_final_state=True, backend=backend)
+                              output_final_state=True, backend=backend, grad_clip=grad_clip)
         ct_o, ct_m, ct_s = cts
         total = jnp.sum(o * ct_o)
         total += sum(jnp.sum(a * c) for a, c in zip(st.memory, ct_m))
@@ -61,16 +61,20 @@ def _value_and_grads(backend, chunk_size):
 
 
 @pytest.mark.parametrize("depth", [1, 2])
-@pytest.mark.parametrize("chunk_size", [1, 16, 64])
-def test_xla_matches_reference(depth, chunk_size):
+@pytest.mark.parametrize("chunk_size,grad_clip", [(1, None), (16, None), (64, None), (16, 0.5)])
+def test_xla_matches_reference(depth, chunk_size, grad_clip):
     t = 70                                   # not a multiple of 16 or 64: padded last chunk
     args, mem, mom = _inputs(t, depth)
     ks = jax.random.split(jax.random.key(9), 3)
     cts = (jax.random.normal(ks[0], (B, t, H, V)),
            tuple(jax.random.normal(ks[1], m.shape) for m in mem),
            tuple(jax.random.normal(ks[2], m.shape) for m in mom))
-    g_ref, (o_ref, s_ref) = _value_and_grads("reference", chunk_size)(args, mem, mom, cts)
-    g_xla, (o_xla, s_xla) = _value_and_grads("xla", chunk_size)(args, mem, mom, cts)
+    g_ref, (o_ref, s_ref) = _value_and_grads("reference", chunk_size, grad_clip)(
+        args, mem, mom, cts)
+    g_xla, (o_xla, s_xla) = _value_and_grads("xla", chunk_size, grad_clip)(args, mem, mom, cts)
+    if grad_clip is not None:     # the clip must bind, or this case tests nothing new
+        _, (o_free, _) = _value_and_grads("reference", chunk_size)(args, mem, mom, cts)
+        assert np.max(np.abs(o_free - o_ref)) > 0.1 * np.max(np.abs(o_ref))
     _close(o_xla, o_ref)
     assert int(s_xla.offset) == int(s_ref.offset) == t % chunk_size
     for a, r in zip(jax.tree.leaves(s_xla[:3]), jax.tree.leaves(s_ref[:3])):
@@ -81,6 +85,23 @@ def test_xla_matches_reference(depth, chunk_size):
     for a, r in zip(leaves_x, leaves_r):
         assert np.all(np.isfinite(np.asarray(a)))
         _close(a, r)
+
+
+def test_grad_clip_bounds_the_memory_growth():
+    """Each token's clipped gradient has norm <= c, so (eta <= 1) |S_t| <= theta_max c t and
+    |M_T| <= |M_0| + theta_max c T (T + 1) / 2 (Frobenius norm over all layers, per row and
+    head). With a far too large theta the unclipped memory blows past that bound."""
+    t, clip, theta_max = 48, 1.0, 5.0
+    args, mem, _ = _inputs(t, 2, seed=3)
+    args = (*args[:3], theta_max * jax.nn.sigmoid(args[3]), *args[4:])
+    run = lambda c: titans_memory(*args, memory0=mem, chunk_size=16, output_final_state=True,
+                                  grad_clip=c)[1].memory
+    norm = lambda ws: np.sqrt(sum(np.sum(np.asarray(w, np.float64) ** 2, axis=(-2, -1))
+                                  for w in ws))                             # [B, H]
+    bound = norm(mem) + theta_max * clip * t * (t + 1) / 2
+    assert np.all(norm(run(clip)) <= bound)
+    free = norm(run(None))
+    assert not np.all(np.isfinite(free) & (free <= bound))
 
 
 def _paper_sequential(args, mem, mom):

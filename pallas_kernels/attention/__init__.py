@@ -1,7 +1,112 @@
-"""Softmax attention op. Only the readable reference lives here so far; the layer's XLA path is
-layers/attention.py and the Pallas kernels (splash on TPU, window-skipping on GPU) come with
-the kernels issue."""
+"""Causal softmax attention op with optional sliding window, attention sinks and GQA.
+
+Shape legend: B batch, T tokens, H query heads, Hkv key/value heads (H a multiple of Hkv,
+G = H / Hkv), Dh head dim. q [B, T, H, Dh], k/v [B, T, Hkv, Dh] -> o [B, T, H, Dh].
+
+Query t sees key j iff j <= t and (window is None or t - j < window or j < n_sinks)
+(StreamingLLM sinks, Xiao et al. 2023); query head h uses kv head h // G.
+
+Backends (one signature, `attention(..., backend=)`):
+  * "reference": reference.py, the readable float32 definition (per-head loop, dense mask).
+  * "xla": xla.py's dense masked softmax (scores and softmax in float32), the attention
+    layers' own path. Portable; O(T^2) memory.
+  * "flash": flash.py, a Pallas kernel for the GPU (Triton lowering) that skips key blocks
+    outside the window, forward and backward (FlashAttention-2, Dao 2023).
+  * "splash": splash.py, jax's bundled splash attention for TPU with window / sink masks.
+  * "auto": "splash" on TPU, "xla" elsewhere.
+Pallas backends run off their platform only with interpret=True (the CPU tests).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
 
 from pallas_kernels.attention.reference import attention_reference
+from pallas_kernels.attention.xla import softmax_attention
+from pallas_kernels.common import resolve_backend
 
-__all__ = ["attention_reference"]
+__all__ = ["BACKENDS", "attention", "attention_reference", "softmax_attention", "visibility_mask"]
+
+BACKENDS = ("xla", "flash", "splash", "reference")
+# Platform each Pallas backend compiles for; elsewhere it needs interpret=True.
+_KERNEL_PLATFORM = {"flash": "gpu", "splash": "tpu"}
+
+
+def visibility_mask(seq_len: int, window: int | None, n_sinks: int) -> jax.Array:
+    """[T, T] bool: query t (rows) sees key j (columns)."""
+    t = jnp.arange(seq_len)[:, None]
+    j = jnp.arange(seq_len)[None, :]
+    visible = j <= t
+    if window is not None:
+        visible &= (t - j < window) | (j < n_sinks)
+    return visible
+
+
+def _check(q, k, v, window, n_sinks) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("attention: q, k, v must be [B, T, H, Dh] / [B, T, Hkv, Dh]; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v shapes differ: {k.shape} vs {v.shape}")
+    b, t, h, dh = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, t, dh):
+        raise ValueError(f"attention: k/v {k.shape} must be [B, T, Hkv, Dh] matching q {q.shape} "
+                         "in B, T and Dh (no KV cache here)")
+    if k.shape[2] <= 0 or h % k.shape[2]:
+        raise ValueError(f"attention: query heads H={h} must be a multiple of key/value heads "
+                         f"Hkv={k.shape[2]}")
+    if window is not None and window <= 0:
+        raise ValueError(f"attention: window must be > 0 or None, got {window}")
+    if n_sinks < 0:
+        raise ValueError(f"attention: n_sinks must be >= 0, got {n_sinks}")
+    if n_sinks and window is None:
+        raise ValueError(f"attention: n_sinks={n_sinks} needs a window (full causal attention "
+                         "already sees the first tokens)")
+
+
+def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
+              scale: float | None = None, backend: str = "auto", interpret: bool = False):
+    """Causal softmax attention, optional sliding window and sinks, GQA.
+
+    Args:
+        q: [B, T, H, Dh].
+        k, v: [B, T, Hkv, Dh], H a multiple of Hkv.
+        window: keys with t - j >= window are hidden (None: full causal).
+        n_sinks: the first n_sinks keys stay visible through the window (needs a window).
+        scale: score scale, default Dh ** -0.5.
+        backend: "auto", "xla", "flash", "splash" or "reference" (module docstring).
+        interpret: run a Pallas backend in the Pallas interpreter (CPU tests).
+
+    Returns:
+        [B, T, H, Dh] in q's dtype.
+
+    Raises:
+        ValueError: unknown backend, inconsistent shapes or window / sink settings, or a Pallas
+            backend off its platform without interpret=True.
+    """
+    _check(q, k, v, window, n_sinks)
+    platform = jax.default_backend()
+    # TODO: "auto" should pick "flash" on GPU once the flash kernel has been run and checked on
+    # a GPU (so far it is verified only in interpret mode on CPU).
+    impl = resolve_backend(backend, BACKENDS, auto="splash" if platform == "tpu" else "xla",
+                           op="attention")
+    kernel_platform = _KERNEL_PLATFORM.get(impl)
+    if kernel_platform is not None and platform != kernel_platform and not interpret:
+        raise ValueError(f"attention: backend {impl!r} is a {kernel_platform.upper()} kernel and "
+                         f"this is {platform}; use backend 'xla' (or 'auto'), or interpret=True "
+                         "to run it in the (slow) Pallas interpreter")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl == "reference":
+        return attention_reference(q, k, v, window=window, n_sinks=n_sinks,
+                                   scale=scale).astype(q.dtype)
+    if impl == "xla":
+        mask = visibility_mask(q.shape[1], window, n_sinks)
+        return softmax_attention(q, k, v, mask[None], scale)
+    if impl == "flash":
+        from pallas_kernels.attention.flash import flash_attention
+        return flash_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
+                               interpret=interpret)
+    from pallas_kernels.attention.splash import splash_attention
+    return splash_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
+                            interpret=interpret)

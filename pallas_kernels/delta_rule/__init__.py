@@ -3,12 +3,18 @@
 Shape legend: B batch, T time, H heads, K key dim, V value dim.
 
 Backends: "reference" (token-by-token lax.scan, reference.py), "xla" (chunkwise WY form,
-xla.py). "auto" picks "xla" for now; the Pallas kernels come in a later issue.
+xla.py), "pallas" (the same form with the state sweep in a Pallas kernel: state_passing).
+"auto" picks "xla": the kernels have been checked only in the Pallas interpreter so far.
 """
 
 from __future__ import annotations
 
-from pallas_kernels.common import check_delta_inputs, resolve_backend
+from pallas_kernels.common import (
+    PALLAS_BACKENDS,
+    check_delta_inputs,
+    resolve_backend,
+    state_backend,
+)
 from pallas_kernels.delta_rule.reference import delta_rule_reference
 from pallas_kernels.delta_rule.xla import delta_rule_xla
 
@@ -16,7 +22,7 @@ __all__ = ["delta_rule", "delta_rule_reference", "delta_rule_xla"]
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=64, backend="auto"):
+               chunk_size=64, backend="auto", interpret=False):
     """Delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = (scale q_t)^T S_t.
 
     Computed in float32 whatever the input dtype. k is normally L2-normalised by the caller, but
@@ -30,8 +36,10 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
         scale: query scale; defaults to K ** -0.5.
         initial_state: optional [B, H, K, V] starting state (zeros if None).
         output_final_state: whether to return the final state.
-        chunk_size: chunk length of the "xla" backend (ignored by "reference").
-        backend: "auto" (= "xla" until the Pallas kernels land), "reference" or "xla".
+        chunk_size: chunk length of the chunked backends (ignored by "reference").
+        backend: "auto" (= "xla"), "reference", "xla", or "pallas" (the platform's kernel;
+            "pallas_gpu" / "pallas_tpu" name one).
+        interpret: run a Pallas backend in the interpreter (needed on CPU).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32, or None when
@@ -40,11 +48,13 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     Raises:
         ValueError: unknown backend, inconsistent shapes, or chunk_size < 1.
     """
-    impl = resolve_backend(backend, ("reference", "xla"), op="delta_rule")
+    impl = resolve_backend(backend, ("reference", "xla", *PALLAS_BACKENDS), op="delta_rule")
     check_delta_inputs("delta_rule", q, k, v, beta, initial_state=initial_state)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if impl == "reference":
         return delta_rule_reference(q, k, v, beta, **kwargs)
     if int(chunk_size) < 1:
         raise ValueError(f"delta_rule: chunk_size must be >= 1; got {chunk_size}")
-    return delta_rule_xla(q, k, v, beta, chunk_size=chunk_size, **kwargs)
+    return delta_rule_xla(q, k, v, beta, chunk_size=chunk_size, **kwargs,
+                          state_impl=state_backend(impl, interpret, "delta_rule"),
+                          interpret=interpret)

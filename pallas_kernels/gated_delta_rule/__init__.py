@@ -3,12 +3,19 @@
 Shape legend: B batch, T time, H heads, K key dim, V value dim.
 
 Backends: "reference" (token-by-token lax.scan, reference.py), "xla" (chunkwise gated WY form,
-xla.py). "auto" picks "xla" for now; the Pallas kernels come in a later issue.
+xla.py), "pallas" (the same chunkwise form with the sequential state sweep in a Pallas kernel,
+forward and backward: pallas_kernels/state_passing). "auto" picks "xla": the kernels have
+been checked only in the Pallas interpreter so far, not compiled on a GPU or TPU.
 """
 
 from __future__ import annotations
 
-from pallas_kernels.common import check_delta_inputs, resolve_backend
+from pallas_kernels.common import (
+    PALLAS_BACKENDS,
+    check_delta_inputs,
+    resolve_backend,
+    state_backend,
+)
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
@@ -16,7 +23,7 @@ __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_x
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=64, backend="auto"):
+                     output_final_state=False, chunk_size=64, backend="auto", interpret=False):
     """Gated delta rule: S'_t = exp(g_t) S_{t-1}; S_t = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T;
     o_t = (scale q_t)^T S_t.
 
@@ -32,8 +39,10 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
         scale: query scale; defaults to K ** -0.5.
         initial_state: optional [B, H, K, V] starting state (zeros if None).
         output_final_state: whether to return the final state.
-        chunk_size: chunk length of the "xla" backend (ignored by "reference").
-        backend: "auto" (= "xla" until the Pallas kernels land), "reference" or "xla".
+        chunk_size: chunk length of the chunked backends (ignored by "reference").
+        backend: "auto" (= "xla"), "reference", "xla", or "pallas" (the platform's kernel;
+            "pallas_gpu" / "pallas_tpu" name one).
+        interpret: run a Pallas backend in the interpreter (needed on CPU).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32, or None when
@@ -42,11 +51,13 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     Raises:
         ValueError: unknown backend, inconsistent shapes, or chunk_size < 1.
     """
-    impl = resolve_backend(backend, ("reference", "xla"), op="gated_delta_rule")
+    impl = resolve_backend(backend, ("reference", "xla", *PALLAS_BACKENDS), op="gated_delta_rule")
     check_delta_inputs("gated_delta_rule", q, k, v, beta, g=g, initial_state=initial_state)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
     if int(chunk_size) < 1:
         raise ValueError(f"gated_delta_rule: chunk_size must be >= 1; got {chunk_size}")
-    return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+    return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs,
+                                state_impl=state_backend(impl, interpret, "gated_delta_rule"),
+                                interpret=interpret)

@@ -38,7 +38,6 @@ beta = 0 and k = 0 (no write, no read), so the state after the last real step is
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import (
@@ -48,20 +47,21 @@ from pallas_kernels.common import (
     solve_unit_lower,
     to_chunks,
 )
+from pallas_kernels.state_passing import state_passing
 
 
 def _mm(spec, a, b):
     return jnp.einsum(spec, a, b, precision=PRECISION)
 
 
-def _chunk_major(x, c):
-    """[B, T, H, ...] -> float32 [N, B, H, C, ...] (zero-padded): lax.scan walks axis 0."""
-    return jnp.moveaxis(to_chunks(x, c), 2, 0)
-
-
 def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
-                         output_final_state=False, chunk_size=64):
+                         output_final_state=False, chunk_size=64, state_impl="xla",
+                         interpret=False):
     """Chunkwise-parallel gated delta rule (same contract as the reference), float32 inside.
+
+    Everything per chunk (the solve, W, U, the intra-chunk scores) is batched over all chunks;
+    only the state sweep S -> S_next is sequential (pallas_kernels/state_passing, with
+    x = U - W S the chunk's new values and decay gamma_C).
 
     Args:
         q: [B, T, H, K] queries.
@@ -75,26 +75,29 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         initial_state: optional [B, H, K, V] starting state (zeros if None).
         output_final_state: whether to return the final state.
         chunk_size: C, the number of steps handled in parallel per chunk (a Python int).
+        state_impl: backend of the state sweep ("xla", "pallas_gpu" or "pallas_tpu").
+        interpret: run a Pallas state sweep in the interpreter (CPU tests).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
     """
-    t = q.shape[1]
+    t, dk = q.shape[1], q.shape[-1]
     c = int(chunk_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qc, kc, vc = (_chunk_major(x, c) for x in (q, k, v))             # [N, B, H, C, K|V]
+    scale = dk ** -0.5 if scale is None else scale
+    qc, kc, vc = (to_chunks(x, c) for x in (q, k, v))                # [B, H, N, C, K|V]
     qc = qc * scale
-    bc = _chunk_major(beta, c)[..., None]                            # [N, B, H, C, 1]
+    bc = to_chunks(beta, c)[..., None]                               # [B, H, N, C, 1]
     incl = jnp.tril(jnp.ones((c, c), bool))
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
     if g is None:
         a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc), 0.0)
         rhs = jnp.concatenate([bc * kc, bc * vc], axis=-1)
         qk = jnp.where(incl, _mm("...ik,...jk->...ij", qc, kc), 0.0)
-        gq, kd, g_last = qc, kc, jnp.ones(qc.shape[:3] + (1, 1), jnp.float32)
+        gq, kd = qc, kc
+        chunk_decay = jnp.ones(kc.shape[:3] + (dk,), jnp.float32)
     else:
-        cum = jnp.cumsum(_chunk_major(g, c), axis=-1)                # G: [N, B, H, C]
-        gamma = jnp.exp(cum)[..., None]                              # [N, B, H, C, 1], <= 1
+        cum = jnp.cumsum(to_chunks(g, c), axis=-1)                   # G: [B, H, N, C]
+        gamma = jnp.exp(cum)[..., None]                              # [B, H, N, C, 1], <= 1
         # Mask before exp: only t >= j (exponent <= 0) is exponentiated; see the docstring.
         decay = jnp.exp(jnp.where(incl, cum[..., :, None] - cum[..., None, :], -jnp.inf))
         a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc) * decay, 0.0)
@@ -102,17 +105,10 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         qk = jnp.where(incl, _mm("...ik,...jk->...ij", qc, kc) * decay, 0.0)
         gq = gamma * qc                                              # diag(gamma) Q
         kd = jnp.exp(cum[..., -1:] - cum)[..., None] * kc            # diag(exp(G_C - G)) Kc
-        g_last = jnp.exp(cum[..., -1])[..., None, None]              # gamma_C [N, B, H, 1, 1]
+        chunk_decay = jnp.broadcast_to(jnp.exp(cum[..., -1:]), kc.shape[:3] + (dk,))
     wu = solve_unit_lower(a, rhs)
-    w, u = wu[..., :kc.shape[-1]], wu[..., kc.shape[-1]:]
-
-    def chunk_step(s, xs):
-        gq_c, kd_c, w_c, u_c, qk_c, g_c = xs
-        x = u_c - _mm("bhck,bhkv->bhcv", w_c, s)
-        o = _mm("bhck,bhkv->bhcv", gq_c, s) + _mm("bhij,bhjv->bhiv", qk_c, x)
-        return g_c * s + _mm("bhck,bhcv->bhkv", kd_c, x), o
-
-    s, o = jax.lax.scan(chunk_step, initial_state_f32(initial_state, q, v),
-                        (gq, kd, w, u, qk, g_last))
-    o = from_chunks(jnp.moveaxis(o, 0, 2), t, q.dtype)
-    return o, (s if output_final_state else None)
+    w, u = wu[..., :dk], wu[..., dk:]
+    states, x, s = state_passing(w, u, kd, chunk_decay, initial_state_f32(initial_state, q, v),
+                                 backend=state_impl, interpret=interpret)
+    o = _mm("bhnck,bhnkv->bhncv", gq, states) + _mm("bhnij,bhnjv->bhniv", qk, x)
+    return from_chunks(o, t, q.dtype), (s if output_final_state else None)

@@ -6,11 +6,11 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.common import resolve_backend
+from pallas_kernels.common import PALLAS_BACKENDS, resolve_backend, state_backend
 from pallas_kernels.gla.reference import gla_reference, simple_gla_reference
 from pallas_kernels.gla.xla import gla_xla, simple_gla_xla
 
-BACKENDS = ("reference", "xla")
+BACKENDS = ("reference", "xla", *PALLAS_BACKENDS)
 
 
 def _check(q, k, v, gate, gate_shape, name):
@@ -21,7 +21,7 @@ def _check(q, k, v, gate, gate_shape, name):
 
 
 def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-        chunk_size=64, backend="auto"):
+        chunk_size=64, backend="auto", interpret=False):
     """Gated linear attention with a per-key-channel decay (Yang et al. 2024, Sec. 4).
 
     S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t; the "xla" backend uses
@@ -36,9 +36,11 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
         initial_state: S [B, H, K, V] before the first token, or None for zeros.
         output_final_state: also return the float32 state after the last token (pass it back
             as initial_state to continue, e.g. when decoding).
-        chunk_size: tokens per chunk for the "xla" backend (ignored by "reference").
-        backend: "auto", "reference" (token-by-token scan) or "xla" (chunkwise). "auto" picks
-            "xla" for now; the Pallas kernels are not built yet ("pallas" raises ValueError).
+        chunk_size: tokens per chunk of the chunked backends (ignored by "reference").
+        backend: "auto", "reference" (token-by-token scan), "xla" (chunkwise) or "pallas"
+            (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
+            driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
+        interpret: run a Pallas backend in the interpreter (needed on CPU).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None when
@@ -49,13 +51,15 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
     """
     _check(q, k, v, gk, k.shape, "gk")
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if resolve_backend(backend, BACKENDS) == "reference":
+    impl = resolve_backend(backend, BACKENDS, op="gla")
+    if impl == "reference":
         return gla_reference(q, k, v, gk, **kwargs)
-    return gla_xla(q, k, v, gk, chunk_size=chunk_size, **kwargs)
+    return gla_xla(q, k, v, gk, chunk_size=chunk_size, **kwargs,
+                  state_impl=state_backend(impl, interpret, "gla"), interpret=interpret)
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=64, backend="auto"):
+               chunk_size=64, backend="auto", interpret=False):
     """GLA with one scalar decay per head and step (the head-wise special case of GLA).
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t.
@@ -69,9 +73,11 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
         initial_state: S [B, H, K, V] before the first token, or None for zeros.
         output_final_state: also return the float32 state after the last token (pass it back
             as initial_state to continue, e.g. when decoding).
-        chunk_size: tokens per chunk for the "xla" backend (ignored by "reference").
-        backend: "auto", "reference" (token-by-token scan) or "xla" (chunkwise). "auto" picks
-            "xla" for now; the Pallas kernels are not built yet ("pallas" raises ValueError).
+        chunk_size: tokens per chunk of the chunked backends (ignored by "reference").
+        backend: "auto", "reference" (token-by-token scan), "xla" (chunkwise) or "pallas"
+            (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
+            driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
+        interpret: run a Pallas backend in the interpreter (needed on CPU).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None when
@@ -82,9 +88,11 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     """
     _check(q, k, v, g, q.shape[:3], "g")
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if resolve_backend(backend, BACKENDS) == "reference":
+    impl = resolve_backend(backend, BACKENDS, op="simple_gla")
+    if impl == "reference":
         return simple_gla_reference(q, k, v, g, **kwargs)
-    return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs)
+    return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs,
+                  state_impl=state_backend(impl, interpret, "simple_gla"), interpret=interpret)
 
 
 __all__ = ["gla", "simple_gla"]

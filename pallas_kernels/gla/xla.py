@@ -39,11 +39,11 @@ import numpy as np
 
 from pallas_kernels.common import (
     PRECISION,
-    chunk_state_scan,
     default_scale,
     from_chunks,
     to_chunks,
 )
+from pallas_kernels.state_passing import state_passing
 
 # Sub-chunk size c for gla's diagonal blocks. The pairwise-decay tensor costs T * c * K exps
 # (the bulk of the forward time on CPU), the bridge between sub-chunks (C / c)^2 * K per chunk:
@@ -109,7 +109,7 @@ def _finish(o, s_final, t, dtype, output_final_state):
 
 
 def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-            chunk_size=64):
+            chunk_size=64, state_impl="xla", interpret=False):
     """Chunkwise GLA with per-key-channel decay; same contract as `gla_reference`.
 
     Any T works: T is zero-padded to a multiple of chunk_size (k = v = 0 adds nothing, and a
@@ -126,6 +126,9 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
         initial_state: S [B, H, K, V] or None for zeros.
         output_final_state: also return the float32 state after the last token.
         chunk_size: tokens per chunk (C).
+        state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
+            "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
+        interpret: run a Pallas state sweep in the interpreter (CPU tests).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
@@ -142,7 +145,8 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
     g_last = g_cum[..., -1, :]                                             # G_C [B, H, N, K]
 
     k_state = kc * jnp.exp(g_last[..., None, :] - g_cum)                   # exponent <= 0
-    s_before, s_final = chunk_state_scan(k_state, vc, jnp.exp(g_last), s0)
+    s_before, _, s_final = state_passing(None, vc, k_state, jnp.exp(g_last), s0,
+                                         backend=state_impl, interpret=interpret)
     o = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g_cum), s_before, precision=PRECISION)
 
     sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
@@ -151,7 +155,7 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
 
 
 def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-                   chunk_size=64):
+                   chunk_size=64, state_impl="xla", interpret=False):
     """Chunkwise GLA with one scalar decay per head and step; contract of `simple_gla_reference`.
 
     Padding as in `gla_xla`.
@@ -165,6 +169,9 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
         initial_state: S [B, H, K, V] or None for zeros.
         output_final_state: also return the float32 state after the last token.
         chunk_size: tokens per chunk (C).
+        state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
+            "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
+        interpret: run a Pallas state sweep in the interpreter (CPU tests).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
@@ -182,7 +189,8 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
 
     k_state = kc * jnp.exp(g_last[..., None] - g_cum)[..., None]
     chunk_decay = jnp.broadcast_to(jnp.exp(g_last)[..., None], (*g_last.shape, dk))
-    s_before, s_final = chunk_state_scan(k_state, vc, chunk_decay, s0)
+    s_before, _, s_final = state_passing(None, vc, k_state, chunk_decay, s0,
+                                         backend=state_impl, interpret=interpret)
     o = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g_cum)[..., None], s_before,
                    precision=PRECISION)
 

@@ -5,15 +5,15 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.common import resolve_backend
+from pallas_kernels.common import PALLAS_BACKENDS, resolve_backend, state_backend
 from pallas_kernels.linear_attention.reference import EPS, linear_attention_reference
 from pallas_kernels.linear_attention.xla import linear_attention_xla
 
-BACKENDS = ("reference", "xla")
+BACKENDS = ("reference", "xla", *PALLAS_BACKENDS)
 
 
 def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None,
-                     output_final_state=False, chunk_size=64, backend="auto"):
+                     output_final_state=False, chunk_size=64, backend="auto", interpret=False):
     """Causal linear attention: S_t = S_{t-1} + k_t v_t^T, o_t = (scale q_t)^T S_t.
 
     With normalize=True, o_t is divided by (scale q_t)^T z_t + EPS (EPS = 1e-6), where
@@ -32,9 +32,11 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
         normalize: apply the running-key-sum normalizer.
         initial_state: state before the first token (format above) or None for zeros.
         output_final_state: also return the float32 state after the last token.
-        chunk_size: tokens per chunk for the "xla" backend (ignored by "reference").
-        backend: "auto", "reference" (token-by-token scan) or "xla" (chunkwise). "auto" picks
-            "xla" for now; the Pallas kernels are not built yet ("pallas" raises ValueError).
+        chunk_size: tokens per chunk of the chunked backends (ignored by "reference").
+        backend: "auto", "reference" (token-by-token scan), "xla" (chunkwise) or "pallas"
+            (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
+            driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
+        interpret: run a Pallas backend in the interpreter (needed on CPU).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state or None when output_final_state is False).
@@ -44,12 +46,14 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
     """
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
-    backend = resolve_backend(backend, BACKENDS)
+    backend = resolve_backend(backend, BACKENDS, op="linear_attention")
     kwargs = dict(scale=scale, normalize=normalize, initial_state=initial_state,
                   output_final_state=output_final_state)
     if backend == "reference":
         return linear_attention_reference(q, k, v, **kwargs)
-    return linear_attention_xla(q, k, v, chunk_size=chunk_size, **kwargs)
+    return linear_attention_xla(q, k, v, chunk_size=chunk_size, **kwargs,
+                                state_impl=state_backend(backend, interpret, "linear_attention"),
+                                interpret=interpret)
 
 
 __all__ = ["EPS", "linear_attention"]

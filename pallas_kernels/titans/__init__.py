@@ -70,7 +70,8 @@ def _check(q, k, v, theta, eta, alpha, memory0, momentum0, chunk_start0, chunk_o
 
 
 def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_start0=None,
-                  chunk_offset=0, chunk_size=16, output_final_state=False, backend="auto"):
+                  chunk_offset=0, chunk_size=16, output_final_state=False, grad_clip=None,
+                  backend="auto"):
     """Titans memory over a sequence: per token, a gradient step with momentum and forgetting
     on ||M(k_t) - v_t||^2 (gradient at the chunk-start weights), then y_t = M_t(q_t).
 
@@ -95,6 +96,7 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
             in [0, chunk_size) or a traced int32 scalar (decode caches).
         chunk_size: b, tokens per chunk (the rule depends on it; b = 1 is fully sequential).
         output_final_state: whether to return the final TitansState.
+        grad_clip: cap on each token's gradient norm (over all layers; reference.py), or None.
         backend: "auto" (= "xla"), "reference" or "xla".
 
     Returns:
@@ -109,9 +111,11 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
                                                                   chunk_start0))
     _check(q, k, v, theta, eta, alpha, memory0, momentum0, chunk_start0, chunk_offset,
            chunk_size)
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"{_OP}: grad_clip must be > 0 or None; got {grad_clip}")
     if isinstance(chunk_offset, jax.Array) and chunk_offset.ndim != 0:
         raise ValueError(f"{_OP}: chunk_offset must be a scalar; got shape {chunk_offset.shape}")
     fn = titans_memory_reference if impl == "reference" else titans_memory_xla
     return fn(q, k, v, theta, eta, alpha, memory0=memory0, momentum0=momentum0,
               chunk_start0=chunk_start0, chunk_offset=chunk_offset, chunk_size=chunk_size,
-              output_final_state=output_final_state)
+              output_final_state=output_final_state, grad_clip=grad_clip)

@@ -28,6 +28,19 @@ gradient inside a chunk is taken at the chunk-start weights M_{t'} -- the weight
 chunk's first token. Momentum and forgetting still run token by token. b = 1 is the paper's
 fully sequential rule (gradient at M_{t-1}).
 
+Surprise clipping (this codebase's addition; off when grad_clip is None): each token's gradient
+is scaled to global norm (over all L layers) at most grad_clip before it enters the momentum,
+
+    grad l  <-  grad l * min(1, grad_clip / ||grad l||),
+
+i.e. theta_t shrinks for that token alone. Without it an MLP memory can diverge inside one
+sequence: its step size grows with its own weights (the last layer's gradient scales with the
+hidden activations), so once the weights grow, every step grows them faster; a trained MAG
+needle model went from |M| ~ 1 to inf within 50 tokens (theta <= 0.01). The clip bounds every
+update by theta * grad_clip, so the memory can grow at most linearly in the sequence length.
+(Per-sample gradient clipping for the memory is also offered by open Titans implementations,
+e.g. titans-pytorch's max_grad_norm.)
+
 Read rule (this codebase's choice, shared by xla.py and the decode step): token t reads M_t, the
 memory after its own update, exactly like the delta rule or linear attention read their state.
 Within a chunk M_t differs from token to token (each token adds its own gradient term, and the
@@ -108,14 +121,27 @@ def initial_state(memory0, momentum0=None, chunk_start0=None, chunk_offset=0) ->
     return TitansState(memory, momentum, chunk_start, jnp.asarray(chunk_offset, jnp.int32))
 
 
-def titans_step(state: TitansState, q, k, v, theta, eta, alpha, *, chunk_size: int
-                ) -> tuple[jax.Array, TitansState]:
+def clip_scale(sq_norm: jax.Array, grad_clip: float | None) -> jax.Array | float:
+    """min(1, grad_clip / sqrt(sq_norm)) from a squared gradient norm (1.0 when no clip).
+
+    Written as grad_clip * rsqrt(max(sq_norm, grad_clip^2)): no sqrt of 0 (a padded token's
+    gradient is exactly 0, and d sqrt / dx is inf there), and the max is constant below the
+    threshold, so unclipped tokens carry no gradient through the scale.
+    """
+    if grad_clip is None:
+        return 1.0
+    return grad_clip * jax.lax.rsqrt(jnp.maximum(sq_norm, grad_clip ** 2))
+
+
+def titans_step(state: TitansState, q, k, v, theta, eta, alpha, *, chunk_size: int,
+                grad_clip: float | None = None) -> tuple[jax.Array, TitansState]:
     """One token of the chunked rule, in float32: the decode step and the reference's body.
 
     Args:
         state: the memory before the token.
         q, k: [B, H, K]; v: [B, H, V]; theta, eta, alpha: [B, H].
         chunk_size: b.
+        grad_clip: per-token gradient norm cap (module docstring), None for none.
 
     Returns:
         (o [B, H, V] float32 = M_t*(q_t), the state after the token).
@@ -127,6 +153,9 @@ def titans_step(state: TitansState, q, k, v, theta, eta, alpha, *, chunk_size: i
     starts = state.offset == 0
     grad_w = tuple(jnp.where(starts, m, g) for m, g in zip(state.memory, state.chunk_start))
     grads = jax.grad(associative_loss)(grad_w, k, v)
+    if grad_clip is not None:      # one scale per (b, h): the norm over every layer's gradient
+        scale = clip_scale(sum(jnp.sum(g ** 2, axis=(-2, -1)) for g in grads), grad_clip)
+        grads = tuple(g * scale[..., None, None] for g in grads)
     momentum = tuple(eta * s - theta * g for s, g in zip(state.momentum, grads))     # eq. 14
     memory = tuple((1 - alpha) * m + s for m, s in zip(state.memory, momentum))      # eq. 13
     o = memory_read(memory, q)                                                       # eq. 15
@@ -138,7 +167,7 @@ def titans_step(state: TitansState, q, k, v, theta, eta, alpha, *, chunk_size: i
 
 def titans_memory_reference(q, k, v, theta, eta, alpha, *, memory0, momentum0=None,
                             chunk_start0=None, chunk_offset=0, chunk_size=16,
-                            output_final_state=False):
+                            output_final_state=False, grad_clip=None):
     """Runs the chunked rule one token at a time (lax.scan over T), in float32.
 
     Args: as pallas_kernels.titans.titans_memory.
@@ -150,7 +179,7 @@ def titans_memory_reference(q, k, v, theta, eta, alpha, *, memory0, momentum0=No
     state = initial_state(memory0, momentum0, chunk_start0, chunk_offset)
 
     def step(st, xs):
-        o, st = titans_step(st, *xs, chunk_size=chunk_size)
+        o, st = titans_step(st, *xs, chunk_size=chunk_size, grad_clip=grad_clip)
         return st, o
 
     state, o = jax.lax.scan(step, state, tuple(tm(x) for x in (q, k, v, theta, eta, alpha)))

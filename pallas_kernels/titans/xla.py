@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import PRECISION, to_chunks
-from pallas_kernels.titans.reference import TitansState, initial_state
+from pallas_kernels.titans.reference import TitansState, clip_scale, initial_state
 
 # Clamps before the logs: alpha = 1 or eta = 0 exactly (a saturated float32 sigmoid) would give
 # log 0 = -inf, whose gradient is inf and turns 0 * inf into NaN. The clamped factors (6e-8 and
@@ -80,7 +80,7 @@ def _segment_decay(log_gate: jax.Array) -> jax.Array:
     return jnp.where(jnp.tril(jnp.ones((c, c), bool)), jnp.exp(seg), 0.0)
 
 
-def _chunk(mem, mom, grad_w, xs):
+def _chunk(mem, mom, grad_w, xs, grad_clip=None):
     """One chunk: per-token gradients at grad_w, reads with the per-token weights, chunk end.
 
     mem, mom, grad_w: tuples of [B, H, in, out]; xs: the chunk's [B, H, C, ...] tensors.
@@ -100,6 +100,12 @@ def _chunk(mem, mom, grad_w, xs):
         deltas[i] = d
         if i:
             d = _mm("bhco,bhio->bhci", d, grad_w[i]) * _silu_grad(pre[i - 1])
+    if grad_clip is not None:
+        # Token i's layer-l gradient is the outer product a_{l-1,i}^T d_{l,i}, whose Frobenius
+        # norm is |a_{l-1,i}| |d_{l,i}|; scaling every d_{l,i} scales token i's whole gradient.
+        sq = sum(jnp.sum(a ** 2, -1) * jnp.sum(d ** 2, -1) for a, d in zip(acts, deltas))
+        scale = clip_scale(sq, grad_clip)[..., None]                       # [B, H, C, 1]
+        deltas = [d * scale for d in deltas]
     # Reads y_t = M_t(q_t), layer by layer (the docstring's linear-attention form).
     x = q
     for i in range(depth):
@@ -121,7 +127,7 @@ def _chunk(mem, mom, grad_w, xs):
 
 def titans_memory_xla(q, k, v, theta, eta, alpha, *, memory0, momentum0=None,
                       chunk_start0=None, chunk_offset=0, chunk_size=16,
-                      output_final_state=False):
+                      output_final_state=False, grad_clip=None):
     """Chunkwise-parallel Titans memory (same contract as the reference), float32 inside.
 
     Args: as pallas_kernels.titans.titans_memory (chunk_size C a Python int).
@@ -174,7 +180,8 @@ def titans_memory_xla(q, k, v, theta, eta, alpha, *, memory0, momentum0=None,
         grad0 = st.memory if lead == 0 else st.chunk_start
     else:   # as the reference: a chunk starting at offset 0 takes the current memory
         grad0 = tuple(jnp.where(lead == 0, m, g) for m, g in zip(st.memory, st.chunk_start))
-    mem, mom, o0 = _chunk(st.memory, st.momentum, grad0, jax.tree.map(lambda x: x[0], xs))
+    mem, mom, o0 = _chunk(st.memory, st.momentum, grad0, jax.tree.map(lambda x: x[0], xs),
+                          grad_clip)
     n_next = (lead + t) // c            # the chunk holding the token after the last one
 
     def step(carry, inputs):
@@ -182,7 +189,7 @@ def titans_memory_xla(q, k, v, theta, eta, alpha, *, memory0, momentum0=None,
         idx, xs_c = inputs
         if output_final_state:          # remember the start weights of chunk n_next
             keep = tuple(jnp.where(idx == n_next, m, g) for m, g in zip(mem, keep))
-        mem, mom, o = _chunk(mem, mom, mem, xs_c)
+        mem, mom, o = _chunk(mem, mom, mem, xs_c, grad_clip)
         return (mem, mom, keep), o
 
     keep0 = grad0 if output_final_state else ()

@@ -1,0 +1,140 @@
+"""The sequential part of every chunkwise linear-attention op: passing the state from chunk to
+chunk. One function, three backends ("xla" lax.scan, "pallas_gpu", "pallas_tpu"), used by
+gla, simple_gla, delta_rule and gated_delta_rule.
+
+Shape legend: B batch, H heads, N chunks, C chunk size, K key dim, V value dim.
+    w, kd [B, H, N, C, K]; u [B, H, N, C, V]; decay [B, H, N, K]; s0 [B, H, K, V].
+
+The recurrence (one per batch row and head; S_n is the [K, V] state entering chunk n):
+
+    x_n     = u_n - w_n S_n          (no w: x_n = u_n)
+    S_{n+1} = diag(decay_n) S_n + kd_n^T x_n
+
+* GLA / simple GLA (Yang et al. 2024, "Gated Linear Attention Transformers with
+  Hardware-Efficient Training", Sec. 4, the inter-chunk recurrence): no w, u = V_n, kd = keys
+  decayed to the chunk end, decay = the chunk's total decay exp(G_C) (per key channel; a
+  scalar gate broadcast over K).
+* (Gated) DeltaNet in the WY / UT form (Yang et al. 2024, arXiv:2406.06484, Eq. 8-11; Yang,
+  Kautz & Hatamizadeh 2024, arXiv:2412.06464, Sec. 3.3): w = T diag(beta gamma) K, u = T
+  diag(beta) V with T = (I + A)^-1, so x_n is the chunk's "new values" (the pseudo-values the
+  delta rule actually writes); decay = gamma_C broadcast over K (1 for the ungated rule).
+
+Everything per chunk that does not depend on S (building w, u, kd, and the intra-chunk
+outputs) is parallel over chunks and stays in XLA (batched matmuls, autodiff); only this
+sweep is sequential, and it is what the Pallas kernels (pallas.py) implement, forward and
+backward, joined by jax.custom_vjp. The chunk outputs o_n = Q_n S_n + (intra-chunk) x_n are
+then one batched matmul over all chunks.
+
+Returns the state entering every chunk (the outputs need them), x (the same array as u when
+there is no w) and the final state, all float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import PRECISION
+from pallas_kernels.state_passing import pallas as _pallas
+
+__all__ = ["BACKENDS", "state_passing", "state_passing_xla"]
+
+BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
+F32 = jnp.float32
+
+
+def state_passing_xla(w, u, kd, decay, s0):
+    """lax.scan over chunks; the definition the kernels are checked against (autodiff)."""
+    def step(s, xs):
+        w_n, u_n, kd_n, dec_n = xs
+        x = u_n if w_n is None else u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s,
+                                                     precision=PRECISION)
+        s_next = dec_n[..., None] * s + jnp.einsum("bhck,bhcv->bhkv", kd_n, x,
+                                                   precision=PRECISION)
+        return s_next, (s, x)
+
+    xs = tuple(None if a is None else jnp.moveaxis(a, 2, 0) for a in (w, u, kd, decay))
+    s_final, (states, x) = jax.lax.scan(step, s0, xs)
+    states, x = jnp.moveaxis(states, 0, 2), jnp.moveaxis(x, 0, 2)
+    return states, (u if w is None else x), s_final
+
+
+def _default_block_v(v: int, driver: str) -> int:
+    # GPU: 64-wide V tiles double the programs for V = 128 (one program per row and tile runs
+    # the whole sequence, so parallelism is rows x tiles). TPU: 128 lanes per vreg.
+    tile = 64 if driver == "gpu" else 128
+    return tile if v % tile == 0 else v
+
+
+def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None, interpret=False):
+    """Chunk-to-chunk state recurrence (see the module docstring).
+
+    Args:
+        w: [B, H, N, C, K] float32, or None (x = u).
+        u: [B, H, N, C, V] float32.
+        kd: [B, H, N, C, K] float32 keys as they enter the end-of-chunk state.
+        decay: [B, H, N, K] float32 chunk decays in [0, 1].
+        s0: [B, H, K, V] float32 state before the first chunk.
+        backend: "xla", "pallas_gpu" or "pallas_tpu".
+        block_v: V tile per kernel program (must divide V); default 64 (GPU) / 128 (TPU) when
+            it divides V, else V.
+        interpret: run a Pallas backend in interpret mode (CPU tests).
+
+    Returns:
+        (states [B, H, N, K, V] entering each chunk, x [B, H, N, C, V], s_final [B, H, K, V]).
+
+    Raises:
+        ValueError: unknown backend or a block_v that does not divide V.
+    """
+    if backend == "xla":
+        return state_passing_xla(w, u, kd, decay, s0)
+    if backend not in BACKENDS:
+        raise ValueError(f"state_passing: unknown backend {backend!r}; choose one of "
+                         f"{', '.join(map(repr, BACKENDS))}")
+    driver = backend.removeprefix("pallas_")
+    b, h, n, c, k = kd.shape
+    v = u.shape[-1]
+    bv = _default_block_v(v, driver) if block_v is None else int(block_v)
+    if bv < 1 or v % bv:
+        raise ValueError(f"state_passing: block_v={block_v} must divide V={v}")
+    flat = lambda a, d: None if a is None else a.astype(F32).reshape(b * h, n * c, d)
+    states, x, s_final = _kernel_op(
+        flat(w, k), flat(u, v), flat(kd, k), decay.astype(F32).reshape(b * h, n, 1, k),
+        s0.astype(F32).reshape(b * h, k, v), (c, bv, driver, bool(interpret)))
+    states = states.reshape(b, h, n, k, v)
+    x = u if w is None else x.reshape(b, h, n, c, v)
+    return states, x, s_final.reshape(b, h, k, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _kernel_op(w, u, kd, decay, s0, cfg):
+    states, s_final, x = _run_forward(w, u, kd, decay, s0, cfg)
+    return states, x, s_final
+
+
+def _run_forward(w, u, kd, decay, s0, cfg):
+    c, bv, driver, interpret = cfg
+    return _pallas.forward(w, u, kd, decay, s0, chunk_size=c, block_v=bv, driver=driver,
+                           interpret=interpret)
+
+
+def _kernel_op_fwd(w, u, kd, decay, s0, cfg):
+    states, s_final, x = _run_forward(w, u, kd, decay, s0, cfg)
+    # Residuals: the forward's own outputs (see pallas.py: stored, not recomputed).
+    return (states, x, s_final), (w, u if w is None else x, kd, decay, states)
+
+
+def _kernel_op_bwd(cfg, res, cts):
+    c, bv, driver, interpret = cfg
+    w, x, kd, decay, states = res
+    d_states, d_x, d_final = cts
+    d_w, d_u, d_kd, d_decay, d_s0 = _pallas.backward(
+        w, x, kd, decay, states, d_states.astype(F32), d_final.astype(F32),
+        None if w is None else d_x.astype(F32), chunk_size=c, block_v=bv, driver=driver,
+        interpret=interpret)
+    return d_w, d_u, d_kd, d_decay, d_s0
+
+
+_kernel_op.defvjp(_kernel_op_fwd, _kernel_op_bwd)
