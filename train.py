@@ -3,9 +3,12 @@
     python train.py configs/quickstart.yaml
     python train.py configs/X.yaml model.d_model=128 train.steps=200 run_dir=runs/a
 
-Resumes from the newest checkpoint in run_dir when there is one. Bad input (unknown key, wrong
-type, impossible shape, missing data, unreadable checkpoint) prints one `error:` line and exits
-with status 2 before anything is compiled or written.
+Resumes from the newest checkpoint in run_dir when there is one. On several devices the
+`mesh` section shards the run (models/sharding.py); started on every host of a multi-host job
+(a TPU pod: scripts/tpu_pod.sh), the processes join through jax.distributed first.
+Bad input (unknown key, wrong type, impossible shape, missing data, unreadable checkpoint,
+a mesh that does not fit the devices) prints one `error:` line and exits with status 2 before
+anything is compiled or written.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from configs.schema import ConfigError, load_config
     from data import DataError
+    from models.sharding import MeshError
     from training.checkpoint import CheckpointError
+    from training.distributed import maybe_initialize
     from training.loop import train
 
     try:
-        train(load_config(config_path, overrides))
-    except (ConfigError, CheckpointError, DataError) as e:
+        cfg = load_config(config_path, overrides)
+        # Several processes (a TPU pod, a multi-node GPU job): join them before any device use.
+        maybe_initialize()
+        train(cfg)
+    except (ConfigError, CheckpointError, DataError, MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -128,6 +128,20 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Device mesh axes (training/sharding.py); their product is the device count, and one of
+    # them may be -1 ("the rest"). data: pure data parallelism (params replicated); fsdp: data
+    # parallel with params and optimizer state sharded (ZeRO-3 / FSDP); tensor: heads and MLP
+    # width sharded (Megatron-style).
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def sizes(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
 class WandbConfig:
     mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "mnemax"
@@ -141,6 +155,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict:
@@ -379,6 +394,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     if not cfg.run_dir:
         raise ConfigError("run_dir must be a non-empty path")
+    sizes = cfg.mesh.sizes()
+    if any(n == 0 or n < -1 for n in sizes):
+        raise ConfigError(f"mesh sizes must be >= 1 or -1 (the rest), got data={sizes[0]}, "
+                          f"fsdp={sizes[1]}, tensor={sizes[2]}")
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"at most one mesh axis can be -1 (the rest), got data={sizes[0]}, "
+                          f"fsdp={sizes[1]}, tensor={sizes[2]}")
     return dataclasses.replace(cfg, model=m)
 
 

@@ -71,16 +71,24 @@ def _windows(splits: TextSplits, which: str, cfg, vocab_size: int) -> WindowSour
     return WindowSource(stream, lo, hi, cfg.seq_len, check, f"{key} '{path}'")
 
 
-def make_train_iterator(cfg, vocab_size: int) -> grain.DatasetIterator:
+def make_train_iterator(cfg, vocab_size: int,
+                        shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
     """Builds the infinite training iterator.
 
     MQAR and needle examples come in index order from the train split (each is already random,
     so no shuffle is needed). Text windows are shuffled with ``data.seed``, reshuffled every
     epoch.
 
+    Multi-host (``shard = (index, count)``, one per process): process ``index`` reads examples
+    ``index, index + count, ...`` of the (shuffled, repeated) example stream in batches of
+    ``batch_size / count`` rows, so the ``count`` processes' n-th batches together hold exactly
+    the single-process n-th batch's examples (in another row order), and no example is read
+    twice.
+
     Args:
       cfg: The ``DataConfig``.
       vocab_size: Model vocabulary size.
+      shard: ``(process index, process count)``; ``batch_size`` must be a multiple of the count.
 
     Returns:
       A grain ``DatasetIterator``; ``next(it)`` is a batch dict (``inputs``/``targets`` int32
@@ -97,7 +105,14 @@ def make_train_iterator(cfg, vocab_size: int) -> grain.DatasetIterator:
         windows = _windows(open_splits(cfg, vocab_size), "train", cfg, vocab_size)
         # grain's shuffle takes a 32-bit seed; it derives each epoch's seed from this one.
         ds = grain.MapDataset.source(windows).shuffle(seed=int(cfg.seed) % 2**32)
-    ds = ds.repeat().batch(cfg.batch_size, drop_remainder=True, batch_fn=stack_examples)
+    index, count = shard
+    if count < 1 or not 0 <= index < count or cfg.batch_size % count:
+        raise DataError(f"data shard {index} of {count} is invalid for data.batch_size="
+                        f"{cfg.batch_size} (need 0 <= index < count, batch a multiple of count)")
+    ds = ds.repeat()
+    if count > 1:
+        ds = ds[index::count]
+    ds = ds.batch(cfg.batch_size // count, drop_remainder=True, batch_fn=stack_examples)
     return iter(ds.to_iter_dataset(READ_OPTIONS))
 
 

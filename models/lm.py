@@ -20,6 +20,9 @@ from layers.cache import tree_nbytes
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import build_mixer
+from models.sharding import constrain
+
+RESIDUAL = ("batch", None, None)     # logical axes of the residual stream [B, T, D]
 
 
 @struct.dataclass
@@ -92,11 +95,14 @@ class LM(nnx.Module):
             start = 0 if cache is None else cache.length
             positions = start + jnp.arange(t, dtype=jnp.int32)
         positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
-        x = self.embed(tokens)
+        # The residual stream [B, T, D] stays split over the batch axes of an active mesh
+        # (models/sharding.py; a no-op without one).
+        x = constrain(self.embed(tokens), RESIDUAL)
         new_layers, aux = [], []
         for i, block in enumerate(self.blocks):
             x, layer_cache, layer_aux = block(x, positions=positions,
                                               cache=None if cache is None else cache.layers[i])
+            x = constrain(x, RESIDUAL)
             new_layers.append(layer_cache)
             if layer_aux is not None:
                 aux.append(layer_aux)

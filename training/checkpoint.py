@@ -51,8 +51,12 @@ def unflatten(flat: dict, template):
     return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
 
-def _abstract(flat: dict) -> dict:
-    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in flat.items()}
+def _abstract(flat: dict, shardings=None) -> dict:
+    """ShapeDtypeStructs of a flat {name: array} dict; shardings (a tree like the unflattened
+    template, or None) sets where each restored array lands."""
+    flat_sh = flatten(shardings) if shardings is not None else {}
+    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=flat_sh.get(k))
+            for k, v in flat.items()}
 
 
 def _first_line(e: BaseException) -> str:
@@ -112,12 +116,15 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} in '{self.directory}' holds a config "
                                   f"this version cannot load: {e}") from None
 
-    def restore_train_state(self, step: int, params_template, opt_template):
-        """-> (params, opt_state, data_state) with the templates' structures."""
+    def restore_train_state(self, step: int, params_template, opt_template, shardings=None):
+        """-> (params, opt_state, data_state) with the templates' structures; with shardings =
+        (params shardings, opt_state shardings) (trees like the templates) every array is read
+        straight into its sharding, from whatever mesh saved it."""
+        p_sh, o_sh = (None, None) if shardings is None else shardings
         r = self._restore(
             step,
-            params=ocp.args.StandardRestore(_abstract(flatten(params_template))),
-            opt_state=ocp.args.StandardRestore(_abstract(flatten(opt_template))),
+            params=ocp.args.StandardRestore(_abstract(flatten(params_template), p_sh)),
+            opt_state=ocp.args.StandardRestore(_abstract(flatten(opt_template), o_sh)),
             data=ocp.args.JsonRestore())
         return unflatten(r.params, params_template), unflatten(r.opt_state, opt_template), r.data
 

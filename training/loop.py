@@ -23,11 +23,23 @@ from flax import nnx
 
 from configs.schema import Config, save_config
 from models.lm import build_model, lm_loss
+from models.sharding import (
+    batch_sharding,
+    check_batch,
+    follow_params,
+    make_mesh,
+    param_shardings,
+    shard_batch,
+    use_mesh,
+)
 from training.checkpoint import Checkpointer, CheckpointError, check_same_model
 from training.optim import effective_warmup, learning_rate_schedule, make_optimizer
 
 
-def make_train_step(graphdef, optimizer):
+def make_train_step(graphdef, optimizer, shardings=None):
+    """Jitted (train_step, eval_step). shardings = (params, opt_state, batch) NamedSharding
+    trees pins the steps' inputs and outputs to a mesh (models/sharding.py); None lets jit
+    place them (one device)."""
     def loss_fn(params, batch):
         logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
         return lm_loss(logits, batch["targets"], batch["loss_mask"])
@@ -39,8 +51,13 @@ def make_train_step(graphdef, optimizer):
         loss, acc = lm_loss(logits, batch["targets"], batch["loss_mask"])
         return (loss if aux is None else loss + aux), (acc, loss, aux)
 
+    p_sh, o_sh, b_sh = shardings if shardings is not None else (None, None, None)
+    train_jit = dict(in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None)) \
+        if shardings is not None else {}
+    eval_jit = dict(in_shardings=(p_sh, b_sh)) if shardings is not None else {}
+
     # Params and optimizer state are donated: the step rewrites them in place.
-    @partial(jax.jit, donate_argnums=(0, 1))
+    @partial(jax.jit, donate_argnums=(0, 1), **train_jit)
     def train_step(params, opt_state, batch):
         (total, (acc, loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
             params, batch)
@@ -51,7 +68,7 @@ def make_train_step(graphdef, optimizer):
             metrics.update(lm_loss=loss, aux_loss=aux)
         return params, opt_state, metrics
 
-    @jax.jit
+    @partial(jax.jit, **eval_jit)
     def eval_step(params, batch):
         return loss_fn(params, batch)
 
@@ -84,6 +101,12 @@ class _Logger:
         self.path = run_dir / "metrics.jsonl"
         self.total = cfg.train.steps
         self.wandb = None
+        self.bar = None
+        # Multi-host: every process runs the loop, process 0 alone logs (the run dir may be
+        # shared, e.g. a bucket).
+        self.primary = jax.process_index() == 0
+        if not self.primary:
+            return
         if cfg.wandb.mode != "disabled":
             import wandb  # imported only when used: it is slow to import
 
@@ -94,13 +117,14 @@ class _Logger:
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name,
                                     mode=cfg.wandb.mode, dir=str(run_dir), id=run_id,
                                     resume="allow", config=cfg.to_dict())
-        self.bar = None
         if cfg.train.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True)
 
     def write(self, record: dict) -> None:
+        if not self.primary:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -108,6 +132,8 @@ class _Logger:
                            step=record["step"])
 
     def progress(self, step: int, text: str) -> None:
+        if not self.primary:
+            return
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(text, refresh=True)
@@ -115,6 +141,8 @@ class _Logger:
             print(f"step {step}/{self.total} {text}", flush=True)
 
     def message(self, text: str) -> None:
+        if not self.primary:
+            return
         (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
@@ -130,10 +158,11 @@ def evaluate(eval_step, params, batches) -> dict:
             "eval_acc": float(jnp.mean(jnp.stack(accs)))}
 
 
-def train(cfg: Config, *, stop_at_step: int | None = None) -> dict:
+def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict:
     """Train (or resume) the run described by cfg. Returns the final metrics.
 
     stop_at_step: behave as if SIGTERM arrived after that step (used by tests).
+    devices: the devices of the mesh (default: every device of every process).
     """
     from data import make_eval_batches, make_train_iterator
 
@@ -141,16 +170,29 @@ def train(cfg: Config, *, stop_at_step: int | None = None) -> dict:
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"run_dir '{run_dir}' exists and is not a directory")
     # Everything that can fail on bad input happens before the run dir is written to.
-    train_iter = make_train_iterator(cfg.data, cfg.model.vocab_size)
-    eval_batches = make_eval_batches(cfg.data, cfg.model.vocab_size, cfg.train.eval_batches)
+    mesh = make_mesh(cfg.mesh, devices)
+    check_batch(cfg.data.batch_size, mesh)
+    # Each process reads its own rows of every batch (data/pipeline.py); eval batches are few
+    # and small, so every process builds them whole and keeps its rows.
+    shard = (jax.process_index(), jax.process_count())
+    train_iter = make_train_iterator(cfg.data, cfg.model.vocab_size, shard=shard)
+    eval_batches = [_local_rows(b, shard) for b in
+                    make_eval_batches(cfg.data, cfg.model.vocab_size, cfg.train.eval_batches)]
     ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
     try:
-        return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step)
+        with use_mesh(mesh):
+            return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh)
     finally:
         ckpt.close()
 
 
-def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step) -> dict:
+def _local_rows(batch: dict, shard: tuple[int, int]) -> dict:
+    index, count = shard
+    n = next(iter(batch.values())).shape[0] // count
+    return {k: v[index * n:(index + 1) * n] for k, v in batch.items()}
+
+
+def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh) -> dict:
     from data import describe
 
     model = build_model(cfg.model, seed=cfg.train.seed)
@@ -162,13 +204,20 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step) -> dict:
     if warmup != cfg.optim.warmup_steps:
         print(f"note: optim.warmup_steps={cfg.optim.warmup_steps} >= train.steps="
               f"{cfg.train.steps}; warming up over {warmup} steps instead", flush=True)
-    opt_state = optimizer.init(params)
+    # Params and optimizer state live sharded on the mesh from here on (FSDP / tensor rules in
+    # models/sharding.py); the initial values are built on the host and placed once.
+    p_sh = param_shardings(params, mesh, cfg.model.d_model)
+    params = jax.device_put(params, p_sh)
+    o_sh = follow_params(jax.eval_shape(optimizer.init, params), params, p_sh, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(params)
 
     start_step = 0
     latest = ckpt.latest_step()
     if latest is not None:
         check_same_model(ckpt.read_config(latest), cfg, f"run dir '{run_dir}'")
-        params, opt_state, data_state = ckpt.restore_train_state(latest, params, opt_state)
+        # Restored straight into this run's shardings, whatever mesh wrote the checkpoint.
+        params, opt_state, data_state = ckpt.restore_train_state(
+            latest, params, opt_state, shardings=(p_sh, o_sh))
         try:
             train_iter.set_state(data_state["iterator"])
         except Exception as e:  # a hand-edited or foreign data state
@@ -178,7 +227,8 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step) -> dict:
         start_step = latest
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if jax.process_index() == 0:
+        save_config(cfg, run_dir / "config.yaml")
     logger = _Logger(cfg, run_dir, start_step)
     data_summary = describe(cfg.data, cfg.model.vocab_size)
     if latest is not None and data_state.get("source") != data_summary:
@@ -190,7 +240,9 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step) -> dict:
                    f"{n_params / 1e6:.3f}M params, mixers {list(cfg.model.layer_mixers())}, "
                    f"data {data_summary}, run dir {run_dir}")
 
-    train_step, eval_step = make_train_step(graphdef, optimizer)
+    train_step, eval_step = make_train_step(graphdef, optimizer,
+                                            (p_sh, o_sh, batch_sharding(mesh)))
+    eval_batches = [shard_batch(b, mesh) for b in eval_batches]
     lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     t, last_metrics = cfg.train, {}
@@ -199,7 +251,7 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step) -> dict:
     with _sigterm_flag() as flag:
         try:
             while step < t.steps:
-                batch = next(train_iter)
+                batch = shard_batch(next(train_iter), mesh)
                 params, opt_state, m = train_step(params, opt_state, batch)
                 step += 1
                 stop = flag["stop"] or (stop_at_step is not None and step >= stop_at_step)
