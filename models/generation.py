@@ -18,6 +18,7 @@ they are produced.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from models.sharding import cache_shardings, param_shardings, use_mesh
 
 
 class GenerationError(ValueError):
@@ -217,7 +220,7 @@ def _timed(fn, *args):
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(),
-             max_len: int | None = None, cache_dtype=None) -> GenerationResult:
+             max_len: int | None = None, cache_dtype=None, mesh=None) -> GenerationResult:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     Args:
@@ -229,6 +232,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
         stop_tokens: a row stops after sampling any of these (the stop token is kept).
         max_len: cache length; None is model.max_len, more is not allowed.
         cache_dtype: cache dtype; None is the model's compute dtype.
+        mesh: a device mesh (models/sharding.make_mesh) to decode on: params sharded by the
+            training rules, the cache and the batch split over data x fsdp; None: one device.
 
     Returns:
         A GenerationResult.
@@ -275,6 +280,9 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
         buf[i, :len(prompt)] = prompt
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, max_len, cache_dtype)
+    if mesh is not None:
+        state = jax.device_put(state, param_shardings(state, mesh, model.embed.features))
+        cache = jax.device_put(cache, cache_shardings(cache, mesh, batch))
     head = jnp.asarray(buf[:, :shortest])
     buf, ends = jnp.asarray(buf), jnp.asarray(lengths + max_new_tokens)
     stops = jnp.asarray(np.array(stop_tokens, np.int32).reshape(-1))
@@ -283,11 +291,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
 
     # Compile ahead of time (cached by JAX across calls with the same shapes) so the clocks
     # below measure execution only.
-    prefill = _prefill.lower(graphdef, state, cache, head).compile()
-    (logits, cache), prefill_s = _timed(prefill, state, cache, head)
-    decode = _decode.lower(state, cache, logits, buf, lengths_dev, ends, stops, key,
-                           graphdef=graphdef, temperature=float(temperature),
-                           top_k=int(top_k), top_p=float(top_p)).compile()
+    with use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        prefill = _prefill.lower(graphdef, state, cache, head).compile()
+        (logits, cache), prefill_s = _timed(prefill, state, cache, head)
+        decode = _decode.lower(state, cache, logits, buf, lengths_dev, ends, stops, key,
+                               graphdef=graphdef, temperature=float(temperature),
+                               top_k=int(top_k), top_p=float(top_p)).compile()
     (out, _), decode_s = _timed(decode, state, cache, logits, buf, lengths_dev, ends, stops,
                                 key)
 

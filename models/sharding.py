@@ -141,7 +141,9 @@ def param_logical_axes(path: Sequence[str], shape: Sequence[int], d_model: int
 def param_shardings(params, mesh: Mesh, d_model: int):
     """A NamedSharding for every leaf of a params pytree (e.g. nnx state.to_pure_dict())."""
     def one(path, leaf):
-        names = param_logical_axes([_key(p) for p in path], np.shape(leaf), d_model)
+        # An nnx.State's leaves sit one level below their Variable ("...kernel.value").
+        keys = [k for k in map(_key, path) if k not in ("value", "raw_value")]
+        names = param_logical_axes(keys, np.shape(leaf), d_model)
         return NamedSharding(mesh, spec_for(names, np.shape(leaf), mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
@@ -215,3 +217,22 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = _ACTIVE[-1]
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape,
                                                                              mesh)))
+
+
+def cache_shardings(cache, mesh: Mesh, batch_size: int):
+    """Decode caches: every array whose leading dimension is the batch is split over the batch
+    axes like the activations (when they divide it); scalars (lengths, offsets) and other
+    leaves are replicated. Cache layouts differ per mixer ([B, S, Hkv, Dh] KV caches,
+    [B, H, K, V] recurrent states, [B, W - 1, C] conv tails, Titans' per-head weights), so
+    heads are not split over `tensor` here: with tensor > 1 XLA gathers the heads where the
+    step needs them."""
+    axes = RULES["batch"]
+    n = math.prod(mesh.shape[a] for a in axes)
+
+    def one(leaf):
+        shape = np.shape(leaf)
+        if shape and shape[0] == batch_size and batch_size % n == 0:
+            return NamedSharding(mesh, P(axes))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, cache)

@@ -64,6 +64,22 @@ def param_spec_example(out: Path) -> dict:
             "embedding": str(sh["embed"]["embedding"].spec)}
 
 
+def decode_on_mesh() -> dict:
+    """Greedy continuations of 4 prompts (different lengths) on one device and on a (2,2,2)
+    mesh (params, cache and batch sharded)."""
+    from models.generation import generate
+    from models.lm import build_model
+    from models.sharding import make_mesh
+
+    cfg = load_config(None, OVERRIDES + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    model = build_model(cfg.model, seed=1)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13]]
+    kw = dict(max_new_tokens=6, cache_dtype="float32")
+    one = generate(model, prompts, **kw).tokens
+    sharded = generate(model, prompts, mesh=make_mesh(cfg.mesh), **kw).tokens
+    return {"one": one, "mesh": sharded}
+
+
 def main(out: Path) -> None:
     result = {"devices": len(jax.devices()),
               "losses": {name: run(out, name, mesh) for name, mesh in MESHES.items()}}
@@ -73,6 +89,7 @@ def main(out: Path) -> None:
     full = run(out, "resume", (2, 2, 2), run_dir=resume_dir)
     result["resumed"] = {"before": first, "all": full}
     result["specs"] = param_spec_example(out)
+    result["decode"] = decode_on_mesh()
     print(json.dumps(result))
 
 

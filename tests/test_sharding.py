@@ -65,6 +65,13 @@ def test_parameters_are_actually_sharded(worker_result):
     assert specs["embedding"] == "P(None, 'fsdp')"
 
 
+@pytest.mark.slow
+def test_decode_on_a_mesh_matches_one_device(worker_result):
+    dec = worker_result["decode"]
+    assert [len(t) for t in dec["one"]] == [6] * 4
+    assert dec["mesh"] == dec["one"]
+
+
 def test_mesh_shape_resolution_and_errors():
     assert resolve_mesh_shape((-1, 2, 2), 8) == (2, 2, 2)
     assert resolve_mesh_shape((1, -1, 1), 8) == (1, 8, 1)
@@ -97,3 +104,11 @@ def test_multi_process_detection():
     assert num_processes_from_env({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}) == 4
     assert num_processes_from_env({"TPU_WORKER_HOSTNAMES": "localhost"}) == 1
     assert num_processes_from_env({"SLURM_NTASKS": "2"}) == 2
+
+
+def test_distributed_switch():
+    from training.distributed import maybe_initialize
+
+    # Nothing says "several processes", or the switch says no: jax.distributed is not touched.
+    assert maybe_initialize({}) is False
+    assert maybe_initialize({"MNEMAX_DISTRIBUTED": "0", "JAX_NUM_PROCESSES": "4"}) is False

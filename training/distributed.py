@@ -1,6 +1,8 @@
 """Multi-host start-up: jax.distributed.initialize() when this is one of several processes.
 
 When it initialises (in this order):
+  * MNEMAX_DISTRIBUTED=1 (always; 0: never): scripts/tpu_pod.sh sets it on every TPU VM
+    worker, where the worker list lives in the VM metadata that jax.distributed reads itself,
   * JAX_NUM_PROCESSES > 1 (with JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID: any cluster; jax
     reads these itself), or
   * a Cloud TPU pod slice: TPU_WORKER_HOSTNAMES lists more than one worker (set on every TPU
@@ -39,7 +41,9 @@ def maybe_initialize(env=None) -> bool:
 
     Must run before anything touches jax's devices (train.py calls it first thing).
     """
-    if num_processes_from_env(env) <= 1:
+    env = os.environ if env is None else env
+    forced = env.get("MNEMAX_DISTRIBUTED", "")
+    if forced == "0" or (forced != "1" and num_processes_from_env(env) <= 1):
         return False
     jax.distributed.initialize()
     return True

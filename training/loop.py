@@ -18,8 +18,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from configs.schema import Config, save_config
 from models.lm import build_model, lm_loss
@@ -255,6 +257,10 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh) -> 
                 params, opt_state, m = train_step(params, opt_state, batch)
                 step += 1
                 stop = flag["stop"] or (stop_at_step is not None and step >= stop_at_step)
+                if jax.process_count() > 1:
+                    # A SIGTERM reaches the hosts at different times: stop together (one small
+                    # host all-gather per step), or one host would wait forever in a collective.
+                    stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
                 if step % t.log_every == 0 or step == t.steps or stop:
                     m = {k: float(v) for k, v in m.items()}
                     now = time.perf_counter()
