@@ -112,3 +112,36 @@ def test_distributed_switch():
     # Nothing says "several processes", or the switch says no: jax.distributed is not touched.
     assert maybe_initialize({}) is False
     assert maybe_initialize({"MNEMAX_DISTRIBUTED": "0", "JAX_NUM_PROCESSES": "4"}) is False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(worker_result, tmp_path):
+    """A real multi-process job on this machine: 2 processes x 4 CPU devices joined by
+    jax.distributed (training/distributed.py), a (2,2,2) mesh across both, each process
+    reading its own rows; it stops after step 2 (every host saves its shards), resumes, and
+    its losses equal the one-device run's."""
+    worker = Path(__file__).with_name("multihost_worker.py")
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "run")],
+                                      env=env, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    np.testing.assert_allclose(losses, worker_result["losses"]["1"], rtol=RTOL)
+    assert "resuming from step 2" in outs[0]

@@ -3,8 +3,8 @@
 When it initialises (in this order):
   * MNEMAX_DISTRIBUTED=1 (always; 0: never): scripts/tpu_pod.sh sets it on every TPU VM
     worker, where the worker list lives in the VM metadata that jax.distributed reads itself,
-  * JAX_NUM_PROCESSES > 1 (with JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID: any cluster; jax
-    reads these itself), or
+  * JAX_NUM_PROCESSES > 1 (with JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID: any cluster, e.g.
+    several processes on one machine, as tests/test_multihost.py does), or
   * a Cloud TPU pod slice: TPU_WORKER_HOSTNAMES lists more than one worker (set on every TPU
     VM worker; jax then discovers the coordinator and process ids from the TPU metadata), or
   * SLURM with more than one task (SLURM_NTASKS > 1; jax's SLURM cluster detection).
@@ -45,5 +45,10 @@ def maybe_initialize(env=None) -> bool:
     forced = env.get("MNEMAX_DISTRIBUTED", "")
     if forced == "0" or (forced != "1" and num_processes_from_env(env) <= 1):
         return False
-    jax.distributed.initialize()
+    kwargs = {}
+    if env.get("JAX_NUM_PROCESSES"):
+        # jax reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id.
+        kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
+                      process_id=int(env.get("JAX_PROCESS_ID", "0")))
+    jax.distributed.initialize(**kwargs)
     return True
