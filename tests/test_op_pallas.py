@@ -16,6 +16,8 @@ from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
 from pallas_kernels.linear_attention import linear_attention
+from tests.pallas_mode import interpret
+from tests.parity import relative_error
 
 B, H = 2, 2
 # max |pallas - reference| / max |reference|. float32: the chunked form sums in another order
@@ -26,19 +28,6 @@ B, H = 2, 2
 F32_TOL = 1e-4
 BF16_TOL = 1.5e-2
 
-
-def interpret(backend: str) -> bool:
-    """Interpret mode unless the kernel's own platform runs these tests (JAX_PLATFORMS=cuda or
-    tpu): then the same tests check the compiled kernels on the device."""
-    platform = jax.default_backend()
-    native = {"pallas": platform in ("gpu", "tpu"), "pallas_gpu": platform == "gpu",
-              "pallas_tpu": platform == "tpu"}
-    return not native.get(backend, False)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
 def make_inputs(op, t, dk, dv, seed=0):
@@ -92,11 +81,11 @@ def check(op, t, dk, dv, backend="pallas", dtype=jnp.float32, tol=F32_TOL):
     got_out, got_grads = values_and_grads(low, s0, ct_o, op=op, backend=backend)
     for got, want in zip(jax.tree.leaves(got_out), jax.tree.leaves(want_out), strict=True):
         assert got.shape == want.shape
-        assert rel_err(got, want) < tol
+        assert relative_error(got, want) < tol
     for i, (got, want) in enumerate(zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads),
                                         strict=True)):
         assert np.isfinite(np.asarray(got, np.float32)).all(), i
-        assert rel_err(got, want) < tol, i
+        assert relative_error(got, want) < tol, i
 
 
 @pytest.mark.parametrize("op", sorted(OPS))

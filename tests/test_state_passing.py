@@ -14,25 +14,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels.state_passing import state_passing, state_passing_xla
+from tests.pallas_mode import interpret
+from tests.parity import relative_error
 
 B, H, N, C, K, V = 2, 2, 3, 8, 16, 32
 # float32 both ways; only the order of the [C, K] x [K, V] sums differs (measured <= 3e-7
 # relative), so 1e-5 leaves room without hiding a wrong term (those are O(1) relative).
 F32_TOL = 1e-5
 
-
-def interpret(backend: str) -> bool:
-    """Interpret mode unless the kernel's own platform runs these tests (JAX_PLATFORMS=cuda or
-    tpu): then the same tests check the compiled kernels on the device."""
-    platform = jax.default_backend()
-    native = {"pallas": platform in ("gpu", "tpu"), "pallas_gpu": platform == "gpu",
-              "pallas_tpu": platform == "tpu"}
-    return not native.get(backend, False)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
 def make_inputs(seed=0):
@@ -66,13 +55,13 @@ def test_kernel_matches_scan(backend, with_w, block_v):
     got_out, got_grads = values_and_grads(*args, backend=backend, with_w=with_w,
                                           block_v=block_v)
     for name, got, want in zip(("states", "x", "s_final"), got_out, want_out, strict=True):
-        assert rel_err(got, want) < F32_TOL, name
+        assert relative_error(got, want) < F32_TOL, name
     names = ("w", "u", "kd", "decay", "s0")
     for name, got, want in zip(names, got_grads, want_grads, strict=True):
         if name == "w" and not with_w:
             continue
         assert np.isfinite(np.asarray(got)).all(), name
-        assert rel_err(got, want) < F32_TOL, name
+        assert relative_error(got, want) < F32_TOL, name
 
 
 def test_scan_is_the_recurrence():
