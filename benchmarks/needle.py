@@ -36,9 +36,10 @@ further back than the window are out of its reach). A mixer whose Args have a ``
 (e.g. a Titans variant's attention branch) gets the same window. Recurrent mixers (Gated
 DeltaNet) carry a fixed-size state over any length.
 
-A model whose mixers are not registered in layers/registry.MIXERS is skipped with a note. Each model trains
-in its own process (XLA:CPU has deadlocked in long multi-model processes here). Prints a
-markdown table and saves .md, .json and .png under ``--out`` (default benchmarks/results/).
+A model whose mixers are not registered in layers/registry.MIXERS is skipped with a note.
+Each model trains in its own process (XLA:CPU has deadlocked in long multi-model processes
+here). Prints a markdown table and saves .md, .json and .png under ``--out`` (default
+benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -46,9 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import run_child, save_results, settings_of, strip_flags  # noqa: E402
 
 # name -> (mixers, extra dotted overrides, label)
 MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
@@ -305,16 +308,10 @@ def main(argv=None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            row_path = Path(tmp) / "row.json"
-            rest = _strip_models(argv)
-            proc = subprocess.run([sys.executable, __file__, *rest, "--models", spec,
-                                   "--_row", str(row_path)],
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            if proc.returncode != 0 or not row_path.exists():
-                print(f"error: {spec} failed (exit {proc.returncode})", file=sys.stderr)
-                return proc.returncode or 1
-            rows.append(json.loads(row_path.read_text()))
+        got = run_child(__file__, [*strip_flags(argv, ("--models",)), "--models", spec], spec)
+        if got is None:
+            return 1
+        rows.append(got)
     if not rows:
         print("nothing to run", file=sys.stderr)
         return 1
@@ -332,34 +329,10 @@ def main(argv=None) -> int:
               f"{jax.default_backend()} ({platform.machine()}), "
               f"{time.perf_counter() - t_start:.0f} s in all "
               f"(`python benchmarks/needle.py {' '.join(argv)}`)")
-    lines = table(rows, a, header)
-    print("\n".join(lines))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"needle_{jax.default_backend()}"
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    settings = {k: v for k, v in vars(a).items() if k != "_row"}
-    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "chance": chance,
-                                                     "rows": rows}, indent=1))
-    plot(rows, a, chance, stem.with_suffix(".png"))
-    print(f"saved {stem}.md/.json/.png")
+    save_results(a.out, f"needle_{jax.default_backend()}", table(rows, a, header),
+                 {"settings": settings_of(a), "chance": chance, "rows": rows},
+                 lambda path: plot(rows, a, chance, path))
     return 0
-
-
-def _strip_models(argv: list[str]) -> list[str]:
-    """argv without its --models list (the child gets one model)."""
-    out, skipping = [], False
-    for arg in argv:
-        if arg == "--models":
-            skipping = True
-            continue
-        if arg.startswith("--models="):
-            continue
-        if skipping and arg.startswith("--"):
-            skipping = False
-        if not skipping:
-            out.append(arg)
-    return out
 
 
 if __name__ == "__main__":

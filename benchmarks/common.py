@@ -1,0 +1,80 @@
+"""Pieces every benchmark script shares: running one model per subprocess, saving a result
+(markdown table, JSON, PNG), loading a sibling script as a module, stripping flags from argv.
+
+Scripts import it as `from common import ...` (benchmarks/ is on sys.path when a script runs;
+they add it themselves when imported from elsewhere).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    """Another script of benchmarks/ as a module (the folder is not a package)."""
+    key = f"_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without the given (possibly multi-valued) flags."""
+    out, skipping = [], False
+    for arg in argv:
+        if arg in flags:
+            skipping = True
+            continue
+        if any(arg.startswith(f + "=") for f in flags):
+            continue
+        if skipping and arg.startswith("--"):
+            skipping = False
+        if not skipping:
+            out.append(arg)
+    return out
+
+
+def run_child(script: str, args: list[str], what: str):
+    """Runs `python script *args --_row FILE` (one model in a fresh process: XLA:CPU has
+    deadlocked in long multi-model processes here) and returns the JSON it wrote to FILE, or
+    None after printing an error when the child failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row_path = Path(tmp) / "row.json"
+        proc = subprocess.run([sys.executable, script, *args, "--_row", str(row_path)],
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0 or not row_path.exists():
+            print(f"error: {what} failed (exit {proc.returncode})", file=sys.stderr)
+            return None
+        return json.loads(row_path.read_text())
+
+
+def save_results(out: str | Path, name: str, lines: list[str], payload: dict,
+                 plot: Callable[[Path], None] | None = None) -> Path:
+    """Prints the table and saves OUT/NAME.md (the table), .json (payload) and .png (plot)."""
+    print("\n".join(lines))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / name
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    if plot is not None:
+        plot(stem.with_suffix(".png"))
+    print(f"saved {stem}.md/.json" + ("/.png" if plot is not None else ""))
+    return stem
+
+
+def settings_of(args) -> dict:
+    """argparse namespace -> the JSON-able settings (private flags dropped)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
