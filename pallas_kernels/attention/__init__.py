@@ -87,8 +87,8 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
     """
     _check(q, k, v, window, n_sinks)
     platform = jax.default_backend()
-    # TODO: "auto" should pick "flash" on GPU once the flash kernel has been run and checked on
-    # a GPU (so far it is verified only in interpret mode on CPU).
+    # "auto" stays "xla" on GPU until the flash kernel has been compiled and checked on a GPU
+    # (so far it is verified only in interpret mode on CPU); then it should pick "flash".
     impl = resolve_backend(backend, BACKENDS, auto="splash" if platform == "tpu" else "xla",
                            op="attention")
     kernel_platform = _KERNEL_PLATFORM.get(impl)

@@ -51,11 +51,13 @@ class SinkMask(sa.Mask):
         return self._shape
 
     def __getitem__(self, idx) -> np.ndarray:
-        if not (isinstance(idx, tuple) and len(idx) == 2
-                and all(isinstance(i, slice) for i in idx)):
-            raise NotImplementedError(f"SinkMask supports [slice, slice] only, got {idx}")
-        t = np.arange(*idx[0].indices(self._shape[0]))[:, None]
-        j = np.arange(*idx[1].indices(self._shape[1]))[None, :]
+        if not (isinstance(idx, tuple) and len(idx) == 2):
+            raise IndexError(f"SinkMask takes [rows, cols] indices, got {idx!r}")
+        # numpy indexing of the position ranges: slices, ints or index arrays alike.
+        t = np.arange(self._shape[0])[idx[0]]
+        j = np.arange(self._shape[1])[idx[1]]
+        if np.ndim(t) and np.ndim(j):
+            t, j = t[:, None], j[None, :]
         return (j < self.n_sinks) & (j <= t)
 
     def __eq__(self, other: object) -> bool:
