@@ -1,5 +1,6 @@
-"""Pieces every benchmark script shares: running one model per subprocess, saving a result
-(markdown table, JSON, PNG), loading a sibling script as a module, stripping flags from argv.
+"""Pieces every benchmark script shares: timing a jitted call, running one model per
+subprocess (and its flags), saving a result (markdown table, JSON, PNG), loading a sibling
+script as a module, stripping flags from argv.
 
 Scripts import it as `from common import ...` (benchmarks/ is on sys.path when a script runs;
 they add it themselves when imported from elsewhere).
@@ -7,12 +8,15 @@ they add it themselves when imported from elsewhere).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,3 +82,25 @@ def save_results(out: str | Path, name: str, lines: list[str], payload: dict,
 def settings_of(args) -> dict:
     """argparse namespace -> the JSON-able settings (private flags dropped)."""
     return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def time_jax(fn, *args, repeats: int) -> float:
+    """Median wall seconds of fn(*args) after one compile / warm-up call (block_until_ready
+    around each, so asynchronous dispatch is not what gets timed)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--in_process, --out and the private --_row of a one-process-per-`what` script."""
+    p.add_argument("--in_process", action="store_true",
+                   help=f"every {what} in this process (default: one process each)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--_row", default=None, help=argparse.SUPPRESS)

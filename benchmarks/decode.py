@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import load_bench, run_child, save_results, settings_of, strip_flags  # noqa: E402
+from common import add_runner_flags, load_bench, run_child, save_results, settings_of, strip_flags  # noqa: E402
 
 FAMILY_NAMES = ["attn", "swa", "gated_deltanet", "gla", "based", "mla", "cca", "mom",
                 "titans_mag"]
@@ -261,10 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill_chunk", type=int, default=1024)
     p.add_argument("--mem_budget_gb", type=float, default=6.0,
                    help="skip cells whose estimated memory exceeds this (GiB)")
-    p.add_argument("--in_process", action="store_true",
-                   help="every family in this process (default: one process each)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--_row", default=None, help=argparse.SUPPRESS)
+    add_runner_flags(p, "family")
     return p
 
 

@@ -55,6 +55,10 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import time_jax  # noqa: E402
 
 from pallas_kernels.delta_rule import delta_rule  # noqa: E402
 from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
@@ -109,17 +113,6 @@ def make_inputs(op: str, b: int, t: int, h: int, d: int, seed: int = 0) -> dict:
     if op in ("delta_rule", "gated_delta_rule"):
         x["beta"] = (1 / (1 + np.exp(-rng.standard_normal((b, t, h))))).astype(np.float32)
     return x
-
-
-def time_jax(fn, *args, repeats: int) -> float:
-    """Median wall seconds of fn(*args) after one compile/warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_torch(fn, repeats: int) -> float:

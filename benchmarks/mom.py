@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -28,23 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import time_jax  # noqa: E402
+
 from configs import load_config  # noqa: E402
 from layers.delta_net import DeltaNet, DeltaNetArgs  # noqa: E402
 from layers.mom import MoM, MoMArgs, packed_length  # noqa: E402
 
 HEADER = ("| layer | M | k | op slots / T | fwd ms | fwd+bwd ms | fwd vs GDN | fwd+bwd vs GDN |"
           "\n|---|---|---|---|---|---|---|---|")
-
-
-def _timed(fn, *args, repeats: int) -> float:
-    """Median wall seconds of a compiled call (compilation excluded)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(layer, x, repeats: int, **call_kw) -> tuple[float, float]:
@@ -60,7 +52,8 @@ def measure(layer, x, repeats: int, **call_kw) -> tuple[float, float]:
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return _timed(fwd, params, x, repeats=repeats), _timed(fwd_bwd, params, x, repeats=repeats)
+    return (time_jax(fwd, params, x, repeats=repeats),
+            time_jax(fwd_bwd, params, x, repeats=repeats))
 
 
 def main(argv=None) -> int:

@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import run_child, save_results, settings_of, strip_flags  # noqa: E402
+from common import add_runner_flags, run_child, save_results, settings_of, strip_flags  # noqa: E402
 
 # name -> (mixers, extra dotted overrides, label)
 MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
@@ -281,10 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_batch", type=int, default=16)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra dotted config overrides for every model")
-    p.add_argument("--in_process", action="store_true",
-                   help="train every model in this process (default: one process each)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--_row", default=None, help=argparse.SUPPRESS)
+    add_runner_flags(p, "model")
     return p
 
 

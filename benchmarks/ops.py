@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -25,6 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import time_jax  # noqa: E402
 
 from pallas_kernels.delta_rule import delta_rule  # noqa: E402
 from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
@@ -71,17 +73,6 @@ HEADER = ("| op | T | ref fwd ms | xla fwd ms | fwd speed-up | ref fwd+bwd ms | 
           "xla fwd+bwd ms | fwd+bwd speed-up |\n|---|---|---|---|---|---|---|---|")
 
 
-def _timed(fn, args, repeats: int) -> float:
-    """Median wall seconds of a compiled call (compilation excluded)."""
-    jax.block_until_ready(fn(args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(op: str, backend: str, args: dict, repeats: int, chunk_size: int):
     call = OPS[op]
 
@@ -93,7 +84,7 @@ def measure(op: str, backend: str, args: dict, repeats: int, chunk_size: int):
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.grad(loss))
-    return _timed(fwd, args, repeats), _timed(fwd_bwd, args, repeats)
+    return time_jax(fwd, args, repeats=repeats), time_jax(fwd_bwd, args, repeats=repeats)
 
 
 def main(argv=None) -> int:

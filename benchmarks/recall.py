@@ -70,7 +70,7 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import run_child, save_results, settings_of, strip_flags  # noqa: E402
+from common import add_runner_flags, run_child, save_results, settings_of, strip_flags  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 # name -> (config file, mixers pattern or None for the config's own, label)
@@ -226,11 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra dotted config overrides for every run")
-    p.add_argument("--in_process", action="store_true",
-                   help="train every model in this process (default: one process each)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_runner_flags(p, "model")
     p.add_argument("--_job", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_row", default=None, help=argparse.SUPPRESS)
     return p
 
 
