@@ -89,18 +89,103 @@ def load_and_build(cfg):
     return build_model(cfg.model, seed=cfg.train.seed)
 
 
-def test_unreadable_checkpoint_is_an_error_and_nothing_is_lost(uninterrupted, tmp_path):
+def _truncate_largest_array_file(step_dir: Path) -> Path:
+    """Cuts the largest params data file of a checkpoint in half, as a crash mid-write or a
+    full disk leaves it; returns that file."""
+    files = [f for f in (step_dir / "params").rglob("*") if f.is_file() and "/d/" in str(f)]
+    f = max(files, key=lambda f: f.stat().st_size)
+    os.truncate(f, f.stat().st_size // 2)
+    return f
+
+
+def test_unreadable_newest_checkpoint_resumes_from_the_previous_one(uninterrupted, tmp_path,
+                                                                    capfd):
     import shutil
 
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
-    # Corrupt every data file of the newest checkpoint's params.
-    for f in (run_dir / "checkpoints" / "12" / "params").rglob("*"):
+    _truncate_largest_array_file(run_dir / "checkpoints" / "12")
+    bad = {k: v for k, v in _snapshot(run_dir).items() if k.startswith("checkpoints/12/")}
+    # Stop at 10, short of the unreadable step: it must still be in place, untouched, and the
+    # keep-2 policy must have kept two readable checkpoints beside it.
+    cfg = _cfg(run_dir, "train.steps=12", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+    assert train(cfg, stop_at_step=10)["step"] == 10
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, err
+    assert "checkpoint step 12" in warnings[0] and "truncated" in warnings[0], warnings[0]
+    assert "using step 8" in warnings[0] and "left it in place" in warnings[0]
+    assert "<bound method" not in err and "TensorStore(" not in err
+    now = _snapshot(run_dir)
+    assert {k: v for k, v in now.items() if k.startswith("checkpoints/12/")} == bad
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [8, 10, 12]
+    # The steps after the readable checkpoint are the uninterrupted run's.
+    straight, resumed = _losses(uninterrupted), _losses(run_dir)
+    for step in range(9, 11):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+    # Resumed again, the run reaches step 12: the unreadable checkpoint is moved aside
+    # (bytes intact), not overwritten, and the new step 12 is the uninterrupted run's.
+    train(cfg)
+    assert "moved the unreadable checkpoint step 12" in capfd.readouterr().err
+    moved = _snapshot(run_dir / "unreadable_checkpoints" / "12")
+    assert {f"checkpoints/12/{k}": v for k, v in moved.items()} == bad
+    resumed = _losses(run_dir)
+    for step in range(11, 13):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+    _, _, step = restore_for_inference(str(run_dir))
+    assert step == 12
+
+
+def test_a_changed_array_is_caught_by_its_checksum(uninterrupted, tmp_path, capfd):
+    """A file whose bytes still decode but hold other numbers: only the checksum saved with
+    the arrays can tell. Editing the saved sums is the same mismatch, made deterministic."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    meta = run_dir / "checkpoints" / "12" / "checksums" / "metadata"
+    sums = json.loads(meta.read_text())
+    name = sorted(k for k in sums if k.startswith("params/"))[0]
+    sums[name][1] = (sums[name][1] + 1) % 2**32
+    meta.write_text(json.dumps(sums))
+    cfg, _, step = restore_for_inference(str(run_dir))
+    err = capfd.readouterr().err
+    assert step == 8, err
+    assert f"array '{name.split('/', 1)[1]}' of params does not match the checksum" in err
+    with pytest.raises(CheckpointError, match="step 12 .* does not match the checksum"):
+        restore_for_inference(str(run_dir), step=12)
+
+
+def test_checksums_see_one_changed_or_moved_element():
+    from training.checkpoint import checksums
+
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    base = checksums("p", {"x": x, "n": np.int32(7)})
+    changed = x.copy()
+    changed[2, 3] = np.nextafter(changed[2, 3], np.float32(np.inf))   # one bit
+    swapped = x.copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    assert checksums("p", {"x": changed})["p/x"] != base["p/x"]
+    assert checksums("p", {"x": swapped})["p/x"][0] == base["p/x"][0]   # same words ...
+    assert checksums("p", {"x": swapped})["p/x"][1] != base["p/x"][1]   # ... elsewhere
+    assert checksums("p", {"x": x.copy()})["p/x"] == base["p/x"]
+
+
+def test_no_readable_checkpoint_is_an_error_and_nothing_is_lost(uninterrupted, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    _truncate_largest_array_file(run_dir / "checkpoints" / "12")
+    # Corrupt every data file of the older checkpoint's params.
+    for f in (run_dir / "checkpoints" / "8" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "METADATA" not in f.name:
             f.write_bytes(b"\x00garbage" * 4)
     before = _snapshot(run_dir)
-    with pytest.raises(CheckpointError, match="step 12 .* is unreadable .*left in place"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .* can be read .step 12: array "
+                                              ".* truncated.*; step 8: .*left in place") as e:
         train(_cfg(run_dir, "train.steps=20"))
+    assert "<bound method" not in str(e.value)
     assert _snapshot(run_dir) == before
 
 
@@ -166,6 +251,17 @@ def test_generate_cli_from_a_run_dir(uninterrupted, tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1, bad.stderr
         assert lines[0].startswith("error: ") and pattern in lines[0], lines[0]
+    # An unreadable newest checkpoint: one warning line, and the previous step decodes.
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "bad")
+    _truncate_largest_array_file(tmp_path / "bad" / "checkpoints" / "12")
+    fallback = run("--run_dir", str(tmp_path / "bad"), "--prompt_tokens", "1 2 3",
+                   "--max_new_tokens", "4")
+    assert fallback.returncode == 0, fallback.stderr
+    lines = fallback.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 12"), lines
+    assert "truncated" in lines[0] and f"{tmp_path / 'bad'} step 8 |" in fallback.stdout
 
 
 def test_foreign_data_state_is_an_error(uninterrupted, tmp_path):

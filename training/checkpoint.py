@@ -1,20 +1,36 @@
 """Orbax checkpoints of a run: params, optimizer state, data-iterator state and config.
 
-Layout: RUN_DIR/checkpoints/<step>/{params, opt_state, data, config}. Parameters and optimizer
-state are stored as flat {dotted.path: array} dicts, so the files do not depend on how Flax or
-optax name their containers, and params restore alone for inference.
+Layout: RUN_DIR/checkpoints/<step>/{params, opt_state, data, config, checksums}. Parameters and
+optimizer state are stored as flat {dotted.path: array} dicts, so the files do not depend on
+how Flax or optax name their containers, and params restore alone for inference.
 
-Nothing here ever deletes a checkpoint except Orbax's keep-the-newest-K policy while saving.
-A checkpoint that cannot be read raises CheckpointError and stays where it is.
+Every array is saved with a checksum of its bits (`checksums`), verified on restore: Orbax and
+TensorStore notice a truncated file, but a damaged byte inside a compressed chunk can decode to
+other numbers (seen here: a 64-byte hole read back as NaN weights, without an error).
+
+A checkpoint that cannot be read (a truncated, damaged or missing file, a checksum that does not
+match) is skipped with a one-line warning when an older one can be read, and stays where it
+is; only when none can be read is it an error. Nothing here deletes a checkpoint except the
+keep-the-newest-K policy, which counts readable checkpoints only, so a skipped one never pushes
+out the checkpoint a run resumed from. When a resumed run reaches the step of a skipped one
+again, that one is moved to RUN_DIR/unreadable_checkpoints/ before the new save (never
+overwritten).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -22,9 +38,19 @@ from configs.schema import Config, ConfigError, config_from_dict, to_plain
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
+ITEMS = ("params", "opt_state", "data", "config", "checksums")
+
 
 class CheckpointError(RuntimeError):
     """A missing, unreadable or incompatible checkpoint, described in one line."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """One checkpoint's files cannot be read back as they were written (an older one may)."""
+
+    def __init__(self, step: int, directory: Path, problem: str):
+        super().__init__(f"checkpoint step {step} in '{directory}' is unreadable: {problem}")
+        self.step, self.problem = step, problem
 
 
 def _key_name(entry) -> str:
@@ -59,22 +85,119 @@ def _abstract(flat: dict, shardings=None) -> dict:
             for k, v in flat.items()}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _bit_checksums(flat: dict) -> dict:
+    """{name: uint32[2]}: Fletcher-style sums of each array's bits, (sum w_i, sum (i+1) w_i)
+    mod 2**32 over its elements' bit patterns w_i. Integer sums wrap the same way in any order,
+    so the value does not depend on the sharding or the reduction XLA picks; the weighted sum
+    also catches elements that moved. Runs where the arrays live (no host copy of the model)."""
+    out = {}
+    for name, x in flat.items():
+        x = jnp.asarray(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        w = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+        i = jax.lax.broadcasted_iota(jnp.uint32, (max(x.size, 1),), 0)[:x.size].reshape(x.shape)
+        out[name] = jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                               jnp.sum(w * (i + 1), dtype=jnp.uint32)])
+    return out
+
+
+def checksums(part: str, flat: dict) -> dict[str, list[int]]:
+    """{"part/name": [s1, s2]} of a flat dict of arrays (see _bit_checksums)."""
+    if not flat:
+        return {}
+    sums = jax.device_get(_bit_checksums(flat))
+    return {f"{part}/{k}": [int(v[0]), int(v[1])] for k, v in sums.items()}
+
+
+# Orbax and TensorStore report a bad file as a chain of exceptions whose outer text is a
+# Python repr of a TensorStore spec; the cause at the bottom says what is wrong. These turn the
+# common causes into words: (pattern in that text, what it means).
+_PROBLEMS = (
+    (r"Requested byte range .* is not valid|OUT_OF_RANGE", "is truncated (its file is shorter "
+     "than the checkpoint's index says)"),
+    (r"DATA_LOSS|[Dd]ecod|[Cc]orrupt|checksum", "is damaged (its bytes do not decode)"),
+    (r"NOT_FOUND|No such file|does not exist", "is missing a file"),
+)
+
+
+def _explain(e: BaseException) -> str:
+    """A plain-words account of why Orbax could not read a checkpoint."""
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    text = " | ".join(str(c) for c in chain)
+    m = re.search(r'Item "(\w+)" was not found', text)
+    if m:
+        return f"its '{m.group(1)}' part is missing"
+    if any(isinstance(c, json.JSONDecodeError) for c in chain):
+        return "one of its JSON files (config or data state) is not valid JSON"
+    m = re.search(r'reading "([^"/]+)/[^"]*" in OCDBT database at local file "([^"]+)"', text) \
+        or re.search(r'reading "([^"/]+)/[^"]*" in OCDBT database at .*?"([^"]+)"', text)
+    where = (f"array '{m.group(1)}' of {Path(m.group(2).rstrip('/')).name}" if m
+             else "an array file")
+    for pattern, meaning in _PROBLEMS:
+        if re.search(pattern, text):
+            return f"{where} {meaning}"
+    # Unknown: the deepest message, first line, without TensorStore's repr of itself.
+    deepest = str(chain[-1]).strip().splitlines()
+    detail = re.sub(r"<bound method [^>]*>?|See full TensorStore details:.*", "",
+                    deepest[0] if deepest else "").strip()
+    return f"{type(chain[-1]).__name__}: {detail[:200]}" if detail else type(chain[-1]).__name__
+
+
+@contextmanager
+def _quiet_orbax_leftovers():
+    """When one array of a checkpoint fails to read, Orbax leaves the reads of the others as
+    coroutines that fail again when garbage-collected, and Python prints each one's traceback
+    (with TensorStore's repr of itself) to stderr. Those are echoes of the error already
+    reported in one line: collect them here, under a hook that drops them."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        tb, from_orbax = unraisable.exc_traceback, False
+        while tb is not None:
+            from_orbax |= "orbax" in tb.tb_frame.f_code.co_filename
+            tb = tb.tb_next
+        obj = unraisable.object
+        code = getattr(obj, "cr_code", None)
+        from_orbax |= code is not None and "orbax" in code.co_filename
+        if not from_orbax:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
 
 
 class Checkpointer:
-    """Saves and restores one run's checkpoints (RUN_DIR/checkpoints)."""
+    """Saves and restores one run's checkpoints (RUN_DIR/checkpoints).
 
-    def __init__(self, run_dir: str | Path, keep: int = 3):
-        self.directory = Path(run_dir).resolve() / "checkpoints"
+    warn: where one-line warnings go (default: stderr).
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int = 3,
+                 warn: Callable[[str], None] | None = None):
+        self.run_dir = Path(run_dir).resolve()
+        self.directory = self.run_dir / "checkpoints"
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"'{self.directory}' exists and is not a directory")
+        self.keep = keep
+        self.warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.unreadable: set[int] = set()   # steps found unreadable: not counted as kept
+        # Retention is ours (_prune), not Orbax's max_to_keep: Orbax would count an unreadable
+        # checkpoint among the newest K and delete a readable one in its place.
         self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False),
-            item_names=("params", "opt_state", "data", "config"))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=False),
+            item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         if not self.directory.is_dir():
@@ -82,31 +205,76 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps()) if self.directory.is_dir() else []
+        return sorted(self.manager.all_steps()) if self.directory.is_dir() else []
 
     def save(self, step: int, params, opt_state, data_state: dict, cfg: Config) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.manager.wait_until_finished()   # the previous save is committed: safe to prune
+        self._prune()
+        if step in self.manager.all_steps():
+            self._move_aside(step)
+        flat_p, flat_o = flatten(params), flatten(opt_state)
+        sums = {**checksums("params", flat_p), **checksums("opt_state", flat_o)}
         self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(flatten(params)),
-            opt_state=ocp.args.StandardSave(flatten(opt_state)),
+            params=ocp.args.StandardSave(flat_p),
+            opt_state=ocp.args.StandardSave(flat_o),
             data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(to_plain(cfg))), force=True)
+            config=ocp.args.JsonSave(to_plain(cfg)),
+            checksums=ocp.args.JsonSave(sums)), force=True)
+
+    def _prune(self) -> None:
+        """Deletes the oldest readable checkpoints beyond `keep` (unreadable ones stay)."""
+        readable = [s for s in self.all_steps() if s not in self.unreadable]
+        for step in readable[:max(len(readable) - self.keep, 0)]:
+            self.manager.delete(step)
+
+    def _move_aside(self, step: int) -> None:
+        """A skipped (unreadable) checkpoint holds the step about to be saved: keep its files
+        under RUN_DIR/unreadable_checkpoints/ rather than refuse the save or overwrite them."""
+        if jax.process_index() == 0:
+            dest = self.run_dir / "unreadable_checkpoints" / str(step)
+            n = 1
+            while dest.exists():
+                dest, n = self.run_dir / "unreadable_checkpoints" / f"{step}-{n}", n + 1
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), dest)
+            self.warn(f"warning: moved the unreadable checkpoint step {step} to '{dest}' "
+                      f"before saving step {step} again")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"mnemax_move_aside_{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        if self.directory.is_dir():
+            self._prune()
 
     def close(self) -> None:
         """Finish pending saves and release Orbax's background threads."""
         self.manager.close()
 
     def _restore(self, step: int, **items):
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # Orbax raises many types for unreadable files
-            raise CheckpointError(
-                f"checkpoint step {step} in '{self.directory}' is unreadable "
-                f"({_first_line(e)}); it was left in place: move it aside to resume from an "
-                "earlier step, or use another run_dir") from None
+        problem = None
+        with _quiet_orbax_leftovers():
+            try:
+                return self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # Orbax raises many types for unreadable files
+                problem = _explain(e)
+        raise UnreadableCheckpoint(step, self.directory, problem)
+
+    def _verify(self, step: int, part: str, flat: dict) -> None:
+        """Compares restored arrays with the checksums saved beside them (checkpoints written
+        before checksums existed have none: nothing to compare)."""
+        if not (self.directory / str(step) / "checksums").is_dir():
+            return
+        saved = self._restore(step, checksums=ocp.args.JsonRestore()).checksums
+        for name, sums in checksums(part, flat).items():
+            if name in saved and list(saved[name]) != sums:
+                raise UnreadableCheckpoint(
+                    step, self.directory, f"array '{name.split('/', 1)[1]}' of {part} does not "
+                    "match the checksum saved with it (its file changed after it was written)")
 
     def read_config(self, step: int) -> Config:
         raw = self._restore(step, config=ocp.args.JsonRestore()).config
@@ -126,12 +294,39 @@ class Checkpointer:
             params=ocp.args.StandardRestore(_abstract(flatten(params_template), p_sh)),
             opt_state=ocp.args.StandardRestore(_abstract(flatten(opt_template), o_sh)),
             data=ocp.args.JsonRestore())
+        self._verify(step, "params", r.params)
+        self._verify(step, "opt_state", r.opt_state)
         return unflatten(r.params, params_template), unflatten(r.opt_state, opt_template), r.data
 
     def restore_params(self, step: int, params_template):
         r = self._restore(step, params=ocp.args.StandardRestore(
             _abstract(flatten(params_template))))
+        self._verify(step, "params", r.params)
         return unflatten(r.params, params_template)
+
+    def restore_newest_readable(self, restore: Callable[[int], object]):
+        """(step, restore(step)) for the newest step whose restore raises no
+        UnreadableCheckpoint, or None when the run dir has no checkpoint. Each unreadable step
+        on the way is left in place and named in a one-line warning; when none can be read it
+        is an error naming every step's problem. Other errors (another model's checkpoint)
+        stop at once: an older step would not fix them."""
+        problems = []
+        for step in reversed(self.all_steps()):
+            try:
+                result = restore(step)
+            except UnreadableCheckpoint as e:
+                self.unreadable.add(step)
+                problems.append(e)
+                continue
+            for bad in problems:
+                self.warn(f"warning: {bad}; left it in place, using step {step} instead")
+            return step, result
+        if not problems:
+            return None
+        listed = "; ".join(f"step {e.step}: {e.problem}" for e in problems)
+        raise CheckpointError(
+            f"no checkpoint in '{self.directory}' can be read ({listed}); they were left in "
+            "place: move them aside to start afresh, or use another run_dir")
 
 
 def check_same_model(saved: Config, current: Config, where: str) -> None:
@@ -145,8 +340,9 @@ def check_same_model(saved: Config, current: Config, where: str) -> None:
                 "use another run_dir or the saved model settings")
 
 
-def restore_for_inference(run_dir: str, step: int | None = None):
-    """(config, model with restored params, step) from a run dir's checkpoint."""
+def restore_for_inference(run_dir: str, step: int | None = None, warn=None):
+    """(config, model with restored params, step) from a run dir's checkpoint: `step`, or the
+    newest one that can be read (an unreadable newer one is named in a warning, via `warn`)."""
     from flax import nnx
 
     from models.lm import build_model
@@ -154,21 +350,28 @@ def restore_for_inference(run_dir: str, step: int | None = None):
     path = Path(run_dir)
     if not path.is_dir():
         raise CheckpointError(f"run dir '{run_dir}' does not exist")
-    ckpt = Checkpointer(path)
+    ckpt = Checkpointer(path, warn=warn)
     steps = ckpt.all_steps()
     if not steps:
         raise CheckpointError(f"run dir '{run_dir}' has no checkpoint (looked in "
                               f"'{ckpt.directory}')")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise CheckpointError(f"run dir '{run_dir}' has no checkpoint at step {step} "
                               f"(available: {', '.join(map(str, sorted(steps)))})")
+
+    def load(s: int):
+        cfg = ckpt.read_config(s)
+        graphdef, state = nnx.split(build_model(cfg.model, seed=cfg.train.seed))
+        return cfg, nnx.merge(graphdef, ckpt.restore_params(s, state.to_pure_dict()))
+
     try:
-        cfg = ckpt.read_config(step)
-        model = build_model(cfg.model, seed=cfg.train.seed)
-        graphdef, state = nnx.split(model)
-        params = ckpt.restore_params(step, state.to_pure_dict())
+        if step is None:
+            step, (cfg, model) = ckpt.restore_newest_readable(load)
+        else:
+            try:
+                cfg, model = load(step)
+            except UnreadableCheckpoint as e:
+                raise CheckpointError(f"{e}; it was left in place") from None
     finally:
         ckpt.close()
-    return cfg, nnx.merge(graphdef, params), step
+    return cfg, model, step

@@ -180,12 +180,17 @@ def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict
     train_iter = make_train_iterator(cfg.data, cfg.model.vocab_size, shard=shard)
     eval_batches = [_local_rows(b, shard) for b in
                     make_eval_batches(cfg.data, cfg.model.vocab_size, cfg.train.eval_batches)]
-    ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, warn=_primary_print)
     try:
         with use_mesh(mesh):
             return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh)
     finally:
         ckpt.close()
+
+
+def _primary_print(text: str) -> None:
+    if jax.process_index() == 0:   # multi-host: one copy of each warning
+        print(text, file=sys.stderr, flush=True)
 
 
 def _local_rows(batch: dict, shard: tuple[int, int]) -> dict:
@@ -213,27 +218,30 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh) -> 
     o_sh = follow_params(jax.eval_shape(optimizer.init, params), params, p_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(params)
 
-    start_step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        check_same_model(ckpt.read_config(latest), cfg, f"run dir '{run_dir}'")
+    def resume(step: int):
+        check_same_model(ckpt.read_config(step), cfg, f"run dir '{run_dir}'")
         # Restored straight into this run's shardings, whatever mesh wrote the checkpoint.
-        params, opt_state, data_state = ckpt.restore_train_state(
-            latest, params, opt_state, shardings=(p_sh, o_sh))
+        return ckpt.restore_train_state(step, params, opt_state, shardings=(p_sh, o_sh))
+
+    # The newest checkpoint that can be read; an unreadable newer one (a truncated file after a
+    # crash) is named in a warning and left in place.
+    found = ckpt.restore_newest_readable(resume)
+    start_step, data_state = 0, None
+    if found is not None:
+        start_step, (params, opt_state, data_state) = found
         try:
             train_iter.set_state(data_state["iterator"])
         except Exception as e:  # a hand-edited or foreign data state
-            raise CheckpointError(f"checkpoint step {latest} in '{run_dir}' has a data-iterator "
-                                  f"state this data pipeline cannot restore "
+            raise CheckpointError(f"checkpoint step {start_step} in '{run_dir}' has a "
+                                  f"data-iterator state this data pipeline cannot restore "
                                   f"({type(e).__name__}: {e})") from None
-        start_step = latest
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         save_config(cfg, run_dir / "config.yaml")
     logger = _Logger(cfg, run_dir, start_step)
     data_summary = describe(cfg.data, cfg.model.vocab_size)
-    if latest is not None and data_state.get("source") != data_summary:
+    if data_state is not None and data_state.get("source") != data_summary:
         # The iterator state is an index into the data: on other data it resumes elsewhere.
         logger.message(f"warning: the data differ from the checkpoint's "
                        f"({data_state.get('source')!r} then, {data_summary!r} now)")
