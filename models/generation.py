@@ -93,11 +93,31 @@ def sample_next(logits: jax.Array, key: jax.Array, *, temperature: float, top_k:
 # ----------------------------------------------------------------------------- cache
 
 
+def _slot_buffers(node):
+    """Every per-position slot buffer inside a layer cache: an object with `pos` [B, S] slot
+    positions and a `window` attribute (KVCache, MLACache), at any depth (CCA keeps its
+    KVCache inside CCACache; composite mixers nest several)."""
+    if hasattr(node, "pos") and hasattr(node, "window"):
+        yield node
+        return
+    if dataclasses.is_dataclass(node):
+        children = [getattr(node, f.name) for f in dataclasses.fields(node)]
+    elif isinstance(node, (tuple, list)):
+        children = list(node)
+    elif isinstance(node, dict):
+        children = list(node.values())
+    else:
+        return
+    for child in children:
+        yield from _slot_buffers(child)
+
+
 def cache_capacity(cache) -> int | None:
     """How many tokens a ModelCache can take in all, or None when it is unbounded.
 
-    A full-attention layer (a cache with `window` None and a `k` buffer) holds one slot per
-    position and cannot take more; windowed rings and recurrent states have no limit.
+    A full-attention slot buffer (window None: KV caches, MLA's latent cache, CCA's latent KV,
+    wherever they sit in a layer's cache) holds one slot per position and cannot take more;
+    windowed rings and recurrent states have no limit.
 
     Args:
         cache: a ModelCache, or its `jax.eval_shape` (only shapes are read).
@@ -105,8 +125,8 @@ def cache_capacity(cache) -> int | None:
     Returns:
         The smallest full-attention slot count, or None when no layer is bounded.
     """
-    caps = [layer.k.shape[1] for layer in cache.layers
-            if hasattr(layer, "window") and layer.window is None and hasattr(layer, "k")]
+    caps = [buf.pos.shape[1] for layer in cache.layers for buf in _slot_buffers(layer)
+            if buf.window is None]
     return min(caps) if caps else None
 
 

@@ -83,7 +83,7 @@ def test_saved_config_reloads_identically(tmp_path):
     ("model.mixers=[atn]", r"unknown mixer 'atn'; did you mean 'attn'"),
     ("model.mixers=[swa] model.mixer_args.swa.window=4096",
      r"window=4096 is larger than model.max_len=256"),
-    ("model.mixer_args.attn.n_sinks=2", r"n_sinks=2 needs a window"),
+    ("model.mixers=[attn] model.mixer_args.attn.n_sinks=2", r"n_sinks=2 needs a window"),
     ("data.seq_len=512", r"data.seq_len=512 exceeds model.max_len=256"),
     ("data.kind=bytes", r"data.path is required"),
     ("train.steps=0", r"train.steps must be > 0"),

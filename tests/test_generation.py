@@ -25,7 +25,7 @@ from models.lm import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dtype=float32", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
-        "model.max_len=64", "model.init_std=0.5"]
+        "model.max_len=64", "model.init_std=0.5", "model.mixers=[attn]"]
 PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], [4, 4, 4, 4, 4, 4, 4, 4]]
 N_NEW = 10
 
@@ -151,6 +151,23 @@ def test_cache_capacity(model, swa_model):
     assert cache_capacity(shape(mixed, 48)) == 48
 
 
+def test_every_growing_cache_reports_its_bound():
+    """For each registered mixer: if its cache's bytes grow with max_len, it has one slot per
+    position and generation must know where it ends (a prompt + new tokens beyond it would
+    be clamped into the last slot, silently); a cache that does not grow is unbounded."""
+    from layers.registry import MIXERS
+
+    for name in MIXERS:
+        m = tiny_model(f"model.mixers=[{name}]", "model.n_layers=1")
+        shape = lambda n, m=m: jax.eval_shape(lambda: m.init_cache(1, n))  # noqa: E731
+        small, large = shape(32), shape(64)
+        grows = large.nbytes > small.nbytes
+        assert cache_capacity(large) == (64 if grows else None), name
+    # The quickstart (CCA, whose KV cache sits inside its own cache type) is bounded.
+    assert cache_capacity(jax.eval_shape(
+        lambda: build_model(load_config("configs/quickstart.yaml").model).init_cache(1, 40))) == 40
+
+
 @pytest.mark.parametrize("prompts, kwargs, message", [
     ([], {}, "no prompts"),
     ([[1, 2], []], {}, "prompt 1 is empty"),
@@ -244,7 +261,10 @@ def test_cli_runs_a_random_init_model():
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "[0] prompt: 1 2 3"
     assert lines[1].startswith("[0] output: ") and len(lines[1].split()) == 2 + 4
-    assert "tokens/s" in lines[-1] and "cache 133.1 kB" in lines[-1]
+    # The cache the CLI reports is the quickstart model's own, for its max_len (256) slots.
+    cfg = load_config("configs/quickstart.yaml")
+    nbytes = build_model(cfg.model).init_cache(1, cfg.model.max_len).nbytes
+    assert "tokens/s" in lines[-1] and f"cache {cli.human_bytes(nbytes)}" in lines[-1]
 
 
 def test_cli_prompt_too_long_is_one_error_line():

@@ -32,8 +32,8 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def worker_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, text=True,
                           capture_output=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,8 +46,11 @@ def test_same_losses_on_every_mesh(worker_result):
     losses = worker_result["losses"]
     one = np.array(losses["1"])
     assert len(one) == 3 and np.all(np.isfinite(one))
-    for name in ("8x1x1", "2x4x1", "2x2x2"):
-        np.testing.assert_allclose(losses[name], one, rtol=RTOL, err_msg=name)
+    np.testing.assert_allclose(losses["8x1x1"], one, rtol=RTOL, err_msg="8x1x1")
+    # Steps 1-2 ran on 2x4x1, step 3 (after a resume) on 2x2x2.
+    resumed = worker_result["resumed"]
+    np.testing.assert_allclose(resumed["before"], one[:2], rtol=RTOL, err_msg="2x4x1")
+    np.testing.assert_allclose(resumed["all"][2:], one[2:], rtol=RTOL, err_msg="2x2x2")
 
 
 @pytest.mark.slow
@@ -134,7 +137,8 @@ def test_two_processes_train_like_one(worker_result, tmp_path):
     for i in range(2):
         env = dict(os.environ, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                   "--xla_force_host_platform_device_count=4")
         procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "run")],
                                       env=env, text=True, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT))

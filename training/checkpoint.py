@@ -151,31 +151,51 @@ def _explain(e: BaseException) -> str:
     return f"{type(chain[-1]).__name__}: {detail[:200]}" if detail else type(chain[-1]).__name__
 
 
+def _is_orbax_echo(unraisable) -> bool:
+    """An unraisable exception left behind by a failed Orbax read: raised in Orbax's code, in
+    one of its coroutines, or a TensorStore callback thread scheduling onto the event loop
+    Orbax has already closed ("Event loop is closed" from asyncio)."""
+    frames, tb = [], unraisable.exc_traceback
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None:
+        frames.append(code.co_filename)
+    if any("orbax" in f for f in frames):
+        return True
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and "Event loop is closed" in str(unraisable.exc_value))
+    return closed_loop and any("asyncio" in f for f in frames)
+
+
+def _install_echo_filter() -> None:
+    """Wraps sys.unraisablehook (once per process) so Orbax's echoes are dropped and every
+    other unraisable exception still reaches the previous hook. It stays installed: the echoes
+    can surface from background threads long after the failed read returned."""
+    if getattr(sys.unraisablehook, "_mnemax_echo_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_orbax_echo(unraisable):
+            previous(unraisable)
+
+    hook._mnemax_echo_filter = True
+    sys.unraisablehook = hook
+
+
 @contextmanager
 def _quiet_orbax_leftovers():
     """When one array of a checkpoint fails to read, Orbax leaves the reads of the others as
     coroutines that fail again when garbage-collected, and Python prints each one's traceback
     (with TensorStore's repr of itself) to stderr. Those are echoes of the error already
-    reported in one line: collect them here, under a hook that drops them."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        tb, from_orbax = unraisable.exc_traceback, False
-        while tb is not None:
-            from_orbax |= "orbax" in tb.tb_frame.f_code.co_filename
-            tb = tb.tb_next
-        obj = unraisable.object
-        code = getattr(obj, "cr_code", None)
-        from_orbax |= code is not None and "orbax" in code.co_filename
-        if not from_orbax:
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    reported in one line: drop them (_install_echo_filter) and collect them here."""
+    _install_echo_filter()
     try:
         yield
     finally:
         gc.collect()
-        sys.unraisablehook = previous
 
 
 class Checkpointer:
