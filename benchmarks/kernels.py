@@ -387,6 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--interpret", action="store_true",
                    help="run Pallas backends in the interpreter (slow; lets them run on CPU)")
     p.add_argument("--skip_attention", action="store_true")
+    p.add_argument("--skip_linear", action="store_true", help="attention rows only")
     p.add_argument("--attn_backends", nargs="+",
                    help="default: auto and each explicit backend of the platform")
     p.add_argument("--attn_T", type=int, help="default 16384 (CPU 4096)")
@@ -421,7 +422,7 @@ def main(argv=None) -> int:
     print(header, flush=True)
 
     start = time.perf_counter()
-    rows = run_linear(a)
+    rows = [] if a.skip_linear else run_linear(a)
     attn = [] if a.skip_attention else run_attention(a)
     text = tables(rows, attn, a, header)
     print("\n" + text + f"\n(total {time.perf_counter() - start:.0f} s)")
@@ -434,7 +435,7 @@ def main(argv=None) -> int:
             "jax": jax.__version__, "argv": argv, "settings": vars(a)}
     stem.with_suffix(".json").write_text(
         json.dumps({**meta, "rows": rows, "attention": attn}, indent=1))
-    plot(rows, attn, a.shapes, stem.with_suffix(".png"),
+    plot(rows, attn, [] if a.skip_linear else a.shapes, stem.with_suffix(".png"),
          f"fwd+bwd time, {plat} ({meta['device']}), {a.dtype}")
     print(f"saved {stem}.md/.json/.png")
     return 0

@@ -6,8 +6,10 @@ Public tensors are [B, T, H, D]; the chunked XLA paths work on [B, H, N, C, D].
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,62 @@ NOT_BUILT = ("pallas",)
 # picks the kernel driver for the platform; "pallas_gpu" / "pallas_tpu" name a driver outright
 # (on CPU both run only in the Pallas interpreter, for tests).
 PALLAS_BACKENDS = ("pallas", "pallas_gpu", "pallas_tpu")
+
+
+_TARGET = threading.local()
+
+
+def target_platform() -> str:
+    """The platform kernels are built for: jax.default_backend(), or the one a
+    `lowering_for` block names."""
+    return getattr(_TARGET, "platform", None) or jax.default_backend()
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str) -> Iterator[None]:
+    """Inside this block the ops build their Pallas kernels for `platform` ("gpu" or "tpu")
+    instead of refusing them on a CPU: for lowering a function for a device this machine lacks,
+
+        with lowering_for("gpu"):
+            jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+    which runs the Pallas -> Triton / Mosaic lowering with its resource checks (shared memory,
+    VMEM, block shapes) without executing anything (tests/test_lowering.py).
+
+    Raises:
+        ValueError: a platform other than "gpu" or "tpu".
+    """
+    if platform not in ("gpu", "tpu"):
+        raise ValueError(f"lowering_for: platform must be 'gpu' or 'tpu'; got {platform!r}")
+    previous = getattr(_TARGET, "platform", None)
+    _TARGET.platform = platform
+    try:
+        yield
+    finally:
+        _TARGET.platform = previous
+
+
+def kernel_dtype(x: jax.Array, state_impl: str):
+    """Matmul input dtype of a chunked op: bfloat16 when its inputs are bf16 and the state sweep
+    is a Pallas kernel, else float32.
+
+    On the kernel path bf16 inputs feed the tensor cores / MXU as bf16 with float32
+    accumulation: each product is then exact and only the sum rounds (to float32), so a score
+    q.k or k.k costs no more precision than the bf16 inputs already lost. Whatever is a long
+    sum over the sequence (the state) or an exponent (cumulative gates) stays float32, and so
+    does the triangular solve (its rows depend on earlier rows). The "xla" backend stays
+    float32 at HIGHEST throughout: it is the portable definition the kernels are tested
+    against, and CPU (where it runs in tests) has no fast bf16 matmul.
+    """
+    return jnp.bfloat16 if x.dtype == jnp.bfloat16 and state_impl != "xla" else jnp.float32
+
+
+def matmul(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """einsum(spec, a, b) -> float32, inputs cast to `dtype`: float32 at HIGHEST precision, or
+    bf16 with float32 accumulation (see kernel_dtype)."""
+    precision = PRECISION if dtype == jnp.float32 else None
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=precision,
+                      preferred_element_type=jnp.float32)
 
 
 def default_scale(k: jax.Array, scale: float | None = None) -> float:
@@ -61,7 +119,7 @@ def state_backend(impl: str, interpret: bool = False, op: str | None = None) -> 
     """
     if impl not in PALLAS_BACKENDS:
         return impl
-    platform = jax.default_backend()
+    platform = target_platform()
     if impl == "pallas":
         impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
     if platform == "cpu" and not interpret:

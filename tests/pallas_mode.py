@@ -8,5 +8,6 @@ def interpret(backend: str) -> bool:
     tpu): then the same tests check the compiled kernels on the device."""
     platform = jax.default_backend()
     native = {"pallas": platform in ("gpu", "tpu"), "pallas_gpu": platform == "gpu",
-              "pallas_tpu": platform == "tpu"}
+              "pallas_tpu": platform == "tpu", "flash": platform == "gpu",
+              "splash": platform == "tpu"}
     return not native.get(backend, False)

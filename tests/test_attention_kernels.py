@@ -15,6 +15,7 @@ from pallas_kernels.attention import attention, attention_reference
 from pallas_kernels.attention.flash import flash_attention, key_blocks, query_blocks
 from pallas_kernels.attention.reference import visibility
 from pallas_kernels.attention.splash import make_mask, splash_attention
+from tests.pallas_mode import interpret
 from tests.parity import relative_error
 
 # float32: the kernel differs from the reference only by summation order (measured ~1e-6).
@@ -51,7 +52,7 @@ def _fns(fn, **kw):
 
 def _flash(window, n_sinks, bq, bk):
     return _fns(flash_attention, window=window, n_sinks=n_sinks, block_q=bq, block_k=bk,
-                interpret=True)
+                interpret=interpret("flash"))
 
 
 def _reference(window, n_sinks):
@@ -142,7 +143,7 @@ def test_flash_never_reads_skipped_blocks(n_sinks):
     def dkv(q, cot):
         _, vjp = jax.vjp(lambda q, k, v: flash_attention(
             q, k, v, window=window, n_sinks=n_sinks, block_q=b16, block_k=b16,
-            interpret=True), q, k, v)
+            interpret=interpret("flash")), q, k, v)
         _, dk, dv = vjp(cot)
         return dk[:, 16:32], dv[:, 16:32]                 # key block 1
 

@@ -23,8 +23,12 @@ B, H = 2, 2
 # max |pallas - reference| / max |reference|. float32: the chunked form sums in another order
 # and (delta rules) solves a triangular system, as the xla backend does; measured <= 4e-7,
 # and 1.4e-5 for normalized linear attention's gradients (the division by q.z). bf16 inputs
-# against the float32 reference on the unrounded inputs: input rounding and the bf16 output
-# (measured <= 7.8e-3).
+# against the float32 reference on the unrounded inputs: input rounding, bf16 matmul inputs on
+# the kernel path (common.kernel_dtype) and the bf16 output (measured <= 9.4e-3, simple_gla's
+# gradients; 7.2e-3 gated_delta_rule). Normalized linear attention's gradients: 3.0e-2, the
+# same on the float32 xla backend, so it is the rounding of the inputs, amplified by the
+# division by q.z, not the kernel's matmuls.
+BF16_TOL_NORMALIZED = 5e-2
 F32_TOL = 1e-4
 BF16_TOL = 1.5e-2
 
@@ -100,8 +104,10 @@ def test_pallas_head_dims_64_and_128(op, dim):
     check(op, t=24, dk=dim, dv=dim)
 
 
-def test_pallas_bf16_inputs():
-    check("gated_delta_rule", t=37, dk=16, dv=8, dtype=jnp.bfloat16, tol=BF16_TOL)
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_pallas_bf16_inputs(op):
+    tol = BF16_TOL_NORMALIZED if op == "linear_attention" else BF16_TOL
+    check(op, t=37, dk=16, dv=8, dtype=jnp.bfloat16, tol=tol)
 
 
 def test_pallas_tpu_driver():

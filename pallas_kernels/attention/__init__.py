@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.xla import softmax_attention
-from pallas_kernels.common import resolve_backend
+from pallas_kernels.common import resolve_backend, target_platform
 
 __all__ = ["BACKENDS", "attention", "attention_reference", "softmax_attention", "visibility_mask"]
 
@@ -86,7 +86,7 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
             backend off its platform without interpret=True.
     """
     _check(q, k, v, window, n_sinks)
-    platform = jax.default_backend()
+    platform = target_platform()
     # "auto" stays "xla" on GPU until the flash kernel has been compiled and checked on a GPU
     # (so far it is verified only in interpret mode on CPU); then it should pick "flash".
     impl = resolve_backend(backend, BACKENDS, auto="splash" if platform == "tpu" else "xla",

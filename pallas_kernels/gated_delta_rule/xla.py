@@ -41,17 +41,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.common import (
-    PRECISION,
     from_chunks,
     initial_state_f32,
+    kernel_dtype,
+    matmul,
     solve_unit_lower,
     to_chunks,
 )
-from pallas_kernels.state_passing import state_passing
-
-
-def _mm(spec, a, b):
-    return jnp.einsum(spec, a, b, precision=PRECISION)
+from pallas_kernels.state_passing import chunk_outputs
 
 
 def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -83,6 +80,10 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
     """
     t, dk = q.shape[1], q.shape[-1]
     c = int(chunk_size)
+    # Matmul inputs: bfloat16 on the kernel path when the inputs are bf16 (common.kernel_dtype),
+    # float32 at HIGHEST otherwise. The solve and every decay factor stay float32 either way.
+    mat = kernel_dtype(q, state_impl)
+    _mm = lambda spec, a, b: matmul(spec, a, b, mat)
     scale = dk ** -0.5 if scale is None else scale
     qc, kc, vc = (to_chunks(x, c) for x in (q, k, v))                # [B, H, N, C, K|V]
     qc = qc * scale
@@ -108,7 +109,8 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         chunk_decay = jnp.broadcast_to(jnp.exp(cum[..., -1:]), kc.shape[:3] + (dk,))
     wu = solve_unit_lower(a, rhs)
     w, u = wu[..., :dk], wu[..., dk:]
-    states, x, s = state_passing(w, u, kd, chunk_decay, initial_state_f32(initial_state, q, v),
-                                 backend=state_impl, interpret=interpret)
-    o = _mm("bhnck,bhnkv->bhncv", gq, states) + _mm("bhnij,bhnjv->bhniv", qk, x)
+    low = lambda a: a.astype(mat)
+    o, s = chunk_outputs(low(gq), low(qk), low(w), low(u), low(kd), chunk_decay,
+                         initial_state_f32(initial_state, q, v), backend=state_impl,
+                         interpret=interpret)
     return from_chunks(o, t, q.dtype), (s if output_final_state else None)

@@ -41,9 +41,11 @@ from pallas_kernels.common import (
     PRECISION,
     default_scale,
     from_chunks,
+    kernel_dtype,
+    matmul,
     to_chunks,
 )
-from pallas_kernels.state_passing import state_passing
+from pallas_kernels.state_passing import chunk_outputs
 
 # Sub-chunk size c for gla's diagonal blocks. The pairwise-decay tensor costs T * c * K exps
 # (the bulk of the forward time on CPU), the bridge between sub-chunks (C / c)^2 * K per chunk:
@@ -145,9 +147,10 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
     g_last = g_cum[..., -1, :]                                             # G_C [B, H, N, K]
 
     k_state = kc * jnp.exp(g_last[..., None, :] - g_cum)                   # exponent <= 0
-    s_before, _, s_final = state_passing(None, vc, k_state, jnp.exp(g_last), s0,
-                                         backend=state_impl, interpret=interpret)
-    o = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g_cum), s_before, precision=PRECISION)
+    low = lambda a: a.astype(kernel_dtype(q, state_impl))
+    # The inter-chunk term q_i exp(G_i) S_n inside the sweep; the intra-chunk one below.
+    o, s_final = chunk_outputs(low(qc * jnp.exp(g_cum)), None, None, low(vc), low(k_state),
+                               jnp.exp(g_last), s0, backend=state_impl, interpret=interpret)
 
     sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
     o = o + _gla_intra(qc, kc, vc, g_cum, sub)
@@ -189,13 +192,13 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
 
     k_state = kc * jnp.exp(g_last[..., None] - g_cum)[..., None]
     chunk_decay = jnp.broadcast_to(jnp.exp(g_last)[..., None], (*g_last.shape, dk))
-    s_before, _, s_final = state_passing(None, vc, k_state, chunk_decay, s0,
-                                         backend=state_impl, interpret=interpret)
-    o = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g_cum)[..., None], s_before,
-                   precision=PRECISION)
-
+    mat = kernel_dtype(q, state_impl)
     causal = np.tril(np.ones((chunk_size, chunk_size), bool))
     decay = _exp_masked(g_cum[..., :, None] - g_cum[..., None, :], causal)  # [B, H, N, C, C]
-    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, precision=PRECISION) * decay
-    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc, precision=PRECISION)
+    scores = matmul("bhnik,bhnjk->bhnij", qc, kc, mat) * decay
+    # o = q_i exp(G_i) S_n + scores v, both inside the sweep.
+    low = lambda a: a.astype(mat)
+    o, s_final = chunk_outputs(low(qc * jnp.exp(g_cum)[..., None]), low(scores), None, low(vc),
+                               low(k_state), chunk_decay, s0, backend=state_impl,
+                               interpret=interpret)
     return _finish(o, s_final, t, q.dtype, output_final_state)

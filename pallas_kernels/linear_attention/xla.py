@@ -20,13 +20,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.common import (
-    PRECISION,
     default_scale,
     from_chunks,
+    kernel_dtype,
+    matmul,
     to_chunks,
 )
 from pallas_kernels.linear_attention.reference import EPS, split_state
-from pallas_kernels.state_passing import state_passing
+from pallas_kernels.state_passing import chunk_outputs
 
 
 def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=None,
@@ -66,13 +67,13 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
 
     # No decay: a vector of ones (the sweep multiplies by it; cheap next to the matmuls).
     ones = jnp.ones(kc.shape[:3] + kc.shape[-1:], jnp.float32)
-    s_before, _, s_final = state_passing(None, vc, kc, ones, s0, backend=state_impl,
-                                         interpret=interpret)
-    o = jnp.einsum("bhnck,bhnkv->bhncv", qc, s_before, precision=PRECISION)
-    scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc, precision=PRECISION)
+    mat = kernel_dtype(q, state_impl)
     causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-    scores = jnp.where(causal, scores, 0.0)
-    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc, precision=PRECISION)
+    scores = jnp.where(causal, matmul("bhnik,bhnjk->bhnij", qc, kc, mat), 0.0)
+    # o = q S_n + scores v, both inside the sweep.
+    low = lambda a: a.astype(mat)
+    o, s_final = chunk_outputs(low(qc), low(scores), None, low(vc), low(kc), ones, s0,
+                               backend=state_impl, interpret=interpret)
 
     if normalize:
         o = o[..., :dv] / (o[..., dv:] + EPS)

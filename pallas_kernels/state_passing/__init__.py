@@ -22,11 +22,16 @@ The recurrence (one per batch row and head; S_n is the [K, V] state entering chu
 Everything per chunk that does not depend on S (building w, u, kd, and the intra-chunk
 outputs) is parallel over chunks and stays in XLA (batched matmuls, autodiff); only this
 sweep is sequential, and it is what the Pallas kernels (pallas.py) implement, forward and
-backward, joined by jax.custom_vjp. The chunk outputs o_n = Q_n S_n + (intra-chunk) x_n are
-then one batched matmul over all chunks.
+backward, joined by jax.custom_vjp. The ops call `chunk_outputs`, which also forms the chunk
+outputs o_n = gq_n S_n + qk_n x_n: on "xla" as batched matmuls over the states
+`state_passing` returns, on a Pallas backend inside the sweep (fused.py), so the forward never
+writes the chunk-start states; its backward recomputes them with the sweep kernel.
 
-Returns the state entering every chunk (the outputs need them), x (the same array as u when
-there is no w) and the final state, all float32.
+On the GPU driver C, K and V are zero-padded to Triton's tile sides (powers of two, >= 16) and
+sliced back (`_triton_side`); zeros are inert in the recurrence.
+
+`state_passing` returns the state entering every chunk, x (the same array as u when there is
+no w) and the final state, all float32.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import PRECISION
+from pallas_kernels.state_passing import fused as _fused
 from pallas_kernels.state_passing import pallas as _pallas
 
-__all__ = ["BACKENDS", "state_passing", "state_passing_xla"]
+__all__ = ["BACKENDS", "chunk_outputs", "state_passing", "state_passing_xla"]
 
 BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
 F32 = jnp.float32
@@ -90,12 +96,16 @@ def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None, interpret
     """
     if backend == "xla":
         return state_passing_xla(w, u, kd, decay, s0)
-    if backend not in BACKENDS:
-        raise ValueError(f"state_passing: unknown backend {backend!r}; choose one of "
-                         f"{', '.join(map(repr, BACKENDS))}")
-    driver = backend.removeprefix("pallas_")
+    driver = _driver("state_passing", backend)
     b, h, n, c, k = kd.shape
     v = u.shape[-1]
+    if driver == "gpu" and (padded := _triton_padding(c, k, v)):
+        states, x, s_final = state_passing(*_pad_sweep_inputs(w, u, kd, decay, s0, padded),
+                                           backend=backend, block_v=block_v,
+                                           interpret=interpret)
+        # The slices give the padding zero gradient.
+        return (states[..., :k, :v], u if w is None else x[..., :c, :v],
+                s_final[..., :k, :v])
     bv = _default_block_v(v, driver) if block_v is None else int(block_v)
     if bv < 1 or v % bv:
         raise ValueError(f"state_passing: block_v={block_v} must divide V={v}")
@@ -106,6 +116,41 @@ def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None, interpret
     states = states.reshape(b, h, n, k, v)
     x = u if w is None else x.reshape(b, h, n, c, v)
     return states, x, s_final.reshape(b, h, k, v)
+
+
+def _driver(op: str, backend: str) -> str:
+    """"gpu" or "tpu" for a Pallas backend name; ValueError naming `op` for anything else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of "
+                         f"{', '.join(map(repr, BACKENDS))}")
+    return backend.removeprefix("pallas_")
+
+
+def _triton_side(d: int) -> int:
+    """Triton tiles have power-of-two sides, and tl.dot wants each side >= 16."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _triton_padding(c: int, k: int, v: int):
+    """(Cp, Kp, Vp), the Triton sides of (C, K, V), or None when they already are."""
+    padded = tuple(_triton_side(d) for d in (c, k, v))
+    return None if padded == (c, k, v) else padded
+
+
+def _pad(a, rows: int, cols: int):
+    """a zero-padded at the end of its last two axes (None stays None)."""
+    return None if a is None else jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, rows), (0, cols)])
+
+
+def _pad_sweep_inputs(w, u, kd, decay, s0, padded):
+    """The sweep's inputs padded to (Cp, Kp, Vp). Zeros are inert: a padded row of w / u / kd
+    writes nothing (x = 0 there, kd^T x = 0); padded K rows of the state start at 0 and stay 0
+    (decay 1, no write); padded V columns never mix with real ones."""
+    c, k, v = kd.shape[3], kd.shape[4], u.shape[-1]
+    cp, kp, vp = padded
+    return (_pad(w, cp - c, kp - k), _pad(u, cp - c, vp - v), _pad(kd, cp - c, kp - k),
+            jnp.pad(decay, [(0, 0)] * 3 + [(0, kp - k)], constant_values=1.0),
+            _pad(s0, kp - k, vp - v))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -138,3 +183,88 @@ def _kernel_op_bwd(cfg, res, cts):
 
 
 _kernel_op.defvjp(_kernel_op_fwd, _kernel_op_bwd)
+
+
+# ------------------------------------------------------------------ sweep fused with the outputs
+
+
+def _outputs_unfused(gq, qk, w, u, kd, decay, s0, backend, block_v, interpret):
+    """o = gq S + qk x from the states the sweep returns (float32), and the final state."""
+    f32 = lambda a: None if a is None else a.astype(F32)
+    states, x, s_final = state_passing(f32(w), f32(u), f32(kd), decay, s0, backend=backend,
+                                       block_v=block_v, interpret=interpret)
+    o = jnp.einsum("bhnck,bhnkv->bhncv", f32(gq), states, precision=PRECISION)
+    if qk is not None:
+        o = o + jnp.einsum("bhnij,bhnjv->bhniv", f32(qk), x, precision=PRECISION)
+    return o, s_final
+
+
+def chunk_outputs(gq, qk, w, u, kd, decay, s0, *, backend="xla", block_v=None,
+                  interpret=False):
+    """The chunk outputs o_n = gq_n S_n + qk_n x_n over the state sweep, and the final state.
+
+    "xla" runs the lax.scan sweep and two batched matmuls; a Pallas backend runs one kernel
+    that computes o inside the sweep, so the chunk-start states are never written (fused.py),
+    and its backward recomputes them with the sweep kernel and runs the reverse sweep.
+
+    Args:
+        gq: [B, H, N, C, K] queries as they read the chunk-start state (scaled and decayed).
+        qk: [B, H, N, C, C] masked intra-chunk scores applied to x, or None (no such term: the
+            caller adds its own intra-chunk output).
+        w, u, kd, decay, s0: as in `state_passing` (w may be None).
+        backend, block_v, interpret: as in `state_passing`.
+
+    Float32 or bfloat16 gq / qk / w / u / kd; decay and s0 float32.
+
+    Returns:
+        (o [B, H, N, C, V] float32, s_final [B, H, K, V] float32).
+    """
+    if backend == "xla":
+        return _outputs_unfused(gq, qk, w, u, kd, decay, s0, "xla", None, False)
+    driver = _driver("chunk_outputs", backend)
+    b, h, n, c, k = kd.shape
+    v = u.shape[-1]
+    if driver == "gpu" and (padded := _triton_padding(c, k, v)):
+        cp, kp, _ = padded
+        o, s_final = chunk_outputs(_pad(gq, cp - c, kp - k), _pad(qk, cp - c, cp - c),
+                                   *_pad_sweep_inputs(w, u, kd, decay, s0, padded),
+                                   backend=backend, block_v=block_v, interpret=interpret)
+        return o[..., :c, :v], s_final[..., :k, :v]
+    bv = _default_block_v(v, driver) if block_v is None else int(block_v)
+    if bv < 1 or v % bv:
+        raise ValueError(f"chunk_outputs: block_v={block_v} must divide V={v}")
+    return _fused_op(gq, qk, w, u, kd, decay.astype(F32), s0.astype(F32),
+                     (backend, bv, bool(interpret)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused_op(gq, qk, w, u, kd, decay, s0, cfg):
+    backend, bv, interpret = cfg
+    b, h, n, c, k = kd.shape
+    v = u.shape[-1]
+    # One input dtype for the kernel's matmuls: bfloat16 only when every matrix input is.
+    dtype = jnp.bfloat16 if all(a is None or a.dtype == jnp.bfloat16
+                                for a in (gq, qk, w, u, kd)) else F32
+    flat = lambda a, d: None if a is None else a.astype(dtype).reshape(b * h, n * c, d)
+    o, s_final = _fused.forward(
+        flat(gq, k), flat(qk, c), flat(w, k), flat(u, v), flat(kd, k),
+        decay.reshape(b * h, n, 1, k), s0.reshape(b * h, k, v), chunk_size=c, block_v=bv,
+        driver=backend.removeprefix("pallas_"), interpret=interpret, out_dtype=F32)
+    return o.reshape(b, h, n, c, v), s_final.reshape(b, h, k, v)
+
+
+def _fused_fwd(gq, qk, w, u, kd, decay, s0, cfg):
+    # Residuals: the inputs only; the states are recomputed in the backward.
+    return _fused_op(gq, qk, w, u, kd, decay, s0, cfg), (gq, qk, w, u, kd, decay, s0)
+
+
+def _fused_bwd(cfg, res, cts):
+    backend, bv, interpret = cfg
+    # The backward of the unfused form on the kernels: the sweep kernel recomputes the
+    # chunk-start states (float32), then the reverse-sweep kernel and two batched matmuls.
+    _, vjp = jax.vjp(lambda *a: _outputs_unfused(*a, backend, bv, interpret), *res)
+    grads = vjp(cts)
+    return tuple(None if g is None else g.astype(a.dtype) for g, a in zip(grads, res))
+
+
+_fused_op.defvjp(_fused_fwd, _fused_bwd)

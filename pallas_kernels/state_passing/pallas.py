@@ -23,14 +23,19 @@ sum over V, so with VB > 1 each V tile writes a partial that the wrapper sums.
 Two drivers share the per-chunk bodies (`_fwd_chunk`, `_bwd_chunk`):
 * "gpu": grid (R, VB), one program walks all N chunks in a fori_loop with the state in
   registers; each input block is the row's whole sequence and the loop loads [C, K] slices
-  with pl.ds (the pattern of jax's Pallas GPU attention). Written for Pallas' GPU lowering.
+  with pl.ds (the pattern of jax's Pallas GPU attention). Lowered through Triton, pinned by
+  its compiler params (`compiler_params`: without them jax 0.10 picks Mosaic GPU, which
+  stages whole-sequence blocks in shared memory and overflows it).
 * "tpu": grid (R, VB, N), the chunk axis "arbitrary" (sequential) and the state in a VMEM
   scratch that persists across it, so a block is one chunk ([C, K] tiles, double-buffered by
   the Pallas pipeline) and long sequences never have to fit VMEM. The backward walks the chunk
   axis in reverse through its index maps.
 
-Both are checked on CPU in interpret mode (tests/test_state_passing.py). Matmuls take float32
-inputs at HIGHEST precision: the state is a sum over the whole sequence (see common.PRECISION).
+Both are checked on CPU in interpret mode (tests/test_state_passing.py) and lowered for their
+platform (tests/test_lowering.py). Matmuls take float32 inputs at HIGHEST precision: the state
+is a sum over the whole sequence (see common.PRECISION). These kernels run the backward of the
+ops (and the unfused forward); the ops' forward is the fused kernel of fused.py, which also
+takes bf16 inputs.
 
 What the backward reads: the forward's outputs (every chunk-start state and, with w, every x
 tile) are kept as residuals rather than recomputed. The states are outputs of the op anyway
@@ -193,15 +198,24 @@ def _block(shape, index_map):
     return pl.BlockSpec(shape, index_map)
 
 
-def _compiler_params(driver, n_grid):
-    if driver != "tpu":
-        return None
+def compiler_params(driver, n_grid, k, bv):
+    if driver == "gpu":
+        # Pinned to Pallas' Triton lowering. Left unset (compiler_params=None), jax 0.10 lowers
+        # a GPU pallas_call through Mosaic GPU, which stages every whole-sequence block in
+        # shared memory (8.5 MB at B4 T4096 H16 D128, against 227 KB on an H100/H200); in
+        # Triton a block is a pointer and the loop loads one [C, K] chunk at a time. Warps:
+        # the [K, BV] float32 state lives in registers across the loop, 8 warps when it is
+        # 128 x 64 or larger (32 values per thread) and 4 below. One stage: each step needs
+        # the previous step's state, and a second pipeline stage would double the shared
+        # memory of the chunk loads for little overlap.
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.CompilerParams(num_warps=8 if k * bv >= 128 * 64 else 4, num_stages=1)
     from jax.experimental.pallas import tpu as pltpu
     sem = ("parallel",) * (n_grid - 1) + ("arbitrary",)
     return pltpu.CompilerParams(dimension_semantics=sem)
 
 
-def _interpret_arg(driver, interpret):
+def interpret_arg(driver, interpret):
     if not interpret:
         return False
     if driver == "tpu":
@@ -253,8 +267,8 @@ def forward(w, u, kd, decay, s0, *, chunk_size, block_v, driver, interpret):
     args = ((w,) if has_w else ()) + (u, kd, decay, s0)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=scratch, compiler_params=_compiler_params(driver, len(grid)),
-        interpret=_interpret_arg(driver, interpret), name="state_passing_fwd")(*args)
+        scratch_shapes=scratch, compiler_params=compiler_params(driver, len(grid), k, bv),
+        interpret=interpret_arg(driver, interpret), name="state_passing_fwd")(*args)
     return outs[0], outs[1], (outs[2] if has_w else None)
 
 
@@ -313,8 +327,8 @@ def backward(w, x, kd, decay, states, d_states, d_final, d_x, *, chunk_size, blo
     args += (d_x,) if has_w else ()
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=scratch, compiler_params=_compiler_params(driver, len(grid)),
-        interpret=_interpret_arg(driver, interpret), name="state_passing_bwd")(*args)
+        scratch_shapes=scratch, compiler_params=compiler_params(driver, len(grid), k, bv),
+        interpret=interpret_arg(driver, interpret), name="state_passing_bwd")(*args)
     d_u, d_kd, d_decay, d_s0 = outs[:4]
     d_w = outs[4].sum(0) if has_w else None
     return d_w, d_u, d_kd.sum(0), d_decay.sum(0), d_s0

@@ -1,0 +1,117 @@
+"""Every Pallas kernel lowered for the platform it targets, from this CPU, forward and backward.
+
+`jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",) or ("tpu",))` runs the Pallas ->
+Triton (GPU) / Mosaic (TPU) lowering without a device and without executing anything: it
+catches unsupported primitives, block shapes the target refuses (Triton's power-of-two tiles,
+TPU's (8, 128) tiling), VMEM overflow and, for Mosaic GPU, shared-memory overflow. It does not
+run ptxas on the Triton IR (XLA does that when it compiles for a real GPU), so register
+pressure and Triton's own shared-memory budget are checked only on a device
+(benchmarks/device_check.sh).
+
+Arguments are jax.ShapeDtypeStruct, so the benchmark shapes (B4 T4096 H16 D128, attention up
+to T16384) cost no memory. Each case asserts that the lowered module holds the kernel's custom
+call (Triton for the GPU, Mosaic for the TPU), not an XLA fallback.
+
+Shape legend: B batch, T time, H heads, D head dim (K = V = D).
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.attention import attention
+from pallas_kernels.common import lowering_for
+from pallas_kernels.delta_rule import delta_rule
+from pallas_kernels.gated_delta_rule import gated_delta_rule
+from pallas_kernels.gla import gla, simple_gla
+from pallas_kernels.linear_attention import linear_attention
+
+# The custom call each platform's Pallas lowering emits; the GPU one must be Triton (the
+# kernels are written for it, see state_passing/pallas.py), not Mosaic GPU.
+KERNEL_CALL = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+LOWERING_PLATFORM = {"gpu": "cuda", "tpu": "tpu"}
+BENCH = (4, 4096, 16, 128)          # benchmarks/kernels.py's shape
+
+
+def lowered_text(fn, args, platform: str) -> str:
+    """The StableHLO text of jit(fn)(*args) lowered for `platform` ("gpu" / "tpu")."""
+    with lowering_for(platform):
+        traced = jax.jit(fn).trace(*args)
+        return traced.lower(lowering_platforms=(LOWERING_PLATFORM[platform],)).as_text()
+
+
+def kernel_calls(text: str, platform: str) -> int:
+    return len(re.findall(re.escape(f"custom_call @{KERNEL_CALL[platform]}"), text))
+
+
+def linear_op_args(op, shape, dtype):
+    b, t, h, d = shape
+    s = lambda *dims: jax.ShapeDtypeStruct(dims, dtype)
+    qkv = (s(b, t, h, d), s(b, t, h, d), s(b, t, h, d))
+    if op == "gated_delta_rule":
+        return (*qkv, s(b, t, h), s(b, t, h))
+    if op == "delta_rule":
+        return (*qkv, s(b, t, h))
+    if op == "gla":
+        return (*qkv, s(b, t, h, d))
+    if op == "simple_gla":
+        return (*qkv, s(b, t, h))
+    return qkv
+
+
+OPS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "gla": gla,
+       "simple_gla": simple_gla, "linear_attention": linear_attention,
+       "normalized_linear_attention": functools.partial(linear_attention, normalize=True)}
+
+
+def op_fwd_bwd(op, backend):
+    """(*args) -> gradients of sum(o) + sum(final state) in every input: forward and backward."""
+    def loss(*args):
+        o, s = OPS[op](*args, backend=backend, output_final_state=True)
+        return jnp.sum(o.astype(jnp.float32)) + sum(jnp.sum(x) for x in jax.tree.leaves(s))
+
+    return lambda *args: jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("shape,dtype", [
+    ((1, 37, 2, 16), jnp.float32),      # odd length (padded to the chunk), small head dim
+    (BENCH, jnp.bfloat16),
+    ((4, 4096, 16, 64), jnp.float32),
+], ids=["small", "bench-d128-bf16", "bench-d64-f32"])
+def test_linear_op_lowers(op, platform, shape, dtype):
+    backend = f"pallas_{platform}"
+    text = lowered_text(op_fwd_bwd(op, backend), linear_op_args(op, shape, dtype), platform)
+    # At least the forward sweep and the backward sweep are kernels.
+    assert kernel_calls(text, platform) >= 2, text[:2000]
+
+
+@pytest.mark.parametrize("platform,backend", [("gpu", "flash"), ("tpu", "splash")])
+@pytest.mark.parametrize("t,d,window", [(4096, 128, None), (16384, 128, 1024), (16384, 64, None),
+                                        (100, 64, 32)])
+def test_attention_kernel_lowers(platform, backend, t, d, window):
+    b, h, hkv = (1, 16, 4) if t > 4096 else (4, 16, 16)
+    s = lambda hh: jax.ShapeDtypeStruct((b, t, hh, d), jnp.bfloat16)
+
+    def fwd_bwd(q, k, v):
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, window=window, backend=backend)
+                                    .astype(jnp.float32))
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    text = lowered_text(fwd_bwd, (s(h), s(hkv), s(hkv)), platform)
+    assert kernel_calls(text, platform) >= 2, text[:2000]
+
+
+def test_lowering_for_restores_the_platform_and_refuses_cpu():
+    from pallas_kernels.common import target_platform
+
+    with lowering_for("tpu"):
+        assert target_platform() == "tpu"
+    assert target_platform() == jax.default_backend()
+    with pytest.raises(ValueError, match="platform must be 'gpu' or 'tpu'"):
+        with lowering_for("cpu"):
+            pass
