@@ -189,7 +189,11 @@ class Attention(nnx.Module):
                        n_sinks=self.n_sinks)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): a query sees
+        its own document only; `positions` should then be in-document positions (RoPE, window
+        and sinks count them), as the LM passes them."""
         b, t, _ = x.shape
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = jnp.split(self.qkv(x), [h * dh, (h + hkv) * dh], axis=-1)
@@ -218,10 +222,13 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = write_cache(cache, k, v, positions)
-        if cache is None and self.backend != "xla":
+        if cache is None and (self.backend != "xla" or segment_ids is not None):
             o = attention_op(q, k, v, window=self.window, n_sinks=self.n_sinks,
-                             scale=dh ** -0.5, backend=self.backend)
+                             scale=dh ** -0.5, backend=self.backend, segment_ids=segment_ids)
         else:
+            if segment_ids is not None:
+                raise ValueError("attention: segment_ids are for the cache-free call (packed "
+                                 "training rows); decoding runs one sequence per row")
             mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
             o = softmax_attention(q, keys, values, mask, dh ** -0.5)
         return self.out(o.reshape(b, t, h * dh)), cache

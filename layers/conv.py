@@ -5,6 +5,10 @@ Shape legend: B batch, T tokens, C channels, W kernel width.
 y_t[c] = sum_{i < W} w[i, c] * x_{t - W + 1 + i}[c]  (+ bias[c]), with x_{<0} = 0.
 The decode cache holds the last W - 1 inputs, so prefill, chunked prefill and single-token
 steps all see the same window; its size does not depend on the sequence length.
+
+Packed documents (segment_ids, see pallas_kernels/common.py): tap i reads the token W - 1 - i
+steps back, and it is dropped when that token lies before the document's start (its lag
+exceeds the in-document position), so no document reads the previous one's tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
+from pallas_kernels.common import document_positions
 
 
 @struct.dataclass
@@ -41,9 +46,12 @@ class ShortConv(nnx.Module):
         dtype = self.dtype if dtype is None else dtype
         return ConvCache(tail=jnp.zeros((batch_size, self.width - 1, self.channels), dtype))
 
-    def __call__(self, x: jax.Array, cache: ConvCache | None = None
+    def __call__(self, x: jax.Array, cache: ConvCache | None = None, *, segment_ids=None
                  ) -> tuple[jax.Array, ConvCache | None]:
-        """x [B, T, C] -> y [B, T, C] (compute dtype) and the updated cache."""
+        """x [B, T, C] -> y [B, T, C] (compute dtype) and the updated cache.
+
+        segment_ids: optional [B, T] int packed-document ids (no cache): taps that would
+        reach into an earlier document read zero."""
         b, t, c = x.shape
         w = self.width
         x = x.astype(self.dtype)
@@ -54,7 +62,15 @@ class ShortConv(nnx.Module):
         full = jnp.concatenate([past, x], axis=1)             # [B, W - 1 + T, C]
         kernel = self.kernel[...].astype(self.dtype)
         # W shifted multiply-adds: W is 4 or so, and this form is the same on every backend.
-        y = sum(full[:, i:i + t] * kernel[i] for i in range(w))
+        if segment_ids is None:
+            y = sum(full[:, i:i + t] * kernel[i] for i in range(w))
+        else:
+            if cache is not None:
+                raise ValueError("ShortConv: segment_ids are for the cache-free call (packed "
+                                 "training rows); decoding runs one sequence per row")
+            pos = document_positions(segment_ids)[..., None]          # [B, T, 1]
+            y = sum(jnp.where(pos >= w - 1 - i, full[:, i:i + t], 0) * kernel[i]
+                    for i in range(w))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if cache is not None:

@@ -189,15 +189,19 @@ class DeltaNet(nnx.Module):
         return -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: DeltaNetCache | None = None) -> tuple[jax.Array, DeltaNetCache | None]:
+                 cache: DeltaNetCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, DeltaNetCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): the convs and
+        the recurrent state restart at every document start (pallas_kernels/common.py)."""
         del positions
         b, t, _ = x.shape
         h, kd, vd = self.n_heads, self.key_dim, self.value_dim
         conv_caches = (None,) * 3 if cache is None else (cache.q_conv, cache.k_conv,
                                                          cache.v_conv)
-        q, qc = self.q_conv(self.q_proj(x), conv_caches[0])
-        k, kc = self.k_conv(self.k_proj(x), conv_caches[1])
-        v, vc = self.v_conv(self.v_proj(x), conv_caches[2])
+        seg = dict(segment_ids=segment_ids)
+        q, qc = self.q_conv(self.q_proj(x), conv_caches[0], **seg)
+        k, kc = self.k_conv(self.k_proj(x), conv_caches[1], **seg)
+        v, vc = self.v_conv(self.v_proj(x), conv_caches[2], **seg)
         # The op takes inputs in the compute dtype and accumulates in float32.
         q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, kd), self.eps).astype(self.dtype)
         k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, kd), self.eps).astype(self.dtype)
@@ -215,7 +219,7 @@ class DeltaNet(nnx.Module):
             # Training (no state) or prefill / chunked prefill (start from the cached state).
             kwargs = dict(scale=scale, chunk_size=self.chunk_size, backend=self.backend,
                           initial_state=None if cache is None else cache.state,
-                          output_final_state=cache is not None)
+                          output_final_state=cache is not None, segment_ids=segment_ids)
             if self.gated:
                 o, state = gated_delta_rule(q, k, v, g, beta, **kwargs)
             else:

@@ -124,7 +124,10 @@ class GLA(nnx.Module):
         return GLACache(state=jnp.zeros(shape, jnp.float32))
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: GLACache | None = None) -> tuple[jax.Array, GLACache | None]:
+                 cache: GLACache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, GLACache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): the state
+        restarts at every document start (pallas_kernels/common.py)."""
         del positions
         b, t, _ = x.shape
         h, dk, dv = self.n_heads, self.head_k, self.head_v
@@ -137,7 +140,7 @@ class GLA(nnx.Module):
         gk = (jax.nn.log_sigmoid(logit) / self.gate_normalizer).reshape(b, t, h, dk)
         op = dict(scale=dk ** -0.5, chunk_size=self.chunk_size, backend=self.backend)
         if cache is None:
-            o, _ = gla(q, k, v, gk, **op)
+            o, _ = gla(q, k, v, gk, segment_ids=segment_ids, **op)
         elif t == 1:
             o, cache = self._step(q[:, 0], k[:, 0], v[:, 0], gk[:, 0], cache)
             o = o[:, None]

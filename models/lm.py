@@ -10,6 +10,8 @@ Shape legend: B batch, T tokens, D model width, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import jax
@@ -21,6 +23,7 @@ from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import build_mixer
 from models.sharding import constrain
+from pallas_kernels.common import document_positions
 
 RESIDUAL = ("batch", None, None)     # logical axes of the residual stream [B, T, D]
 
@@ -39,6 +42,19 @@ class ModelCache:
         return tree_nbytes(self.layers)
 
 
+@functools.cache
+def takes_segment_ids(mixer_cls) -> bool:
+    """Whether a mixer class's __call__ accepts segment_ids (packed documents)."""
+    return "segment_ids" in inspect.signature(mixer_cls.__call__).parameters
+
+
+def packing_mixers() -> list[str]:
+    """The registered mixer names whose layers keep packed documents apart."""
+    from layers.registry import MIXERS
+
+    return sorted(name for name, spec in MIXERS.items() if takes_segment_ids(spec.cls))
+
+
 class Block(nnx.Module):
     def __init__(self, cfg, mixer_name: str, *, rngs: nnx.Rngs):
         self.mixer_name = mixer_name
@@ -49,11 +65,18 @@ class Block(nnx.Module):
                           init_std=cfg.init_std,
                           out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers), rngs=rngs)
 
-    def __call__(self, x, *, positions, cache=None):
+    def __call__(self, x, *, positions, cache=None, segment_ids=None):
         """-> (x, cache, aux): aux is the mixer's auxiliary training loss (float32 scalar) when
         it has one (`mixer.aux_loss(mixer_input)`, e.g. MoM's router balance), else None."""
         h = self.mixer_norm(x)
-        y, cache = self.mixer(h, positions=positions, cache=cache)
+        if segment_ids is None:
+            y, cache = self.mixer(h, positions=positions, cache=cache)
+        else:
+            if not takes_segment_ids(type(self.mixer)):
+                raise ValueError(f"mixer {self.mixer_name!r} does not take segment_ids (packed "
+                                 f"documents) yet; mixers that do: "
+                                 f"{', '.join(packing_mixers())}")
+            y, cache = self.mixer(h, positions=positions, cache=cache, segment_ids=segment_ids)
         # Recomputes what it needs (MoM: the router); under jit XLA shares it with the mixer's
         # own computation, and drops it where unused (decode).
         aux = self.mixer.aux_loss(h) if hasattr(self.mixer, "aux_loss") else None
@@ -86,11 +109,28 @@ class LM(nnx.Module):
         return ModelCache(layers=layers, length=jnp.zeros((), jnp.int32), max_len=max_len)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 cache: ModelCache | None = None, return_aux: bool = False):
+                 cache: ModelCache | None = None, return_aux: bool = False,
+                 segment_ids: jax.Array | None = None):
         """tokens [B, T] int -> (logits [B, T, V] float32, the updated cache), and with
         return_aux the sum of the layers' auxiliary losses as a third output (a float32 scalar,
-        already weighted by their configs; None when no layer has one)."""
+        already weighted by their configs; None when no layer has one).
+
+        segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents
+        numbered from 1 in each row; pallas_kernels/common.py). Every layer then keeps its
+        documents apart (attention masks, recurrent states and short convs restart at each
+        document start), and positions default to in-document positions. Cache-free only:
+        decoding runs one sequence per row.
+        """
         b, t = tokens.shape
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are for the cache-free call (packed training "
+                                 "rows); decoding runs one sequence per row")
+            if segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids must be [B, T] = {(b, t)}; got "
+                                 f"{segment_ids.shape}")
+            if positions is None:
+                positions = document_positions(segment_ids)
         if positions is None:
             start = 0 if cache is None else cache.length
             positions = start + jnp.arange(t, dtype=jnp.int32)
@@ -101,7 +141,8 @@ class LM(nnx.Module):
         new_layers, aux = [], []
         for i, block in enumerate(self.blocks):
             x, layer_cache, layer_aux = block(x, positions=positions,
-                                              cache=None if cache is None else cache.layers[i])
+                                              cache=None if cache is None else cache.layers[i],
+                                              segment_ids=segment_ids)
             x = constrain(x, RESIDUAL)
             new_layers.append(layer_cache)
             if layer_aux is not None:

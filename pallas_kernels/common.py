@@ -155,6 +155,84 @@ def initial_state_f32(initial_state, q: jax.Array, v: jax.Array) -> jax.Array:
     return initial_state.astype(jnp.float32)
 
 
+# ----------------------------------------------------------------------------- packed documents
+#
+# segment_ids [B, T] int32: 0 marks padding, documents are numbered from 1 within a row (splash
+# attention's SegmentIds convention). The state restarts from zero at every document start (a
+# token whose id differs from the previous token's and is not padding); the first document of a
+# row continues from initial_state. Padding is made inert: its q, k, v, gates and betas are
+# replaced by zeros with jnp.where (so NaN or Inf there never reaches a real token, in values
+# or gradients), and a padding token is never a start, so trailing padding leaves the last
+# document's state as the final state.
+
+
+def check_segment_ids(op: str, segment_ids, q) -> None:
+    """Raises ValueError unless segment_ids is an integer [B, T] array matching q [B, T, ...]."""
+    if segment_ids is None:
+        return
+    if segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"{op}: segment_ids must be an integer [B, T] = {q.shape[:2]} array "
+                         f"(0 = padding, documents numbered from 1); got {segment_ids.dtype} "
+                         f"{segment_ids.shape}")
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] bool: token t opens a new document (the state is reset before it)."""
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    return (segment_ids != prev) & (segment_ids != 0)
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] int32 position of each token inside its document (0 at each document start;
+    a run of padding counts from 0 too). RoPE and attention masks of packed rows use these."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    prev = jnp.concatenate([segment_ids[:, :1] - 1, segment_ids[:, :-1]], axis=1)
+    first = jnp.where(segment_ids != prev, idx, 0)
+    return idx - jax.lax.cummax(first, axis=1)
+
+
+def zero_padding(segment_ids: jax.Array, *arrays):
+    """Each [B, T, ...] array with its padding positions (segment id 0) replaced by zeros."""
+    real = segment_ids != 0
+    return tuple(None if a is None else
+                 jnp.where(real.reshape(real.shape + (1,) * (a.ndim - 2)), a, jnp.zeros_like(a))
+                 for a in arrays)
+
+
+def reset_at_starts(state: jax.Array, start_t: jax.Array) -> jax.Array:
+    """state [B, ...] with the rows where start_t [B] is True set to zero (a scan step)."""
+    return jnp.where(start_t.reshape(start_t.shape + (1,) * (state.ndim - 1)), 0.0, state)
+
+
+class ChunkMasks:
+    """What packed documents change in the chunked form, per chunk (C tokens), from the
+    inclusive count of document starts within the chunk, n_i:
+
+        same [B, 1, N, C, C]   n_i == n_j: tokens i and j are in one document (with the
+                               causal mask: j <= i and no start in (j, i])
+        reads [B, 1, N, C, 1]  n_i == 0: token i's document began before the chunk, so it
+                               reads the chunk-start state
+        writes [B, 1, N, C, 1] n_j == n_C: token j is in the chunk's last document, the one
+                               the end-of-chunk state belongs to
+        keeps [B, 1, N, 1]     n_C == 0: no start in the chunk, the state carries over
+
+    Masks multiply (0 / 1) or select; no gate is pushed to -inf, so decay differences stay
+    finite. The sweep itself (state_passing, every backend) needs nothing else.
+    """
+
+    def __init__(self, segment_ids: jax.Array, chunk_size: int):
+        starts = pad_to_multiple(document_starts(segment_ids), chunk_size, axis=1)
+        b, tp = starts.shape
+        n_c = jnp.cumsum(starts.reshape(b, 1, tp // chunk_size, chunk_size).astype(jnp.int32),
+                         axis=-1)                                   # [B, 1, N, C]
+        self.count = n_c
+        self.same = n_c[..., :, None] == n_c[..., None, :]
+        self.reads = (n_c == 0)[..., None]
+        self.writes = (n_c == n_c[..., -1:])[..., None]
+        self.keeps = (n_c[..., -1] == 0)[..., None]
+
+
 def pad_to_multiple(x: jax.Array, multiple: int, axis: int) -> jax.Array:
     """Zero-pads `axis` of `x` at the end up to a multiple of `multiple` (no-op if already)."""
     pad = (-x.shape[axis]) % multiple

@@ -22,9 +22,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention.reference import attention_reference
+from pallas_kernels.attention.reference import attention_reference, packed_visibility
 from pallas_kernels.attention.xla import softmax_attention
-from pallas_kernels.common import resolve_backend, target_platform
+from pallas_kernels.common import (
+    check_segment_ids,
+    resolve_backend,
+    target_platform,
+    zero_padding,
+)
 
 __all__ = ["BACKENDS", "attention", "attention_reference", "softmax_attention", "visibility_mask"]
 
@@ -66,7 +71,8 @@ def _check(q, k, v, window, n_sinks) -> None:
 
 
 def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
-              scale: float | None = None, backend: str = "auto", interpret: bool = False):
+              scale: float | None = None, backend: str = "auto", interpret: bool = False,
+              segment_ids=None):
     """Causal softmax attention, optional sliding window and sinks, GQA.
 
     Args:
@@ -77,6 +83,10 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         scale: score scale, default Dh ** -0.5.
         backend: "auto", "xla", "flash", "splash" or "reference" (module docstring).
         interpret: run a Pallas backend in the Pallas interpreter (CPU tests).
+        segment_ids: optional [B, T] int ids of packed documents (0 = padding): a query sees
+            only keys of its own document, windows and sinks count in-document positions
+            (reference.packed_visibility). Backends "reference", "xla" and "splash" (splash
+            without sinks: its sink mask is row-absolute); "flash" does not take them yet.
 
     Returns:
         [B, T, H, Dh] in q's dtype.
@@ -97,16 +107,25 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
                          f"this is {platform}; use backend 'xla' (or 'auto'), or interpret=True "
                          "to run it in the (slow) Pallas interpreter")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if segment_ids is not None:
+        check_segment_ids("attention", segment_ids, q)
+        if impl == "flash" or (impl == "splash" and n_sinks):
+            raise ValueError(f"attention: backend {impl!r} does not take segment_ids"
+                             f"{' with sinks' if impl == 'splash' else ''} yet; use 'xla' "
+                             "(or 'splash' without sinks on TPU)")
+        # Padding inert, as in the linear ops: NaN or Inf there reaches no output or gradient.
+        q, k, v = zero_padding(segment_ids, q, k, v)
     if impl == "reference":
-        return attention_reference(q, k, v, window=window, n_sinks=n_sinks,
-                                   scale=scale).astype(q.dtype)
+        return attention_reference(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
+                                   segment_ids=segment_ids).astype(q.dtype)
     if impl == "xla":
-        mask = visibility_mask(q.shape[1], window, n_sinks)
-        return softmax_attention(q, k, v, mask[None], scale)
+        mask = (visibility_mask(q.shape[1], window, n_sinks)[None] if segment_ids is None
+                else packed_visibility(segment_ids, window, n_sinks))
+        return softmax_attention(q, k, v, mask, scale)
     if impl == "flash":
         from pallas_kernels.attention.flash import flash_attention
         return flash_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
                                interpret=interpret)
     from pallas_kernels.attention.splash import splash_attention
     return splash_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
-                            interpret=interpret)
+                            interpret=interpret, segment_ids=segment_ids)

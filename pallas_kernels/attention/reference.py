@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.common import document_positions
+
 
 def visibility(t: int, window: int | None, n_sinks: int) -> np.ndarray:
     """[T, T] bool, built element by element from the definition above."""
@@ -20,9 +22,23 @@ def visibility(t: int, window: int | None, n_sinks: int) -> np.ndarray:
     return m
 
 
+def packed_visibility(segment_ids, window: int | None, n_sinks: int):
+    """[B, T, T] bool for packed documents: query i sees key j iff both are in one document
+    and, with p the in-document positions, p_j <= p_i and (window is None or p_i - p_j <
+    window or p_j < n_sinks): the definition above applied to each document on its own
+    (sinks are each document's first tokens)."""
+    pos = document_positions(segment_ids)
+    pi, pj = pos[:, :, None], pos[:, None, :]
+    m = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (pj <= pi)
+    if window is not None:
+        m &= (pi - pj < window) | (pj < n_sinks)
+    return m
+
+
 def attention_reference(q, k, v, *, window: int | None = None, n_sinks: int = 0,
-                        scale: float | None = None):
-    """float32 reference; differentiable (jnp), so gradients can be checked against it."""
+                        scale: float | None = None, segment_ids=None):
+    """float32 reference; differentiable (jnp), so gradients can be checked against it.
+    segment_ids: optional [B, T] int packed-document ids (`packed_visibility`)."""
     b, t, h, dh = q.shape
     group = h // k.shape[2]
     scale = dh ** -0.5 if scale is None else scale
@@ -30,6 +46,8 @@ def attention_reference(q, k, v, *, window: int | None = None, n_sinks: int = 0,
     v = jnp.repeat(v, group, axis=2).astype(jnp.float32)
     q = q.astype(jnp.float32)
     mask = jnp.asarray(visibility(t, window, n_sinks))
+    if segment_ids is not None:
+        mask = packed_visibility(segment_ids, window, n_sinks)             # [B, T, T]
     out = []
     for head in range(h):
         s = (q[:, :, head] @ jnp.swapaxes(k[:, :, head], 1, 2)) * scale   # [B, T, T]

@@ -98,7 +98,7 @@ def _kernel(seq_len: int, n_heads: int, mqa: bool, window: int | None, n_sinks: 
 
 def splash_attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
                      scale: float | None = None, block_size: int = 128,
-                     interpret: bool = False):
+                     interpret: bool = False, segment_ids=None):
     """Causal softmax attention with optional window and sinks, splash kernel (TPU).
 
     Args:
@@ -108,6 +108,10 @@ def splash_attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         scale: score scale, default Dh ** -0.5.
         block_size: query and key tile (a multiple of 128, splash's lane width).
         interpret: run splash's kernels in the Pallas interpreter (CPU tests).
+        segment_ids: optional [B, T] int packed-document ids, splash's own SegmentIds: keys
+            of other documents are masked; within a document the causal / local masks count
+            the same distances as in-document positions. Not with sinks (the dispatcher
+            refuses that: SinkMask is row-absolute).
 
     Returns:
         [B, T, H, Dh] in q's dtype; differentiable (splash's own custom_vjp).
@@ -126,5 +130,11 @@ def splash_attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
     ks, vs = heads_first(k.astype(q.dtype)), heads_first(v.astype(q.dtype))
     if hkv == 1:
         ks, vs = ks[:, 0], vs[:, 0]
-    o = jax.vmap(kernel)(qs, ks, vs)          # [B, H, Tp, Dh]
+    if segment_ids is None:
+        o = jax.vmap(kernel)(qs, ks, vs)          # [B, H, Tp, Dh]
+    else:
+        # Padded tail: segment id -1, a document of its own that no real query sees.
+        seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
+        o = jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=sa.SegmentIds(
+            q=s_, kv=s_)))(qs, ks, vs, seg)
     return jnp.swapaxes(o, 1, 2)[:, :t].astype(q.dtype)

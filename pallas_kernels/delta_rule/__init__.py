@@ -12,6 +12,7 @@ from __future__ import annotations
 from pallas_kernels.common import (
     PALLAS_BACKENDS,
     check_delta_inputs,
+    check_segment_ids,
     resolve_backend,
     state_backend,
 )
@@ -22,7 +23,7 @@ __all__ = ["delta_rule", "delta_rule_reference", "delta_rule_xla"]
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=64, backend="auto", interpret=False):
+               chunk_size=64, backend="auto", interpret=False, segment_ids=None):
     """Delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = (scale q_t)^T S_t.
 
     Computed in float32 whatever the input dtype. k is normally L2-normalised by the caller, but
@@ -40,6 +41,7 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
         backend: "auto" (= "xla"), "reference", "xla", or "pallas" (the platform's kernel;
             "pallas_gpu" / "pallas_tpu" name one).
         interpret: run a Pallas backend in the interpreter (needed on CPU).
+        segment_ids: optional [B, T] int ids of packed documents, as in gated_delta_rule.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32, or None when
@@ -50,7 +52,9 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     """
     impl = resolve_backend(backend, ("reference", "xla", *PALLAS_BACKENDS), op="delta_rule")
     check_delta_inputs("delta_rule", q, k, v, beta, initial_state=initial_state)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    check_segment_ids("delta_rule", segment_ids, q)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  segment_ids=segment_ids)
     if impl == "reference":
         return delta_rule_reference(q, k, v, beta, **kwargs)
     if int(chunk_size) < 1:

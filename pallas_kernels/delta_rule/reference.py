@@ -23,11 +23,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import PRECISION, initial_state_f32
+from pallas_kernels.common import (
+    PRECISION,
+    document_starts,
+    initial_state_f32,
+    reset_at_starts,
+    zero_padding,
+)
 
 
 def delta_rule_reference(q, k, v, beta, *, scale=None, initial_state=None,
-                         output_final_state=False):
+                         output_final_state=False, segment_ids=None):
     """Runs the delta-rule recurrence one step at a time (lax.scan over T), in float32.
 
     Args:
@@ -38,16 +44,21 @@ def delta_rule_reference(q, k, v, beta, *, scale=None, initial_state=None,
         scale: query scale; defaults to K ** -0.5.
         initial_state: optional [B, H, K, V] starting state (zeros if None).
         output_final_state: whether to return the final state.
+        segment_ids: optional [B, T] int packed-document ids: the state restarts from zero at
+            each document start; padding (0) is inert (pallas_kernels/common.py).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    segs = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    q, k, v, beta = zero_padding(segs, q, k, v, beta)
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)   # time-major for the scan
-    xs = (f32(q) * scale, f32(k), f32(v), f32(beta))
+    xs = (f32(q) * scale, f32(k), f32(v), f32(beta), document_starts(segs).T)
 
     def step(s, x):
-        q_t, k_t, v_t, b_t = x                                      # [B, H, K|V], b_t [B, H]
+        q_t, k_t, v_t, b_t, start_t = x                             # [B, H, K|V], b_t [B, H]
+        s = reset_at_starts(s, start_t)
         pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=PRECISION)
         s = s + jnp.einsum("bhk,bhv->bhkv", b_t[..., None] * k_t, v_t - pred,
                            precision=PRECISION)

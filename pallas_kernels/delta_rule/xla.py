@@ -38,7 +38,7 @@ from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
 
 def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-                   chunk_size=64, state_impl="xla", interpret=False):
+                   chunk_size=64, state_impl="xla", interpret=False, segment_ids=None):
     """Chunkwise-parallel delta rule (same contract as delta_rule_reference), float32 inside.
 
     The derivation above is the gated one (gated_delta_rule/xla.py) with every decay equal to
@@ -55,10 +55,12 @@ def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_fina
         chunk_size: C, the number of steps handled in parallel per chunk (a Python int).
         state_impl: backend of the state sweep ("xla", "pallas_gpu" or "pallas_tpu").
         interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        segment_ids: optional [B, T] int packed-document ids (gated_delta_rule_xla).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
     """
     return gated_delta_rule_xla(q, k, v, None, beta, scale=scale, initial_state=initial_state,
                                 output_final_state=output_final_state, chunk_size=chunk_size,
-                                state_impl=state_impl, interpret=interpret)
+                                state_impl=state_impl, interpret=interpret,
+                                segment_ids=segment_ids)

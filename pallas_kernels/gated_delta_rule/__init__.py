@@ -13,6 +13,7 @@ from __future__ import annotations
 from pallas_kernels.common import (
     PALLAS_BACKENDS,
     check_delta_inputs,
+    check_segment_ids,
     resolve_backend,
     state_backend,
 )
@@ -23,7 +24,8 @@ __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_x
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=64, backend="auto", interpret=False):
+                     output_final_state=False, chunk_size=64, backend="auto", interpret=False,
+                     segment_ids=None):
     """Gated delta rule: S'_t = exp(g_t) S_{t-1}; S_t = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T;
     o_t = (scale q_t)^T S_t.
 
@@ -43,6 +45,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
         backend: "auto" (= "xla"), "reference", "xla", or "pallas" (the platform's kernel;
             "pallas_gpu" / "pallas_tpu" name one).
         interpret: run a Pallas backend in the interpreter (needed on CPU).
+        segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
+            1): the state restarts from zero at each document start, padding is inert, and
+            the final state is the last document's (pallas_kernels/common.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32, or None when
@@ -53,7 +58,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     """
     impl = resolve_backend(backend, ("reference", "xla", *PALLAS_BACKENDS), op="gated_delta_rule")
     check_delta_inputs("gated_delta_rule", q, k, v, beta, g=g, initial_state=initial_state)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    check_segment_ids("gated_delta_rule", segment_ids, q)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  segment_ids=segment_ids)
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
     if int(chunk_size) < 1:

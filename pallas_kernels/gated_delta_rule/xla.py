@@ -41,19 +41,21 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.common import (
+    ChunkMasks,
     from_chunks,
     initial_state_f32,
     kernel_dtype,
     matmul,
     solve_unit_lower,
     to_chunks,
+    zero_padding,
 )
 from pallas_kernels.state_passing import chunk_outputs
 
 
 def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
                          output_final_state=False, chunk_size=64, state_impl="xla",
-                         interpret=False):
+                         interpret=False, segment_ids=None):
     """Chunkwise-parallel gated delta rule (same contract as the reference), float32 inside.
 
     Everything per chunk (the solve, W, U, the intra-chunk scores) is batched over all chunks;
@@ -74,11 +76,16 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         chunk_size: C, the number of steps handled in parallel per chunk (a Python int).
         state_impl: backend of the state sweep ("xla", "pallas_gpu" or "pallas_tpu").
         interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        segment_ids: optional [B, T] int packed-document ids (common.ChunkMasks): pairs across
+            a document start are masked out of A and of the scores, and the W / gq / kd rows
+            and the chunk decay are masked as ChunkMasks describes.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
     """
     t, dk = q.shape[1], q.shape[-1]
+    if segment_ids is not None:
+        q, k, v, g, beta = zero_padding(segment_ids, q, k, v, g, beta)
     c = int(chunk_size)
     # Matmul inputs: bfloat16 on the kernel path when the inputs are bf16 (common.kernel_dtype),
     # float32 at HIGHEST otherwise. The solve and every decay factor stay float32 either way.
@@ -90,6 +97,9 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
     bc = to_chunks(beta, c)[..., None]                               # [B, H, N, C, 1]
     incl = jnp.tril(jnp.ones((c, c), bool))
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    masks = None if segment_ids is None else ChunkMasks(segment_ids, c)
+    if masks is not None:
+        incl, strict = incl & masks.same, strict & masks.same     # [B, 1, N, C, C]
     if g is None:
         a = jnp.where(strict, bc * _mm("...ik,...jk->...ij", kc, kc), 0.0)
         rhs = jnp.concatenate([bc * kc, bc * vc], axis=-1)
@@ -107,6 +117,13 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         gq = gamma * qc                                              # diag(gamma) Q
         kd = jnp.exp(cum[..., -1:] - cum)[..., None] * kc            # diag(exp(G_C - G)) Kc
         chunk_decay = jnp.broadcast_to(jnp.exp(cum[..., -1:]), kc.shape[:3] + (dk,))
+    if masks is not None:
+        # Tokens after a start inside the chunk read no chunk-start state (their W rows, so x
+        # = U there, and their gq rows are 0); only the chunk's last document writes the
+        # end-of-chunk state, and a chunk that holds a start does not carry the state over.
+        rhs = jnp.concatenate([rhs[..., :dk] * masks.reads, rhs[..., dk:]], axis=-1)
+        gq, kd = gq * masks.reads, kd * masks.writes
+        chunk_decay = chunk_decay * masks.keeps
     wu = solve_unit_lower(a, rhs)
     w, u = wu[..., :dk], wu[..., dk:]
     low = lambda a: a.astype(mat)

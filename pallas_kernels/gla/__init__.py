@@ -6,7 +6,12 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.common import PALLAS_BACKENDS, resolve_backend, state_backend
+from pallas_kernels.common import (
+    PALLAS_BACKENDS,
+    check_segment_ids,
+    resolve_backend,
+    state_backend,
+)
 from pallas_kernels.gla.reference import gla_reference, simple_gla_reference
 from pallas_kernels.gla.xla import gla_xla, simple_gla_xla
 
@@ -21,7 +26,7 @@ def _check(q, k, v, gate, gate_shape, name):
 
 
 def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-        chunk_size=64, backend="auto", interpret=False):
+        chunk_size=64, backend="auto", interpret=False, segment_ids=None):
     """Gated linear attention with a per-key-channel decay (Yang et al. 2024, Sec. 4).
 
     S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t; the "xla" backend uses
@@ -41,6 +46,9 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
             (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
             driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
         interpret: run a Pallas backend in the interpreter (needed on CPU).
+        segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
+            1): the state restarts from zero at each document start, padding is inert, and
+            the final state is the last document's (pallas_kernels/common.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None when
@@ -50,7 +58,9 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
         ValueError: unknown backend or mismatched shapes.
     """
     _check(q, k, v, gk, k.shape, "gk")
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    check_segment_ids("gla", segment_ids, q)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  segment_ids=segment_ids)
     impl = resolve_backend(backend, BACKENDS, op="gla")
     if impl == "reference":
         return gla_reference(q, k, v, gk, **kwargs)
@@ -59,7 +69,7 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=64, backend="auto", interpret=False):
+               chunk_size=64, backend="auto", interpret=False, segment_ids=None):
     """GLA with one scalar decay per head and step (the head-wise special case of GLA).
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t.
@@ -78,6 +88,9 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
             (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
             driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
         interpret: run a Pallas backend in the interpreter (needed on CPU).
+        segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
+            1): the state restarts from zero at each document start, padding is inert, and
+            the final state is the last document's (pallas_kernels/common.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None when
@@ -87,7 +100,9 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
         ValueError: unknown backend or mismatched shapes.
     """
     _check(q, k, v, g, q.shape[:3], "g")
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    check_segment_ids("simple_gla", segment_ids, q)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  segment_ids=segment_ids)
     impl = resolve_backend(backend, BACKENDS, op="simple_gla")
     if impl == "reference":
         return simple_gla_reference(q, k, v, g, **kwargs)

@@ -39,11 +39,13 @@ import numpy as np
 
 from pallas_kernels.common import (
     PRECISION,
+    ChunkMasks,
     default_scale,
     from_chunks,
     kernel_dtype,
     matmul,
     to_chunks,
+    zero_padding,
 )
 from pallas_kernels.state_passing import chunk_outputs
 
@@ -63,7 +65,7 @@ def _exp_masked(x, mask):
     return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def _gla_intra(qs, ks, vs, g_cum, sub):
+def _gla_intra(qs, ks, vs, g_cum, sub, count=None):
     """Intra-chunk output sum_{j<=i} (sum_d q_id k_jd exp(G_id - G_jd)) v_j.
 
     Args:
@@ -72,6 +74,8 @@ def _gla_intra(qs, ks, vs, g_cum, sub):
         vs: [B, H, N, C, V] values.
         g_cum: [B, H, N, C, K] inclusive cumulative log decays within each chunk.
         sub: sub-chunk size c (divides C).
+        count: optional [B, 1, N, C] in-chunk document-start counts (common.ChunkMasks.count):
+            pairs in different documents are dropped.
 
     Returns:
         [B, H, N, C, V] float32.
@@ -86,6 +90,9 @@ def _gla_intra(qs, ks, vs, g_cum, sub):
     diff = g4[..., :, None, :] - g4[..., None, :, :]                        # [..., S, c, c, K]
     a_diag = jnp.einsum("bhnsik,bhnsjk,bhnsijk->bhnsij", q4, k4, _exp_masked(diff, causal),
                         precision=PRECISION)
+    if count is not None:
+        c4 = count.reshape(b, 1, n, s, sub)
+        a_diag = jnp.where(c4[..., :, None] == c4[..., None, :], a_diag, 0.0)
 
     # Off-diagonal sub-blocks (query sub-chunk a > key sub-chunk b): three factors, each <= 1.
     ref = g4[..., -1, :]                                                   # R_b [..., S, K]
@@ -97,6 +104,9 @@ def _gla_intra(qs, ks, vs, g_cum, sub):
     # einsum letters: x = query sub-chunk a, y = key sub-chunk b (z is the batch axis).
     a_off = jnp.einsum("zhnxik,zhnxyk,zhnyjk->zhnxyij", q_ref, bridge, k_ref,
                        precision=PRECISION)
+    if count is not None:
+        same = c4[:, :, :, :, None, :, None] == c4[:, :, :, None, :, None, :]  # [.., a, b, i, j]
+        a_off = jnp.where(same, a_off, 0.0)
 
     # Scores stay in [a, b, i, j] block layout and multiply v per block, rather than being
     # transposed into a [C, C] matrix: fewer copies, and it sidesteps an XLA:CPU crash (jaxlib
@@ -111,7 +121,7 @@ def _finish(o, s_final, t, dtype, output_final_state):
 
 
 def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-            chunk_size=64, state_impl="xla", interpret=False):
+            chunk_size=64, state_impl="xla", interpret=False, segment_ids=None):
     """Chunkwise GLA with per-key-channel decay; same contract as `gla_reference`.
 
     Any T works: T is zero-padded to a multiple of chunk_size (k = v = 0 adds nothing, and a
@@ -131,6 +141,7 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
         interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
@@ -140,6 +151,10 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
     scale = default_scale(k, scale)
     s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
+    masks = None
+    if segment_ids is not None:
+        q, k, v, gk = zero_padding(segment_ids, q, k, v, gk)
+        masks = ChunkMasks(segment_ids, chunk_size)
     # float32 inside: cumulative gates and the state are long sums (see reference.py).
     qc, kc, vc, gc = (to_chunks(x, chunk_size) for x in (q, k, v, gk))    # [B, H, N, C, D]
     qc = qc * scale
@@ -147,18 +162,22 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
     g_last = g_cum[..., -1, :]                                             # G_C [B, H, N, K]
 
     k_state = kc * jnp.exp(g_last[..., None, :] - g_cum)                   # exponent <= 0
+    q_state, chunk_decay = qc * jnp.exp(g_cum), jnp.exp(g_last)
+    if masks is not None:
+        q_state, k_state = q_state * masks.reads, k_state * masks.writes
+        chunk_decay = chunk_decay * masks.keeps
     low = lambda a: a.astype(kernel_dtype(q, state_impl))
     # The inter-chunk term q_i exp(G_i) S_n inside the sweep; the intra-chunk one below.
-    o, s_final = chunk_outputs(low(qc * jnp.exp(g_cum)), None, None, low(vc), low(k_state),
-                               jnp.exp(g_last), s0, backend=state_impl, interpret=interpret)
+    o, s_final = chunk_outputs(low(q_state), None, None, low(vc), low(k_state), chunk_decay, s0,
+                               backend=state_impl, interpret=interpret)
 
     sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
-    o = o + _gla_intra(qc, kc, vc, g_cum, sub)
+    o = o + _gla_intra(qc, kc, vc, g_cum, sub, None if masks is None else masks.count)
     return _finish(o, s_final, t, q.dtype, output_final_state)
 
 
 def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-                   chunk_size=64, state_impl="xla", interpret=False):
+                   chunk_size=64, state_impl="xla", interpret=False, segment_ids=None):
     """Chunkwise GLA with one scalar decay per head and step; contract of `simple_gla_reference`.
 
     Padding as in `gla_xla`.
@@ -175,6 +194,7 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
         interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
@@ -184,6 +204,10 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
     scale = default_scale(k, scale)
     s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
+    masks = None
+    if segment_ids is not None:
+        q, k, v, g = zero_padding(segment_ids, q, k, v, g)
+        masks = ChunkMasks(segment_ids, chunk_size)
     qc, kc, vc = (to_chunks(x, chunk_size) for x in (q, k, v))             # [B, H, N, C, D]
     gc = to_chunks(g, chunk_size)                                          # [B, H, N, C]
     qc = qc * scale
@@ -194,11 +218,15 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
     chunk_decay = jnp.broadcast_to(jnp.exp(g_last)[..., None], (*g_last.shape, dk))
     mat = kernel_dtype(q, state_impl)
     causal = np.tril(np.ones((chunk_size, chunk_size), bool))
+    q_state = qc * jnp.exp(g_cum)[..., None]
+    if masks is not None:
+        causal = causal & masks.same                                       # [B, 1, N, C, C]
+        q_state, k_state = q_state * masks.reads, k_state * masks.writes
+        chunk_decay = chunk_decay * masks.keeps
     decay = _exp_masked(g_cum[..., :, None] - g_cum[..., None, :], causal)  # [B, H, N, C, C]
     scores = matmul("bhnik,bhnjk->bhnij", qc, kc, mat) * decay
     # o = q_i exp(G_i) S_n + scores v, both inside the sweep.
     low = lambda a: a.astype(mat)
-    o, s_final = chunk_outputs(low(qc * jnp.exp(g_cum)[..., None]), low(scores), None, low(vc),
-                               low(k_state), chunk_decay, s0, backend=state_impl,
-                               interpret=interpret)
+    o, s_final = chunk_outputs(low(q_state), low(scores), None, low(vc), low(k_state),
+                               chunk_decay, s0, backend=state_impl, interpret=interpret)
     return _finish(o, s_final, t, q.dtype, output_final_state)

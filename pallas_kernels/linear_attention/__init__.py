@@ -5,7 +5,12 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.common import PALLAS_BACKENDS, resolve_backend, state_backend
+from pallas_kernels.common import (
+    PALLAS_BACKENDS,
+    check_segment_ids,
+    resolve_backend,
+    state_backend,
+)
 from pallas_kernels.linear_attention.reference import EPS, linear_attention_reference
 from pallas_kernels.linear_attention.xla import linear_attention_xla
 
@@ -13,7 +18,8 @@ BACKENDS = ("reference", "xla", *PALLAS_BACKENDS)
 
 
 def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None,
-                     output_final_state=False, chunk_size=64, backend="auto", interpret=False):
+                     output_final_state=False, chunk_size=64, backend="auto", interpret=False,
+                     segment_ids=None):
     """Causal linear attention: S_t = S_{t-1} + k_t v_t^T, o_t = (scale q_t)^T S_t.
 
     With normalize=True, o_t is divided by (scale q_t)^T z_t + EPS (EPS = 1e-6), where
@@ -37,6 +43,9 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
             (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
             driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
         interpret: run a Pallas backend in the interpreter (needed on CPU).
+        segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
+            1): S (and z) restart from zero at each document start, padding is inert, and the
+            final state is the last document's (pallas_kernels/common.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state or None when output_final_state is False).
@@ -47,8 +56,9 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
     backend = resolve_backend(backend, BACKENDS, op="linear_attention")
+    check_segment_ids("linear_attention", segment_ids, q)
     kwargs = dict(scale=scale, normalize=normalize, initial_state=initial_state,
-                  output_final_state=output_final_state)
+                  output_final_state=output_final_state, segment_ids=segment_ids)
     if backend == "reference":
         return linear_attention_reference(q, k, v, **kwargs)
     return linear_attention_xla(q, k, v, chunk_size=chunk_size, **kwargs,

@@ -20,7 +20,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import PRECISION, default_scale
+from pallas_kernels.common import (
+    PRECISION,
+    default_scale,
+    document_starts,
+    reset_at_starts,
+    zero_padding,
+)
 
 # Added to the normalizer so that an all-zero feature row (e.g. ReLU features, or the first
 # token with an all-zero key) gives o = 0 instead of 0 / 0. Small enough to be invisible next
@@ -29,7 +35,7 @@ EPS = 1e-6
 
 
 def linear_attention_reference(q, k, v, *, scale=None, normalize=False, initial_state=None,
-                               output_final_state=False):
+                               output_final_state=False, segment_ids=None):
     """Token-by-token linear attention with lax.scan, in float32.
 
     Args:
@@ -42,6 +48,8 @@ def linear_attention_reference(q, k, v, *, scale=None, normalize=False, initial_
         initial_state: normalize=False: S [B, H, K, V] or None. normalize=True: a tuple
             (S [B, H, K, V], z [B, H, K]) or None. None means zeros.
         output_final_state: also return the state after the last token.
+        segment_ids: optional [B, T] int packed-document ids: S and z restart from zero at
+            each document start; padding (0) is inert (pallas_kernels/common.py).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state), final_state as initial_state's format in
@@ -51,11 +59,15 @@ def linear_attention_reference(q, k, v, *, scale=None, normalize=False, initial_
     dv = v.shape[-1]
     scale = default_scale(k, scale)
     s0, z0 = split_state(initial_state, normalize, (b, h, dk, dv))
+    segs = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    q, k, v = zero_padding(segs, q, k, v)
     xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v))   # [T, B, H, D]
+    xs += (document_starts(segs).T,)
 
     def step(carry, x):
         s, z = carry
-        qt, kt, vt = x
+        qt, kt, vt, start_t = x
+        s, z = reset_at_starts(s, start_t), reset_at_starts(z, start_t)
         s = s + kt[..., :, None] * vt[..., None, :]
         z = z + kt
         qt = qt * scale

@@ -20,11 +20,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.common import (
+    ChunkMasks,
     default_scale,
     from_chunks,
     kernel_dtype,
     matmul,
     to_chunks,
+    zero_padding,
 )
 from pallas_kernels.linear_attention.reference import EPS, split_state
 from pallas_kernels.state_passing import chunk_outputs
@@ -32,7 +34,7 @@ from pallas_kernels.state_passing import chunk_outputs
 
 def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=None,
                          output_final_state=False, chunk_size=64, state_impl="xla",
-                         interpret=False):
+                         interpret=False, segment_ids=None):
     """Chunkwise linear attention; same contract as `linear_attention_reference`.
 
     Any T works: T is zero-padded to a multiple of chunk_size (zero k and v, including the ones
@@ -50,6 +52,8 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
         interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks (the
+            normalizer z restarts with S).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state float32 or None).
@@ -58,6 +62,10 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
     dv = v.shape[-1]
     scale = default_scale(k, scale)
     s0, z0 = split_state(initial_state, normalize, (b, h, dk, dv))
+    masks = None
+    if segment_ids is not None:
+        q, k, v = zero_padding(segment_ids, q, k, v)
+        masks = ChunkMasks(segment_ids, chunk_size)
     if normalize:
         v = jnp.concatenate([v.astype(jnp.float32), jnp.ones((*v.shape[:3], 1), jnp.float32)], -1)
         s0 = jnp.concatenate([s0, z0[..., None]], axis=-1)          # [B, H, K, V + 1]
@@ -69,10 +77,14 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
     ones = jnp.ones(kc.shape[:3] + kc.shape[-1:], jnp.float32)
     mat = kernel_dtype(q, state_impl)
     causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    q_state, k_state = qc, kc
+    if masks is not None:
+        causal = causal & masks.same
+        q_state, k_state, ones = qc * masks.reads, kc * masks.writes, ones * masks.keeps
     scores = jnp.where(causal, matmul("bhnik,bhnjk->bhnij", qc, kc, mat), 0.0)
     # o = q S_n + scores v, both inside the sweep.
     low = lambda a: a.astype(mat)
-    o, s_final = chunk_outputs(low(qc), low(scores), None, low(vc), low(kc), ones, s0,
+    o, s_final = chunk_outputs(low(q_state), low(scores), None, low(vc), low(k_state), ones, s0,
                                backend=state_impl, interpret=interpret)
 
     if normalize:
