@@ -88,6 +88,12 @@ class DataConfig:
     eval_path: str | None = None
     eval_fraction: float = 0.05
     token_dtype: Literal["uint16", "uint32"] = "uint16"
+    # bytes / tokens: mark the documents inside each window (segment_ids, in-document
+    # positions) so no layer carries a document's state into the next (data/stream.py).
+    packing: bool = False
+    # tokens with packing: the id that separates documents (it opens the next one); None:
+    # only file boundaries separate documents.
+    eos_id: int | None = None
     # MQAR (Zoology / Based): key-value pairs at the start, queries after; keys come from the
     # first half of the vocabulary and values from the second half.
     num_kv_pairs: int = 8
@@ -381,6 +387,24 @@ def validate(cfg: Config) -> Config:
         if d.kind == "bytes" and m.vocab_size < 256:
             raise ConfigError(f"data.kind='bytes' needs model.vocab_size >= 256, "
                               f"got {m.vocab_size}")
+    if d.packing:
+        from models.lm import packing_mixers  # late import, as above
+
+        if d.kind not in ("bytes", "tokens"):
+            raise ConfigError(f"data.packing needs data.kind 'bytes' or 'tokens' (documents "
+                              f"in files); got {d.kind!r}")
+        can = packing_mixers()
+        bad = sorted({name for name in m.mixers if name not in can})
+        if bad:
+            raise ConfigError(f"data.packing: mixer(s) {', '.join(bad)} do not keep packed "
+                              f"documents apart yet; mixers that do: {', '.join(can)}")
+    if d.eos_id is not None:
+        if d.kind != "tokens" or not d.packing:
+            raise ConfigError("data.eos_id separates documents of data.kind='tokens' with "
+                              "data.packing=true; leave it null otherwise")
+        if not 0 <= d.eos_id < m.vocab_size:
+            raise ConfigError(f"data.eos_id={d.eos_id} must be in [0, model.vocab_size="
+                              f"{m.vocab_size})")
 
     t = cfg.train
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",

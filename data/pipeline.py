@@ -27,13 +27,18 @@ READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
 
 
 def stack_examples(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stacks example dicts into a batch: ``inputs``/``targets`` int32, ``loss_mask`` float32."""
-    return {
+    """Stacks example dicts into a batch: ``inputs``/``targets`` int32, ``loss_mask`` float32,
+    and with packing ``segment_ids`` int32."""
+    batch = {
         "inputs": np.stack([e["inputs"] for e in examples]).astype(np.int32, copy=False),
         "targets": np.stack([e["targets"] for e in examples]).astype(np.int32, copy=False),
         "loss_mask": np.stack([e["loss_mask"] for e in examples]).astype(np.float32,
                                                                          copy=False),
     }
+    if "segment_ids" in examples[0]:
+        batch["segment_ids"] = np.stack([e["segment_ids"] for e in examples]).astype(
+            np.int32, copy=False)
+    return batch
 
 
 def _check_common(cfg, vocab_size: int) -> None:
@@ -68,7 +73,8 @@ def _windows(splits: TextSplits, which: str, cfg, vocab_size: int) -> WindowSour
     # Bytes cannot exceed 255 and vocab_size >= 256 was checked, so only tokens need the
     # per-window id check.
     check = vocab_size if cfg.kind == "tokens" else None
-    return WindowSource(stream, lo, hi, cfg.seq_len, check, f"{key} '{path}'")
+    return WindowSource(stream, lo, hi, cfg.seq_len, check, f"{key} '{path}'",
+                        packing=cfg.packing, eos_id=cfg.eos_id)
 
 
 def make_train_iterator(cfg, vocab_size: int,

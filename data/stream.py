@@ -19,9 +19,12 @@ class TokenStream:
 
     Args:
       parts: The arrays, in stream order (empty arrays are allowed and contribute nothing).
+      doc_starts: Sorted stream positions where a new document begins (besides position 0):
+        for bytes the separator joining two files, for tokens each later file's first token.
     """
 
-    def __init__(self, parts: Sequence[np.ndarray]):
+    def __init__(self, parts: Sequence[np.ndarray], doc_starts: Sequence[int] = ()):
+        self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
         self._parts = [p for p in parts if p.size]
         sizes = np.array([p.size for p in self._parts], dtype=np.int64)
         # _ends[i] is one past the last stream position held by part i.
@@ -85,7 +88,10 @@ class WindowSource:
     """
 
     def __init__(self, stream: TokenStream, start: int, stop: int, seq_len: int,
-                 vocab_size: int | None = None, where: str = "data"):
+                 vocab_size: int | None = None, where: str = "data", packing: bool = False,
+                 eos_id: int | None = None):
+        self._packing = packing
+        self._eos_id = eos_id
         self._stream = stream
         self._start = start
         self._seq_len = seq_len
@@ -113,5 +119,29 @@ class WindowSource:
                 raise DataError(f"{self._where}: token id {top} at stream position >= {lo} is "
                                 f">= vocab_size {self._vocab_size} (ids must be < vocab_size)")
         window = window.astype(np.int32)
-        return {"inputs": window[:-1], "targets": window[1:],
-                "loss_mask": np.ones(self._seq_len, dtype=np.float32)}
+        example = {"inputs": window[:-1], "targets": window[1:],
+                   "loss_mask": np.ones(self._seq_len, dtype=np.float32)}
+        if self._packing:
+            example.update(self._documents(lo, window))
+        return example
+
+    def _documents(self, lo: int, window: np.ndarray) -> dict[str, np.ndarray]:
+        """Packing: ``segment_ids`` int32 [T] (1, 2, ... per document in this window) and a
+        ``loss_mask`` that scores a target only inside its input's document.
+
+        A document starts at a stream document start (file boundary) or, with eos_id, at an
+        eos token: the separator opens the next document, acting as its BOS, so a document's
+        first token is predicted from the separator alone. The target that crosses into a new
+        document (the token before a separator predicting it) is not scored. The first
+        document of a window may be the tail of one that began earlier: it starts fresh here.
+        """
+        n = window.size                                             # T + 1
+        starts = np.zeros(n, dtype=bool)
+        s = self._stream.doc_starts
+        inside = s[(s > lo) & (s < lo + n)] - lo
+        starts[inside] = True
+        if self._eos_id is not None:
+            starts[1:] |= window[1:] == self._eos_id
+        seg = 1 + np.cumsum(starts, dtype=np.int32)                 # [T + 1]
+        return {"segment_ids": seg[:-1],
+                "loss_mask": (seg[:-1] == seg[1:]).astype(np.float32)}

@@ -144,14 +144,19 @@ def open_stream(path_str: str | None, key: str, kind: str,
     root = Path(path_str)
     files = list_files(root, key, kind)
     parts: list[np.ndarray] = []
+    doc_starts, size = [], 0
     for f in files:
         part = _map_file(f, dtype, key, root, token_dtype)
         if not part.size:
             continue  # an empty file contributes nothing, not even a separator
-        if kind == "bytes" and parts:
-            parts.append(NEWLINE)
+        if parts:
+            doc_starts.append(size)   # bytes: the separator opens the next document
+            if kind == "bytes":
+                parts.append(NEWLINE)
+                size += NEWLINE.size
         parts.append(part)
-    stream = TokenStream(parts)
+        size += part.size
+    stream = TokenStream(parts, doc_starts)
     if stream.size == 0:
         what = "an empty file" if len(files) == 1 and root.is_file() else "only empty files"
         raise DataError(f"{key} '{root}' is {what} (need at least one window of "

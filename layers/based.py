@@ -120,7 +120,10 @@ class Based(nnx.Module):
                           z=jnp.zeros(shape, jnp.float32))
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: BasedCache | None = None) -> tuple[jax.Array, BasedCache | None]:
+                 cache: BasedCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, BasedCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): the state and
+        its normalizer restart at every document start (pallas_kernels/common.py)."""
         del positions
         b, t, _ = x.shape
         h, fd, dv = self.n_heads, self.feature_dim, self.head_v
@@ -131,7 +134,7 @@ class Based(nnx.Module):
         # scale=1: the 1/sqrt(d') temperature is already inside the feature map.
         op = dict(scale=1.0, normalize=True, chunk_size=self.chunk_size, backend=self.backend)
         if cache is None:
-            o, _ = linear_attention(q, k, v, **op)
+            o, _ = linear_attention(q, k, v, segment_ids=segment_ids, **op)
         elif t == 1:
             o, cache = self._step(q[:, 0], k[:, 0], v[:, 0], cache)
             o = o[:, None]

@@ -65,6 +65,8 @@ from layers.attention import (
 from layers.cache import CacheBytes
 from layers.conv import ConvCache
 from layers.rope import apply_rope
+from pallas_kernels.attention.reference import packed_visibility
+from pallas_kernels.common import document_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,29 +181,56 @@ class CCA(nnx.Module):
         return CCACache(kv=kv, qk_conv=ConvCache(tail=tail),
                         v_prev=jnp.zeros((batch_size, hkv * dh // 2), dtype))
 
-    def _conv(self, u: jax.Array, past: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _conv(self, u: jax.Array, past: jax.Array, doc_pos: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
         """Step 2. u [B, T, E] after past [B, P, E] (both compute dtype) -> c [B, T, E] and the
         new tail [B, P, E], the last P rows of [past ; u].
 
         Both convolutions are 'valid' over [past ; u]: the depthwise one leaves T + W - 1 rows
         (its first W - 1 at times before u, which the grouped one needs), the grouped one T.
+
+        doc_pos: optional [B, T] in-document positions (packed documents, no cache). Each
+        document then gets what it gets alone, where everything before it is zero: a depthwise
+        tap that reaches before the document reads 0, and a grouped tap that reaches a row
+        before the document reads the depthwise conv of zeros, i.e. its bias.
         """
         b, t, e = u.shape
         w, dh = self.width, self.head_dim
         full = jnp.concatenate([past, u], axis=1)                   # [B, P + T, E]
         k1 = self.conv1_kernel[...].astype(self.dtype)
+        bias1 = self.conv1_bias[...].astype(self.dtype)
         n = t + w - 1
-        # W shifted multiply-adds (W is 2 or so), as layers/conv.py.
-        mid = sum(full[:, i:i + n] * k1[i] for i in range(w)) + self.conv1_bias[...].astype(
-            self.dtype)
+        # W shifted multiply-adds (W is 2 or so), as layers/conv.py. Row m of mid is time
+        # m - (W - 1); its tap i reads time m - 2 (W - 1) + i, W - 1 - i steps back.
+        if doc_pos is None:
+            mid = sum(full[:, i:i + n] * k1[i] for i in range(w)) + bias1
+        else:
+            # Rows before time 0 only ever read the zero past: no mask needed there.
+            pos = jnp.pad(doc_pos, ((0, 0), (w - 1, 0)), constant_values=2 * w)[..., None]
+            mid = sum(jnp.where(pos >= w - 1 - i, full[:, i:i + n], 0) * k1[i]
+                      for i in range(w)) + bias1
         mid = mid.reshape(b, n, e // dh, dh)                        # heads are the groups
         k2 = self.conv2_kernel[...].astype(self.dtype)
-        c = sum(jnp.einsum("btgi,gio->btgo", mid[:, i:i + t], k2[i]) for i in range(w))
+        if doc_pos is None:
+            taps = [mid[:, i:i + t] for i in range(w)]
+        else:
+            before = jnp.broadcast_to(bias1.reshape(e // dh, dh), mid.shape[2:])
+            taps = [jnp.where((doc_pos >= w - 1 - i)[..., None, None], mid[:, i:i + t], before)
+                    for i in range(w)]
+        c = sum(jnp.einsum("btgi,gio->btgo", tap, k2[i]) for i, tap in enumerate(taps))
         return c.reshape(b, t, e) + self.conv2_bias[...].astype(self.dtype), full[:, t:]
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: CCACache | None = None) -> tuple[jax.Array, CCACache | None]:
+                 cache: CCACache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, CCACache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): the q/k convs,
+        the value shift and the attention all stay inside each document; `positions` should
+        be in-document positions (RoPE), as the LM passes them."""
         b, t, _ = x.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("cca: segment_ids are for the cache-free call (packed training "
+                             "rows); decoding runs one sequence per row")
+        doc_pos = None if segment_ids is None else document_positions(segment_ids)
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         g = h // hkv
         vh = hkv * dh // 2
@@ -217,7 +246,7 @@ class CCA(nnx.Module):
             past = cache.qk_conv.tail.astype(self.dtype)
             prev = cache.v_prev[:, None].astype(self.dtype)
         # Step 2.
-        c, tail = self._conv(u, past)
+        c, tail = self._conv(u, past, doc_pos)
         c_q = c[..., :h * dh].reshape(b, t, hkv, g, dh)
         c_k = c[..., h * dh:].reshape(b, t, hkv, dh)
         # Step 3, q-k mean: m = (q0 + repeat_G(k0)) / 2; k adds the mean of m over each group.
@@ -228,7 +257,10 @@ class CCA(nnx.Module):
         k = c_k + jnp.mean(m, axis=3)
         # Step 4, value shift: the x_{t-1} W_v2 half comes one token late.
         v_del = jnp.concatenate([prev, v_del], axis=1)              # [B, T + 1, Vh]
-        v = jnp.concatenate([v_cur, v_del[:, :t]], axis=-1).reshape(b, t, hkv, dh)
+        shifted = v_del[:, :t]
+        if doc_pos is not None:   # a document's first token sees x_{-1} = 0
+            shifted = jnp.where((doc_pos > 0)[..., None], shifted, 0)
+        v = jnp.concatenate([v_cur, shifted], axis=-1).reshape(b, t, hkv, dh)
         # Step 5. L2 norm in float32 (bf16 squares lose small vectors), to norm sqrt(Dh).
         q = l2_normalize(q, self.eps) * math.sqrt(dh)
         temp = jnp.exp(self.log_temp[...])[:, None]                 # [Hkv, 1]
@@ -251,7 +283,10 @@ class CCA(nnx.Module):
                 kv=write_cache(kv, k, v, positions),
                 qk_conv=cache.qk_conv.replace(tail=tail.astype(cache.qk_conv.tail.dtype)),
                 v_prev=v_del[:, t].astype(cache.v_prev.dtype))
-        mask = attention_mask(positions, k_pos, self.window, 0)
+        if segment_ids is None:
+            mask = attention_mask(positions, k_pos, self.window, 0)
+        else:
+            mask = packed_visibility(segment_ids, self.window, 0)
         o = softmax_attention(q, keys, values, mask, dh ** -0.5)
         # Step 6.
         return self.out(o.reshape(b, t, h * dh)), cache

@@ -66,8 +66,11 @@ class GatedConv(nnx.Module):
         return self.conv.init_cache(batch_size, dtype)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: ConvCache | None = None) -> tuple[jax.Array, ConvCache | None]:
+                 cache: ConvCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, ConvCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): the filter's
+        taps never reach into the previous document."""
         del positions
         u, g = jnp.split(self.in_proj(x), 2, axis=-1)        # [B, T, E] each
-        u, cache = self.conv(u, cache)
+        u, cache = self.conv(u, cache, segment_ids=segment_ids)
         return self.out((u * g).astype(self.dtype)), cache

@@ -47,6 +47,7 @@ from layers.attention import attention_mask, softmax_attention, window_errors, w
 from layers.cache import CacheBytes
 from layers.norm import RMSNorm
 from layers.rope import apply_rope
+from pallas_kernels.attention.reference import packed_visibility
 
 ABSORB_MODES = ("decode", "always", "never")
 
@@ -209,8 +210,15 @@ class MLA(nnx.Module):
                           ).astype(q_nope.dtype)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: MLACache | None = None) -> tuple[jax.Array, MLACache | None]:
+                 cache: MLACache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, MLACache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): a query sees
+        its own document only (window and sinks in in-document positions); `positions`
+        should be in-document positions (RoPE), as the LM passes them."""
         b, t, _ = x.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("mla: segment_ids are for the cache-free call (packed training "
+                             "rows); decoding runs one sequence per row")
         q_nope, q_rope = self._queries(x, positions)
         c_kv, k_rope = self._latents(x, positions)
         if cache is None:
@@ -225,7 +233,9 @@ class MLA(nnx.Module):
             r_all = jnp.concatenate([cache.k_rope.astype(k_rope.dtype), k_rope], axis=1)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = write_slots(cache, positions, c_kv=c_kv, k_rope=k_rope)
-        mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
+        mask = (attention_mask(positions, k_pos, self.window, self.n_sinks)
+                if segment_ids is None else packed_visibility(segment_ids, self.window,
+                                                              self.n_sinks))
         # The scale uses the full query-key width N + P (V2 Sec. 2.1.3), in both forms.
         scale = (self.nope_dim + self.rope_dim) ** -0.5
         # Absorbed for decode: a step reads S x (R + P) cached values, where the expanded form

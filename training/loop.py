@@ -43,13 +43,16 @@ def make_train_step(graphdef, optimizer, shardings=None):
     trees pins the steps' inputs and outputs to a mesh (models/sharding.py); None lets jit
     place them (one device)."""
     def loss_fn(params, batch):
-        logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
+        logits, _ = nnx.merge(graphdef, params)(batch["inputs"],
+                                                segment_ids=batch.get("segment_ids"))
         return lm_loss(logits, batch["targets"], batch["loss_mask"])
 
     def objective(params, batch):
         # The training objective: the LM loss plus the layers' weighted auxiliary losses (MoM's
         # router balance); aux is None (and the objective the LM loss) for other models.
-        logits, _, aux = nnx.merge(graphdef, params)(batch["inputs"], return_aux=True)
+        # segment_ids: present with data.packing (documents kept apart in every layer).
+        logits, _, aux = nnx.merge(graphdef, params)(batch["inputs"], return_aux=True,
+                                                     segment_ids=batch.get("segment_ids"))
         loss, acc = lm_loss(logits, batch["targets"], batch["loss_mask"])
         return (loss if aux is None else loss + aux), (acc, loss, aux)
 
