@@ -276,3 +276,23 @@ def test_foreign_data_state_is_an_error(uninterrupted, tmp_path):
     with pytest.raises(CheckpointError, match="data-iterator state"):
         train(_cfg(run_dir, "train.steps=20"))
     assert _snapshot(run_dir) == before
+
+
+def test_asyncio_echoes_of_a_failed_read_are_dropped_and_nothing_else():
+    """After one unreadable array, Orbax's other reads end as futures whose exception nobody
+    retrieves, and asyncio logs each: those (a TensorStore status in the exception) are
+    dropped; any other asyncio record still gets through."""
+    import logging
+
+    from training.checkpoint import _AsyncioEchoFilter
+
+    keep = _AsyncioEchoFilter().filter
+    record = lambda msg, exc=None: logging.LogRecord(  # noqa: E731
+        "asyncio", logging.ERROR, __file__, 1, msg, None,
+        (type(exc), exc, None) if exc is not None else None)
+    lost = "Future exception was never retrieved"
+    assert not keep(record(f"{lost}\nfuture: <Future finished exception="
+                           "ValueError('OUT_OF_RANGE: Error reading \"params\"')>"))
+    assert not keep(record(lost, ValueError("DATA_LOSS: checksum")))
+    assert keep(record(f"{lost}\nfuture: <Future finished exception=ValueError('boom')>"))
+    assert keep(record("Task was destroyed but it is pending!"))

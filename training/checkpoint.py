@@ -169,12 +169,38 @@ def _is_orbax_echo(unraisable) -> bool:
     return closed_loop and any("asyncio" in f for f in frames)
 
 
+# TensorStore's status codes as they open its error messages ("OUT_OF_RANGE: ..."), alone and
+# inside the repr asyncio logs of a future ("exception=ValueError('OUT_OF_RANGE: ...')").
+_STATUS = "OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN|INTERNAL"
+_TENSORSTORE_STATUS = re.compile(rf"^({_STATUS}): ")
+_TENSORSTORE_IN_REPR = re.compile(rf"exception=\w+\('({_STATUS}): ")
+
+
+class _AsyncioEchoFilter(logging.Filter):
+    """Drops asyncio's "Future/Task exception was never retrieved" records for a failed
+    TensorStore read: the other reads of a checkpoint whose one array failed end the same way,
+    and asyncio logs each when the future is collected (the one-line warning already said
+    which checkpoint is unreadable and why)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "exception was never retrieved" not in text:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        echoed = ("orbax" in text or "tensorstore" in text.lower()
+                  or (exc is not None and _TENSORSTORE_STATUS.match(str(exc)) is not None)
+                  or _TENSORSTORE_IN_REPR.search(text) is not None)
+        return not echoed
+
+
 def _install_echo_filter() -> None:
-    """Wraps sys.unraisablehook (once per process) so Orbax's echoes are dropped and every
-    other unraisable exception still reaches the previous hook. It stays installed: the echoes
-    can surface from background threads long after the failed read returned."""
+    """Wraps sys.unraisablehook and filters the asyncio logger (once per process) so Orbax's
+    echoes are dropped and every other unraisable exception or asyncio record still gets
+    through. It stays installed: the echoes can surface from background threads long after
+    the failed read returned."""
     if getattr(sys.unraisablehook, "_mnemax_echo_filter", False):
         return
+    logging.getLogger("asyncio").addFilter(_AsyncioEchoFilter())
     previous = sys.unraisablehook
 
     def hook(unraisable):
