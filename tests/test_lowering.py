@@ -106,6 +106,21 @@ def test_attention_kernel_lowers(platform, backend, t, d, window):
     assert kernel_calls(text, platform) >= 2, text[:2000]
 
 
+@pytest.mark.parametrize("platform,backend", [("gpu", "flash"), ("tpu", "splash")])
+def test_attention_kernel_with_segment_ids_lowers(platform, backend):
+    """Packed documents: the segment-id blocks and masks lower too (T 4096, window 1024)."""
+    s = jax.ShapeDtypeStruct((2, 4096, 8, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 4096), jnp.int32)
+
+    def fwd_bwd(q, k, v, seg):
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, window=1024, backend=backend,
+                                              segment_ids=seg).astype(jnp.float32))
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    text = lowered_text(fwd_bwd, (s, s, s, seg), platform)
+    assert kernel_calls(text, platform) >= 2, text[:2000]
+
+
 def test_lowering_for_restores_the_platform_and_refuses_cpu():
     from pallas_kernels.common import target_platform
 

@@ -169,7 +169,8 @@ def test_bad_segment_ids_are_refused():
 def attend(q, k, v, ct, seg, *, backend, window, n_sinks, packed):
     def loss(q, k, v):
         o = attention(q, k, v, window=window, n_sinks=n_sinks, backend=backend,
-                      interpret=backend == "splash", segment_ids=seg if packed else None)
+                      interpret=backend in ("flash", "splash"),
+                      segment_ids=seg if packed else None)
         return jnp.sum(o.astype(jnp.float32) * ct), o
 
     grads, o = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -177,7 +178,8 @@ def attend(q, k, v, ct, seg, *, backend, window, n_sinks, packed):
 
 
 @pytest.mark.parametrize("backend,window,n_sinks", [
-    ("reference", 4, 2), ("xla", None, 0), ("xla", 4, 2), ("splash", 4, 0)])
+    ("reference", 4, 2), ("xla", None, 0), ("xla", 4, 2), ("splash", 4, 0), ("flash", None, 0),
+    ("flash", 4, 0)])
 def test_packed_attention_equals_each_document_alone(backend, window, n_sinks):
     """Each query sees only its own document; windows and sinks count in-document positions
     (sinks are every document's first tokens). GQA: 4 query heads on 2 kv heads."""
@@ -209,8 +211,9 @@ def test_document_positions_restart():
     assert list(pos[1, 4:8]) == [4, 5, 0, 1]
 
 
-def test_flash_refuses_segment_ids():
+@pytest.mark.parametrize("backend", ["flash", "splash"])
+def test_kernels_refuse_segment_ids_with_sinks(backend):
     x = jnp.zeros((1, 8, 2, 16))
-    with pytest.raises(ValueError, match="backend 'flash' does not take segment_ids"):
-        attention(x, x, x, backend="flash", interpret=True,
+    with pytest.raises(ValueError, match=f"backend '{backend}' does not take segment_ids with"):
+        attention(x, x, x, window=4, n_sinks=2, backend=backend, interpret=True,
                   segment_ids=jnp.ones((1, 8), jnp.int32))

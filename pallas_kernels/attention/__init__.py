@@ -85,8 +85,8 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         interpret: run a Pallas backend in the Pallas interpreter (CPU tests).
         segment_ids: optional [B, T] int ids of packed documents (0 = padding): a query sees
             only keys of its own document, windows and sinks count in-document positions
-            (reference.packed_visibility). Backends "reference", "xla" and "splash" (splash
-            without sinks: its sink mask is row-absolute); "flash" does not take them yet.
+            (reference.packed_visibility). Every backend; "flash" and "splash" not together
+            with sinks (their sink blocks are the row's first).
 
     Returns:
         [B, T, H, Dh] in q's dtype.
@@ -109,10 +109,9 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if segment_ids is not None:
         check_segment_ids("attention", segment_ids, q)
-        if impl == "flash" or (impl == "splash" and n_sinks):
-            raise ValueError(f"attention: backend {impl!r} does not take segment_ids"
-                             f"{' with sinks' if impl == 'splash' else ''} yet; use 'xla' "
-                             "(or 'splash' without sinks on TPU)")
+        if impl in ("flash", "splash") and n_sinks:
+            raise ValueError(f"attention: backend {impl!r} does not take segment_ids with "
+                             "sinks yet (its sink blocks are the row's first); use 'xla'")
         # Padding inert, as in the linear ops: NaN or Inf there reaches no output or gradient.
         q, k, v = zero_padding(segment_ids, q, k, v)
     if impl == "reference":
@@ -125,7 +124,7 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
     if impl == "flash":
         from pallas_kernels.attention.flash import flash_attention
         return flash_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
-                               interpret=interpret)
+                               interpret=interpret, segment_ids=segment_ids)
     from pallas_kernels.attention.splash import splash_attention
     return splash_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
                             interpret=interpret, segment_ids=segment_ids)

@@ -59,6 +59,7 @@ class _Cfg:
     block_k: int
     interpret: bool
     highest: bool         # float32 inputs: full-precision dots (not TF32)
+    packed: bool = False  # segment ids given: keys of other documents are masked
 
 
 def _cdiv(a, b):
@@ -102,11 +103,16 @@ def query_blocks(kj, *, block_q: int, block_k: int, n_q_blocks: int, window: int
     return lo, hi
 
 
-def _visible(q_start, k_start, cfg: _Cfg, block_q: int, block_k: int):
-    """[BQ, BK] bool: the definition of the module docstring, plus j < T (padded keys)."""
+def _visible(q_start, k_start, cfg: _Cfg, block_q: int, block_k: int, q_seg=None,
+             k_seg=None):
+    """[BQ, BK] bool: the definition of the module docstring, plus j < T (padded keys), and
+    with packed documents q_seg [BQ] == k_seg [BK] (no sinks then: the dispatcher refuses
+    them, so index distance is in-document distance wherever both are in one document)."""
     t = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
     j = k_start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
     vis = (j <= t) & (j < cfg.seq_len)
+    if q_seg is not None:
+        vis = vis & (q_seg[:, None] == k_seg[None, :])
     if cfg.window is not None:
         near = t - j < cfg.window
         if cfg.n_sinks:
@@ -133,19 +139,29 @@ def _dot_tn(a, b, cfg):         # a[M, P]^T @ b [M, Q]
                            preferred_element_type=F32)
 
 
-def _probs(q, k, lse, q_start, k_start, cfg):
+def _probs(q, k, lse, q_start, k_start, cfg, q_seg=None, k_seg=None):
     """P = exp(scale * q k^T - lse) on visible entries, 0 elsewhere: [BQ, BK] float32."""
     s = _dot_nt(q, k, cfg) * cfg.scale
-    vis = _visible(q_start, k_start, cfg, q.shape[0], k.shape[0])
+    vis = _visible(q_start, k_start, cfg, q.shape[0], k.shape[0], q_seg, k_seg)
     return jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
 
 
 # ---------------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Cfg, n_k_blocks: int):
-    # q_ref [BQ, Dp]; k_ref, v_ref [Tp, Dp] (this head's kv head); o_ref [BQ, Dp]; lse_ref [BQ].
+def _split_segs(refs, cfg, n_out):
+    """(array refs..., q_seg_ref, kv_seg_ref, out refs...) -> (arrays, segs or Nones, outs)."""
+    if not cfg.packed:
+        return refs[:-n_out], (None, None), refs[-n_out:]
+    return refs[:-n_out - 2], refs[-n_out - 2:-n_out], refs[-n_out:]
+
+
+def _fwd_kernel(*refs, cfg: _Cfg, n_k_blocks: int):
+    # q_ref [BQ, Dp]; k_ref, v_ref [Tp, Dp] (this head's kv head); o_ref [BQ, Dp]; lse_ref [BQ];
+    # packed: q_seg_ref [BQ], kv_seg_ref [Tp].
+    (q_ref, k_ref, v_ref), (qs_ref, ks_ref), (o_ref, lse_ref) = _split_segs(refs, cfg, 2)
     bq, bk = cfg.block_q, cfg.block_k
+    q_seg = None if qs_ref is None else qs_ref[...]
     qi = pl.program_id(1)
     q = q_ref[...]
     n_sink, lo, hi = key_blocks(qi, block_q=bq, block_k=bk, n_k_blocks=n_k_blocks,
@@ -157,7 +173,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Cfg, n_k_blocks: i
         k = k_ref[pl.ds(kb * bk, bk), :]
         v = v_ref[pl.ds(kb * bk, bk), :]
         s = _dot_nt(q, k, cfg) * cfg.scale
-        vis = _visible(qi * bq, kb * bk, cfg, bq, bk)
+        k_seg = None if ks_ref is None else ks_ref[pl.ds(kb * bk, bk)]
+        vis = _visible(qi * bq, kb * bk, cfg, bq, bk, q_seg, k_seg)
         s = jnp.where(vis, s, MASK)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp(m - m_new)          # rescales what was summed under the old max
@@ -178,9 +195,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Cfg, n_k_blocks: i
     lse_ref[...] = m + jnp.log(row_sum)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Cfg,
-               n_k_blocks: int):
-    # q_ref, do_ref, dq_ref [BQ, Dp]; k_ref, v_ref [Tp, Dp]; lse_ref, delta_ref [BQ].
+def _dq_kernel(*refs, cfg: _Cfg, n_k_blocks: int):
+    # q_ref, do_ref, dq_ref [BQ, Dp]; k_ref, v_ref [Tp, Dp]; lse_ref, delta_ref [BQ];
+    # packed: q_seg_ref [BQ], kv_seg_ref [Tp].
+    arrays, (qs_ref, ks_ref), (dq_ref,) = _split_segs(refs, cfg, 1)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = arrays
+    q_seg = None if qs_ref is None else qs_ref[...]
     bq, bk = cfg.block_q, cfg.block_k
     qi = pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
@@ -192,7 +212,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
         kb = jnp.where(i < n_sink, i, lo + (i - n_sink))
         k = k_ref[pl.ds(kb * bk, bk), :]
         v = v_ref[pl.ds(kb * bk, bk), :]
-        p = _probs(q, k, lse, qi * bq, kb * bk, cfg)
+        k_seg = None if ks_ref is None else ks_ref[pl.ds(kb * bk, bk)]
+        p = _probs(q, k, lse, qi * bq, kb * bk, cfg, q_seg, k_seg)
         ds = p * (_dot_nt(do, v, cfg) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, cfg)
 
@@ -200,10 +221,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                cfg: _Cfg, n_q_blocks: int, group: int):
+def _dkv_kernel(*refs, cfg: _Cfg, n_q_blocks: int, group: int):
     # q_ref, do_ref [Tp, G, Dp] (the G query heads of this kv head); k_ref, v_ref, dk_ref,
-    # dv_ref [BK, Dp]; lse_ref, delta_ref [G, Tp].
+    # dv_ref [BK, Dp]; lse_ref, delta_ref [G, Tp]; packed: q_seg_ref [Tp], kv_seg_ref [BK].
+    arrays, (qs_ref, ks_ref), (dk_ref, dv_ref) = _split_segs(refs, cfg, 2)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = arrays
+    k_seg = None if ks_ref is None else ks_ref[...]
     bq, bk = cfg.block_q, cfg.block_k
     kj = pl.program_id(1)
     k, v = k_ref[...], v_ref[...]
@@ -218,7 +241,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             rows = pl.ds(qb * bq, bq)
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
-            p = _probs(q, k, lse_ref[g, rows], qb * bq, kj * bk, cfg)
+            q_seg = None if qs_ref is None else qs_ref[rows]
+            p = _probs(q, k, lse_ref[g, rows], qb * bq, kj * bk, cfg, q_seg, k_seg)
             dv = dv + _dot_tn(p.astype(do.dtype), do, cfg)
             ds = p * (_dot_nt(do, v, cfg) - delta_ref[g, rows][:, None])
             dk = dk + _dot_tn(ds.astype(q.dtype), q, cfg)
@@ -245,7 +269,19 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, dp, name):
         interpret=cfg.interpret, name=name)
 
 
-def _forward(q, k, v, cfg: _Cfg):
+def _seg_specs(seg, h, q_block, kv_block):
+    """BlockSpecs for seg [B, Tp] in a (batch x heads, block) grid: the program's q block and
+    kv block (a size of None: the whole row); [] when there are no segment ids."""
+    if seg is None:
+        return [], ()
+    tp = seg.shape[1]
+    spec = lambda size: pl.BlockSpec((None, tp if size is None else size),
+                                     (lambda bh, i: (bh // h, 0)) if size is None
+                                     else (lambda bh, i: (bh // h, i)))
+    return [spec(q_block), spec(kv_block)], (seg, seg)
+
+
+def _forward(q, k, v, seg, cfg: _Cfg):
     b, tp, h, dp = q.shape
     group = h // k.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
@@ -255,14 +291,17 @@ def _forward(q, k, v, cfg: _Cfg):
     kv_spec = pl.BlockSpec((None, tp, None, dp),
                            lambda bh, i: (bh // h, 0, (bh % h) // group, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda bh, i: (bh // h, bh % h, i))
+    seg_specs, segs = _seg_specs(seg, h, bq, None)
     kernel = functools.partial(_fwd_kernel, cfg=cfg, n_k_blocks=tp // bk)
-    o, lse = _call(kernel, (b * h, tp // bq), [q_spec, kv_spec, kv_spec], [q_spec, row_spec],
+    o, lse = _call(kernel, (b * h, tp // bq), [q_spec, kv_spec, kv_spec, *seg_specs],
+                   [q_spec, row_spec],
                    [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                    jax.ShapeDtypeStruct((b, h, tp), F32)], cfg, dp, "flash_attention_fwd")(q, k, v)
+                    jax.ShapeDtypeStruct((b, h, tp), F32)], cfg, dp, "flash_attention_fwd")(
+                       q, k, v, *segs)
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, cfg: _Cfg):
+def _backward(q, k, v, o, lse, do, seg, cfg: _Cfg):
     b, tp, h, dp = q.shape
     hkv = k.shape[2]
     group = h // hkv
@@ -273,36 +312,41 @@ def _backward(q, k, v, o, lse, do, cfg: _Cfg):
     q_spec = pl.BlockSpec((None, bq, None, dp), lambda bh, i: (bh // h, i, bh % h, 0))
     kv_all = pl.BlockSpec((None, tp, None, dp), lambda bh, i: (bh // h, 0, (bh % h) // group, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda bh, i: (bh // h, bh % h, i))
+    seg_specs, segs = _seg_specs(seg, h, bq, None)
     dq = _call(functools.partial(_dq_kernel, cfg=cfg, n_k_blocks=tp // bk), (b * h, tp // bq),
-               [q_spec, kv_all, kv_all, q_spec, row_spec, row_spec], q_spec,
+               [q_spec, kv_all, kv_all, q_spec, row_spec, row_spec, *seg_specs], q_spec,
                jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, dp, "flash_attention_dq")(
-                   q, k, v, do, lse, delta)
+                   q, k, v, do, lse, delta, *segs)
 
     # Grid axis 0 is batch x kv head; the program reads the G query heads hk*G .. hk*G + G-1.
     q_grp = pl.BlockSpec((None, tp, group, dp), lambda bk_, j: (bk_ // hkv, 0, bk_ % hkv, 0))
     kv_blk = pl.BlockSpec((None, bk, None, dp), lambda bk_, j: (bk_ // hkv, j, bk_ % hkv, 0))
     row_grp = pl.BlockSpec((None, group, tp), lambda bk_, j: (bk_ // hkv, bk_ % hkv, 0))
     kernel = functools.partial(_dkv_kernel, cfg=cfg, n_q_blocks=tp // bq, group=group)
+    seg_specs, segs = _seg_specs(seg, hkv, None, bk)
     dk, dv = _call(kernel, (b * hkv, tp // bk),
-                   [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp], [kv_blk, kv_blk],
+                   [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp, *seg_specs],
+                   [kv_blk, kv_blk],
                    [jax.ShapeDtypeStruct(k.shape, k.dtype),
                     jax.ShapeDtypeStruct(v.shape, v.dtype)], cfg, dp, "flash_attention_dkv")(
-                       q, k, v, do, lse, delta)
+                       q, k, v, do, lse, delta, *segs)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q, k, v, cfg: _Cfg):
-    return _forward(q, k, v, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, seg, cfg: _Cfg):
+    return _forward(q, k, v, seg, cfg)[0]
 
 
-def _flash_fwd(q, k, v, cfg):
-    o, lse = _forward(q, k, v, cfg)
-    return o, (q, k, v, o, lse)
+def _flash_fwd(q, k, v, seg, cfg):
+    o, lse = _forward(q, k, v, seg, cfg)
+    return o, (q, k, v, o, lse, seg)
 
 
 def _flash_bwd(cfg, res, do):
-    return _backward(*res, do, cfg)
+    q, k, v, o, lse, seg = res
+    # Segment ids are integers: no cotangent.
+    return (*_backward(q, k, v, o, lse, do, seg, cfg), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -310,7 +354,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
                     scale: float | None = None, block_q: int = 64, block_k: int = 64,
-                    interpret: bool = False):
+                    interpret: bool = False, segment_ids=None):
     """Causal softmax attention with optional window and sinks, Pallas GPU kernel.
 
     Args:
@@ -320,6 +364,8 @@ def flash_attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         scale: score scale, default Dh ** -0.5.
         block_q, block_k: tile sizes (powers of two >= 16 for Triton).
         interpret: run in the Pallas interpreter (CPU tests).
+        segment_ids: optional [B, T] int packed-document ids: keys of another document are
+            masked (not with sinks: the block skipping keeps the row's first blocks only).
 
     Returns:
         [B, T, H, Dh] in q's dtype. Differentiable in q, k, v (custom_vjp).
@@ -334,8 +380,16 @@ def flash_attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
     # Zero padding: padded keys are masked by j < T, padded head-dim columns add 0 to q.k and
     # give zero output columns; both are sliced off (and get zero gradient through the slice).
     pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, dp - dh)))
+    if segment_ids is not None and n_sinks:
+        raise ValueError("flash_attention: segment_ids with sinks are not supported (each "
+                         "document's sinks would need their own key blocks)")
     cfg = _Cfg(seq_len=t, scale=scale, window=window, n_sinks=int(n_sinks), block_q=block_q,
-               block_k=block_k, interpret=bool(interpret), highest=dtype == F32)
-    o = _flash(pad(q), pad(k), pad(v), cfg)
+               block_k=block_k, interpret=bool(interpret), highest=dtype == F32,
+               packed=segment_ids is not None)
+    # Padded tail: segment id -1, a document no real query sees (padded keys are masked by
+    # j < T anyway).
+    seg = None if segment_ids is None else jnp.pad(
+        segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
+    o = _flash(pad(q), pad(k), pad(v), seg, cfg)
     return o[:, :t, :, :dh]
 
