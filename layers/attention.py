@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.cache import CacheBytes
+from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention as attention_op
 from pallas_kernels.attention.xla import softmax_attention  # noqa: F401 (re-exported)
@@ -194,6 +194,7 @@ class Attention(nnx.Module):
         """segment_ids: optional [B, T] packed-document ids (cache-free call): a query sees
         its own document only; `positions` should then be in-document positions (RoPE, window
         and sinks count them), as the LM passes them."""
+        refuse_segments_with_cache("attention", segment_ids, cache)
         b, t, _ = x.shape
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = jnp.split(self.qkv(x), [h * dh, (h + hkv) * dh], axis=-1)
@@ -226,9 +227,6 @@ class Attention(nnx.Module):
             o = attention_op(q, k, v, window=self.window, n_sinks=self.n_sinks,
                              scale=dh ** -0.5, backend=self.backend, segment_ids=segment_ids)
         else:
-            if segment_ids is not None:
-                raise ValueError("attention: segment_ids are for the cache-free call (packed "
-                                 "training rows); decoding runs one sequence per row")
             mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
             o = softmax_attention(q, keys, values, mask, dh ** -0.5)
         return self.out(o.reshape(b, t, h * dh)), cache

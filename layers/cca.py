@@ -62,7 +62,7 @@ from layers.attention import (
     window_errors,
     write_cache,
 )
-from layers.cache import CacheBytes
+from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache
 from layers.rope import apply_rope
 from pallas_kernels.attention.reference import packed_visibility
@@ -227,9 +227,7 @@ class CCA(nnx.Module):
         the value shift and the attention all stay inside each document; `positions` should
         be in-document positions (RoPE), as the LM passes them."""
         b, t, _ = x.shape
-        if segment_ids is not None and cache is not None:
-            raise ValueError("cca: segment_ids are for the cache-free call (packed training "
-                             "rows); decoding runs one sequence per row")
+        refuse_segments_with_cache("cca", segment_ids, cache)
         doc_pos = None if segment_ids is None else document_positions(segment_ids)
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         g = h // hkv

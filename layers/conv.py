@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.cache import CacheBytes
+from layers.cache import CacheBytes, refuse_segments_with_cache
 from pallas_kernels.common import document_positions
 
 
@@ -65,9 +65,7 @@ class ShortConv(nnx.Module):
         if segment_ids is None:
             y = sum(full[:, i:i + t] * kernel[i] for i in range(w))
         else:
-            if cache is not None:
-                raise ValueError("ShortConv: segment_ids are for the cache-free call (packed "
-                                 "training rows); decoding runs one sequence per row")
+            refuse_segments_with_cache("ShortConv", segment_ids, cache)
             pos = document_positions(segment_ids)[..., None]          # [B, T, 1]
             y = sum(jnp.where(pos >= w - 1 - i, full[:, i:i + t], 0) * kernel[i]
                     for i in range(w))

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.attention import attention_mask, softmax_attention, window_errors, write_slots
-from layers.cache import CacheBytes
+from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.norm import RMSNorm
 from layers.rope import apply_rope
 from pallas_kernels.attention.reference import packed_visibility
@@ -216,9 +216,7 @@ class MLA(nnx.Module):
         its own document only (window and sinks in in-document positions); `positions`
         should be in-document positions (RoPE), as the LM passes them."""
         b, t, _ = x.shape
-        if segment_ids is not None and cache is not None:
-            raise ValueError("mla: segment_ids are for the cache-free call (packed training "
-                             "rows); decoding runs one sequence per row")
+        refuse_segments_with_cache("mla", segment_ids, cache)
         q_nope, q_rope = self._queries(x, positions)
         c_kv, k_rope = self._latents(x, positions)
         if cache is None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.cache import tree_nbytes
+from layers.cache import refuse_segments_with_cache, tree_nbytes
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import build_mixer
@@ -123,9 +123,7 @@ class LM(nnx.Module):
         """
         b, t = tokens.shape
         if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids are for the cache-free call (packed training "
-                                 "rows); decoding runs one sequence per row")
+            refuse_segments_with_cache("", segment_ids, cache)
             if segment_ids.shape != (b, t):
                 raise ValueError(f"segment_ids must be [B, T] = {(b, t)}; got "
                                  f"{segment_ids.shape}")

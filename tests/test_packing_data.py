@@ -57,15 +57,16 @@ def test_packing_config_errors(over, message):
 
 
 def packing_bench():
-    """benchmarks/packing.py as a module (benchmarks/ is a folder of scripts)."""
-    import importlib.util
+    """benchmarks/packing.py as a module (benchmarks/common.py loads the scripts)."""
+    import sys
     from pathlib import Path
 
-    file = Path(__file__).resolve().parents[1] / "benchmarks" / "packing.py"
-    spec = importlib.util.spec_from_file_location("mnemax_bench_packing", file)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    from common import load_bench
+
+    return load_bench("packing")
 
 
 def corpus(path):
