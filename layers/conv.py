@@ -46,12 +46,14 @@ class ShortConv(nnx.Module):
         dtype = self.dtype if dtype is None else dtype
         return ConvCache(tail=jnp.zeros((batch_size, self.width - 1, self.channels), dtype))
 
-    def __call__(self, x: jax.Array, cache: ConvCache | None = None, *, segment_ids=None
-                 ) -> tuple[jax.Array, ConvCache | None]:
+    def __call__(self, x: jax.Array, cache: ConvCache | None = None, *, segment_ids=None,
+                 document_tail: jax.Array | None = None) -> tuple[jax.Array, ConvCache | None]:
         """x [B, T, C] -> y [B, T, C] (compute dtype) and the updated cache.
 
         segment_ids: optional [B, T] int packed-document ids (no cache): taps that would
-        reach into an earlier document read zero."""
+        reach into an earlier document read zero, or, with document_tail [B, W - 1, C] (a
+        ConvCache.tail: the inputs every document follows, e.g. Titans' persistent tokens),
+        that tail, as each document would after it alone."""
         b, t, c = x.shape
         w = self.width
         x = x.astype(self.dtype)
@@ -69,6 +71,14 @@ class ShortConv(nnx.Module):
             pos = document_positions(segment_ids)[..., None]          # [B, T, 1]
             y = sum(jnp.where(pos >= w - 1 - i, full[:, i:i + t], 0) * kernel[i]
                     for i in range(w))
+            if document_tail is not None and w > 1:
+                # Tap i of a token at in-document position pos < W - 1 - i reads the input
+                # W - 1 - i - pos steps before the document: tail slot pos + i.
+                tail = document_tail.astype(self.dtype)
+                for i in range(w - 1):
+                    at = jnp.minimum(pos[..., 0] + i, w - 2)
+                    before = jnp.take_along_axis(tail, at[..., None], axis=1)   # [B, T, C]
+                    y = y + jnp.where(pos < w - 1 - i, before, 0) * kernel[i]
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if cache is not None:

@@ -57,6 +57,13 @@ keeps the masked reference an ordinary masked op (no per-bucket conv) and the ca
 tail, and costs D conv channels instead of Mt * H(K+V). The query keeps Gated DeltaNet's own
 conv; beta and the decay read x, as in Gated DeltaNet.
 
+Packed documents (segment_ids [B, T], cache-free call; pallas_kernels/common.py): the two convs
+zero their taps across document starts, and every memory restarts from zero at each start,
+also when the start's own token is routed elsewhere (a document alone starts every memory from
+zero). The masked path hands the ids to the op; the packed path gives each stream slot its
+token's id (pad and reset slots 0), so each document is one run inside each memory's block.
+The balance loss counts real tokens only.
+
 Cache: states [B, Mt, H, K, V] float32 (index M is the shared memory), and the conv tails of
 q and x; its size does not depend on max_len.
 """
@@ -71,7 +78,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.cache import CacheBytes
+from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
 from layers.delta_net import DeltaNet, decay_init, l2_normalize, recurrent_step
 from layers.norm import RMSNorm
@@ -227,21 +234,26 @@ class MoM(nnx.Module):
             w = jnp.concatenate([w, jnp.ones(w.shape[:2] + (1,), w.dtype)], axis=-1)
         return idx.astype(jnp.int32), w, probs
 
-    def balance_loss(self, x: jax.Array) -> jax.Array:
-        """M * sum_m f_m P_m over all B*T tokens (float32 scalar; 1 when perfectly balanced).
+    def balance_loss(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """M * sum_m f_m P_m over all B*T tokens (float32 scalar; 1 when perfectly balanced),
+        or over the real tokens of packed rows (segment_ids != 0: padding routes nothing).
         Gradients reach the router through P only (f counts discrete choices)."""
         idx, _, probs = self.route(x)
         chosen = jax.nn.one_hot(idx[..., :self.top_k], self.num_memories, dtype=jnp.float32)
-        f = jnp.mean(jnp.sum(chosen, axis=-2), axis=(0, 1)) / self.top_k
-        p = jnp.mean(probs, axis=(0, 1))
+        real = (jnp.ones(x.shape[:2], jnp.float32) if segment_ids is None
+                else (segment_ids != 0).astype(jnp.float32))[..., None]
+        # Mean over real tokens; max(., 1) keeps an all-padding batch at 0 instead of 0 / 0.
+        n = jnp.maximum(jnp.sum(real), 1.0)
+        f = jnp.sum(jnp.sum(chosen, axis=-2) * real, axis=(0, 1)) / (n * self.top_k)
+        p = jnp.sum(jnp.where(real > 0, probs, 0.0), axis=(0, 1)) / n
         return self.num_memories * jnp.sum(f * p)
 
-    def aux_loss(self, x: jax.Array) -> jax.Array:
+    def aux_loss(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """The term this layer adds to the training loss: balance_loss_weight * balance loss.
-        x is the layer's input (the one __call__ gets)."""
+        x is the layer's input (the one __call__ gets), segment_ids its packed-document ids."""
         if self.balance_loss_weight == 0:
             return jnp.zeros((), jnp.float32)
-        return self.balance_loss_weight * self.balance_loss(x)
+        return self.balance_loss_weight * self.balance_loss(x, segment_ids)
 
     # ------------------------------------------------------------------------- memories
 
@@ -266,13 +278,14 @@ class MoM(nnx.Module):
         g = -jnp.exp(a_log[..., None, :]) * jax.nn.softplus(ba[..., h:] + dt_bias[..., None, :])
         return k, v, beta, g
 
-    def _op(self, q, k, v, g, beta, initial_state=None):
+    def _op(self, q, k, v, g, beta, initial_state=None, segment_ids=None):
         # q arrives scaled (scale = 1 here) so that read slots return state rows exactly.
         return gated_delta_rule(q, k, v, g, beta, scale=1.0, initial_state=initial_state,
                                 output_final_state=initial_state is not None,
-                                chunk_size=self.chunk_size, backend=self.backend)
+                                chunk_size=self.chunk_size, backend=self.backend,
+                                segment_ids=segment_ids)
 
-    def _masked(self, q, xc, x, idx, w, states):
+    def _masked(self, q, xc, x, idx, w, states, segment_ids=None):
         """Reference path: every memory over every token, update masked. -> (o [B, T, H, V]
         float32, final states or None)."""
         b, t, a = idx.shape
@@ -284,13 +297,16 @@ class MoM(nnx.Module):
         flat = lambda z: z.reshape(b * mt, t, *z.shape[3:])                    # no decay
         qm = jnp.broadcast_to(q[:, None], (b, mt, t, h, kd))
         init = None if states is None else states.reshape(b * mt, h, kd, vd)
-        o, fin = self._op(flat(qm), flat(k), flat(v), flat(g), flat(beta), init)
+        # Packed documents: each memory's recurrence restarts at every document start, also
+        # where that start's token is routed elsewhere (the op resets on the ids, not on beta).
+        seg = None if segment_ids is None else jnp.repeat(segment_ids, mt, axis=0)
+        o, fin = self._op(flat(qm), flat(k), flat(v), flat(g), flat(beta), init, seg)
         y = jnp.einsum("btam,btmhv->bthv", onehot * w[..., None],
                        o.reshape(b, mt, t, h, vd).transpose(0, 2, 1, 3, 4),
                        precision=jax.lax.Precision.HIGHEST)
         return y, None if fin is None else fin.reshape(b, mt, h, kd, vd)
 
-    def _packed(self, q, xc, x, idx, w, states):
+    def _packed(self, q, xc, x, idx, w, states, segment_ids=None):
         """Fast path: the buckets packed into one stream per row (module docstring)."""
         b, t, a = idx.shape
         mt, h, kd, vd, c = self.n_states, self.n_heads, self.key_dim, self.value_dim, \
@@ -318,7 +334,13 @@ class MoM(nnx.Module):
             v = v.at[bi3, write].set(states.transpose(0, 1, 3, 2, 4))    # row i of each S0
             beta = beta.at[bi3, write].set(1.0)
             qs = qs.at[bi3, read].set(eye)
-        o, _ = self._op(qs, k, v, g, beta)                                # [B, S, H, V]
+        seg = None
+        if segment_ids is not None:
+            # Each slot carries its token's document id; pad and reset slots are padding (0).
+            # A block's tokens keep time order, so a document is one run in its block, and
+            # the op restarts the memory at each (the previous run, or the reset slot, differs).
+            seg = jnp.where(real, segment_ids[bi, tok], 0)
+        o, _ = self._op(qs, k, v, g, beta, segment_ids=seg)               # [B, S, H, V]
         y = jnp.einsum("bta,btahv->bthv", w, o[bi, plan.slot].reshape(b, t, a, h, vd),
                        precision=jax.lax.Precision.HIGHEST)
         if states is None:
@@ -351,23 +373,28 @@ class MoM(nnx.Module):
         return packed < self.n_states * (-(-t // c) * c)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, cache: MoMCache | None = None,
-                 dispatch: str | None = None) -> tuple[jax.Array, MoMCache | None]:
-        """`dispatch` overrides args.dispatch for this call (tests compare the paths)."""
+                 segment_ids: jax.Array | None = None, dispatch: str | None = None
+                 ) -> tuple[jax.Array, MoMCache | None]:
+        """`dispatch` overrides args.dispatch for this call (tests compare the paths).
+        segment_ids: optional [B, T] packed-document ids (cache-free call): the convs and every
+        memory restart at each document; padding outputs 0."""
         del positions
+        refuse_segments_with_cache("MoM", segment_ids, cache)
         b, t, _ = x.shape
         h, kd, vd = self.n_heads, self.key_dim, self.value_dim
-        q, qc = self.q_conv(self.q_proj(x), None if cache is None else cache.q_conv)
+        seg = dict(segment_ids=segment_ids)
+        q, qc = self.q_conv(self.q_proj(x), None if cache is None else cache.q_conv, **seg)
         q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, kd), self.eps).astype(self.dtype)
         q = q.astype(jnp.float32) * kd ** -0.5
-        xc, xcc = self.x_conv(x, None if cache is None else cache.x_conv)
+        xc, xcc = self.x_conv(x, None if cache is None else cache.x_conv, **seg)
         idx, w, _ = self.route(x)
         states = None if cache is None else cache.states
         if cache is not None and t == 1:
             o, states = self._step(q, xc, x, idx, w, states)
         elif self.uses_packed(t, cache is not None, dispatch):
-            o, states = self._packed(q, xc, x, idx, w, states)
+            o, states = self._packed(q, xc, x, idx, w, states, segment_ids)
         else:
-            o, states = self._masked(q, xc, x, idx, w, states)
+            o, states = self._masked(q, xc, x, idx, w, states, segment_ids)
 
         o = self.o_norm(o.astype(self.dtype))                          # per head, over V
         gate = jax.nn.silu(self.g_proj(x).astype(jnp.float32)).reshape(b, t, h, vd)

@@ -2,10 +2,11 @@
 
 A mixer class provides `Args` (a frozen dataclass of its settings), `check_config(model_cfg,
 args, name) -> list[str]`, `init_cache(batch_size, max_len, dtype)` and
-`__call__(x, *, positions, cache) -> (y, cache)`. Register a new family by adding a line here
-and its defaults under `model.mixer_args` in configs/base.yaml. A mixer may also define
-`aux_loss(x) -> float32 scalar` (x: its input): a weighted term the LM adds to the training loss
-(MoM's router balance).
+`__call__(x, *, positions, cache) -> (y, cache)`; a mixer that takes packed documents also
+accepts `segment_ids=` there (models/lm.packing_mixers lists them). Register a new family by
+adding a line here and its defaults under `model.mixer_args` in configs/base.yaml. A mixer may
+also define `aux_loss(x, segment_ids=None) -> float32 scalar` (x: its input; padding of packed
+rows left out): a weighted term the LM adds to the training loss (MoM's router balance).
 """
 
 from __future__ import annotations

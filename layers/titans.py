@@ -59,6 +59,12 @@ Functional core (what MAC / MAG reuse; every function is pure given the module's
       (a TitansState.memory, or M_0 when None).
   readout(o, x) -> y [B, T, D]: per-head norm, output gate, output projection.
 
+Packed documents (segment_ids, cache-free call): each document starts from the state and conv
+tails the persistent tokens leave (init_cache), its convs read that tail instead of the
+previous document, and its memory chunks count from its own start (the op lays documents out
+chunk-aligned; pallas_kernels/titans/xla.titans_memory_packed_xla), so it computes what it
+computes alone.
+
 Cache: TitansState (memory, momentum, chunk-start weights, position in the chunk; float32) and
 the three conv tails (float32); its size does not depend on max_len.
 """
@@ -73,7 +79,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.cache import CacheBytes
+from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
 from layers.delta_net import l2_normalize
 from layers.norm import RMSNorm
@@ -194,15 +200,20 @@ class TitansMemory(nnx.Module):
 
     # ------------------------------------------------------------------ functional core
 
-    def qkv(self, x: jax.Array, conv: tuple | None = None):
+    def qkv(self, x: jax.Array, conv: tuple | None = None, *, segment_ids=None,
+            document_conv: tuple | None = None):
         """x [B, T, D] -> ((q, k, v [B, T, H, K] compute dtype, theta, eta, alpha [B, T, H]
-        float32), conv caches or None)."""
+        float32), conv caches or None). segment_ids: packed documents (no conv caches), each
+        document's convs starting from the tails document_conv (three ConvCaches; None:
+        zeros)."""
         b, t, _ = x.shape
         h, kd = self.n_heads, self.head_dim
         conv = (None,) * 3 if conv is None else conv
-        q, qc = self.q_conv(self.q_proj(x), conv[0])
-        k, kc = self.k_conv(self.k_proj(x), conv[1])
-        v, vc = self.v_conv(self.v_proj(x), conv[2])
+        tails = (None,) * 3 if document_conv is None else tuple(c.tail for c in document_conv)
+        seg = lambda i: dict(segment_ids=segment_ids, document_tail=tails[i])  # noqa: E731
+        q, qc = self.q_conv(self.q_proj(x), conv[0], **seg(0))
+        k, kc = self.k_conv(self.k_proj(x), conv[1], **seg(1))
+        v, vc = self.v_conv(self.v_proj(x), conv[2], **seg(2))
         q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, kd), self.eps).astype(self.dtype)
         k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, kd), self.eps).astype(self.dtype)
         v = jax.nn.silu(v).reshape(b, t, h, kd)
@@ -288,9 +299,30 @@ class TitansMemory(nnx.Module):
             cache = cache.replace(state=state, q_conv=conv[0], k_conv=conv[1], v_conv=conv[2])
         return o, cache
 
+    def packed_memory(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """Packed documents, x [B, T, D] -> memory outputs o [B, T, H, K] (0 at padding): every
+        document starts from what the persistent tokens leave (init_cache: the memory state
+        and the conv tails), as it does alone, with its chunks counted from its own start."""
+        start = self.init_cache(x.shape[0], 0)
+        (q, k, v, theta, eta, alpha), _ = self.qkv(
+            x, segment_ids=segment_ids, document_conv=(start.q_conv, start.k_conv,
+                                                       start.v_conv))
+        st = start.state
+        o, _ = titans_memory(q, k, v, theta, eta, alpha, memory0=st.memory,
+                             momentum0=st.momentum, chunk_start0=st.chunk_start,
+                             chunk_offset=self.n_persistent % self.chunk_size,
+                             chunk_size=self.chunk_size, backend=self.backend,
+                             grad_clip=self.grad_clip, segment_ids=segment_ids)
+        return o
+
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: TitansCache | None = None) -> tuple[jax.Array, TitansCache | None]:
+                 cache: TitansCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, TitansCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call; packed_memory)."""
         del positions
+        refuse_segments_with_cache("TitansMemory", segment_ids, cache)
+        if segment_ids is not None:
+            return self.readout(self.packed_memory(x, segment_ids), x), None
         t = x.shape[1]
         if cache is None and self.persistent is not None:
             # Training: the persistent tokens open every sequence; their outputs are dropped.

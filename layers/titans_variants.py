@@ -54,6 +54,13 @@ says why larger rates diverge). MAC is the more exposed: attention outputs y are
 token to token, so a chunk's keys nearly repeat; on configs/titans_mac.yaml theta_max = 1 went
 to NaN within 30 training steps, 0.1 trained 80 steps cleanly.
 
+Packed documents (segment_ids, cache-free call). MAC: each document's segments and memory
+chunks count from its own first token (TitansMAC.packed_forward lays the documents out
+segment-aligned and restarts the memory and conv tails at each; an exact token-by-token path
+covers rows that do not fit). MAG: the memory branch is TitansMemory's packed path (every
+document after the persistent tokens), the attention branch masks so that each document sees
+the persistent tokens and its own window (TitansMAG._packed_attention).
+
 Decode. MACCache: the memory state (float32) after the last token, the memory weights at the
 current segment's start (for h), the segment's keys / values and those of its h's (C slots
 each: slot j holds local index j), the conv tails of the x and y streams, and the token count.
@@ -75,11 +82,13 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.attention import Attention, AttentionArgs, KVCache, softmax_attention
-from layers.cache import CacheBytes
+from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache
 from layers.norm import RMSNorm
 from layers.rope import apply_rope
 from layers.titans import TitansArgs, TitansCache, TitansMemory
+from pallas_kernels.attention.reference import packed_visibility
+from pallas_kernels.common import document_layout, document_positions
 from pallas_kernels.titans import TitansState
 
 
@@ -265,8 +274,13 @@ class TitansMAC(nnx.Module):
                         y_conv=self._init_conv(batch_size), length=jnp.zeros((), jnp.int32))
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: MACCache | None = None) -> tuple[jax.Array, MACCache | None]:
+                 cache: MACCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, MACCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call; packed_forward)."""
         del positions
+        refuse_segments_with_cache("TitansMAC", segment_ids, cache)
+        if segment_ids is not None:
+            return self.packed_forward(x, segment_ids), None
         if cache is None:
             return self._forward(x), None
         return self._decode(x, cache)
@@ -274,22 +288,41 @@ class TitansMAC(nnx.Module):
     def _forward(self, x: jax.Array) -> jax.Array:
         """The full pass: a lax.scan over segments, parallel inside each."""
         b, t, d = x.shape
-        c, p = self.segment_length, self.n_persistent
+        c = self.segment_length
         n = -(-t // c)
         # Padding at the end only: everything is causal, so it changes no real output.
         xp = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0)))
         qx, _ = self._memory_query(xp, None)
+        return self._segments(xp, qx)[:, :t]
+
+    def _segments(self, xp: jax.Array, qx: jax.Array, opens: jax.Array | None = None):
+        """xp [B, N*C, D] and its memory queries -> out [B, N*C, D], segment by segment; opens
+        [B, N] bool (packed documents): the memory and the y-stream conv tails restart at the
+        segments marked."""
+        b, tp, d = xp.shape
+        c, p = self.segment_length, self.n_persistent
+        n = tp // c
         local = jnp.arange(n * c) % c
         q, k, v = self._project(xp, jnp.broadcast_to(p + c + local, (b, n * c)))
-        pk, pv = self._persistent_kv(b, x.dtype)
+        pk, pv = self._persistent_kv(b, xp.dtype)
         h_pos = jnp.broadcast_to(p + jnp.arange(c), (b, c))
         causal = jnp.tril(jnp.ones((c, c), bool))
         mask = jnp.concatenate([jnp.ones((c, p), bool), causal, causal], axis=1)
         mask = jnp.broadcast_to(mask, (b, c, p + 2 * c))
+        fresh = (self.memory.initial_state(b), self._init_conv(b))
 
         def body(carry, seg):
             state, conv = carry
-            x_s, qx_s, q_s, k_s, v_s = seg
+            x_s, qx_s, q_s, k_s, v_s, opens_s = seg
+            if opens is not None:
+                pick = lambda f, a: jnp.where(  # noqa: E731
+                    opens_s.reshape((b,) + (1,) * (a.ndim - 1)), f, a)
+                # The offset is one scalar for the batch; packed_forward only takes this path
+                # when every segment starts a memory chunk, so it is 0 here in every row.
+                state = state._replace(**{f: jax.tree.map(pick, getattr(fresh[0], f),
+                                                          getattr(state, f))
+                                          for f in ("memory", "momentum", "chunk_start")})
+                conv = jax.tree.map(pick, fresh[1], conv)
             hk, hv = self._retrieved_kv(qx_s, x_s, state.memory, h_pos)   # M_{n-1}
             y = self._attend(q_s, jnp.concatenate([pk, hk, k_s], axis=1),
                              jnp.concatenate([pv, hv, v_s], axis=1), mask)
@@ -297,9 +330,53 @@ class TitansMAC(nnx.Module):
             return (state, conv), out
 
         segs = lambda a: jnp.moveaxis(a.reshape(b, n, c, *a.shape[2:]), 1, 0)  # noqa: E731
-        carry = (self.memory.initial_state(b), self._init_conv(b))
-        _, out = jax.lax.scan(body, carry, tuple(segs(a) for a in (xp, qx, q, k, v)))
-        return jnp.moveaxis(out, 0, 1).reshape(b, n * c, d)[:, :t]
+        flags = jnp.zeros((n, b), bool) if opens is None else opens.T
+        _, out = jax.lax.scan(body, fresh, (*(segs(a) for a in (xp, qx, q, k, v)), flags))
+        return jnp.moveaxis(out, 0, 1).reshape(b, n * c, d)
+
+    def packed_forward(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """Packed documents, x [B, T, D] -> out [B, T, D] (0 at padding): each document runs as
+        alone, its segments and memory chunks counted from its own first token.
+
+        Fast path: the documents laid out segment-aligned (common.document_layout, twice the
+        row's segments of room), the memory query convs told the documents, and the segment
+        scan restarting the memory at each document. When a row's documents need more
+        segments than that, or segment_length is not a multiple of the memory's chunk_size
+        (the batch-wide chunk offset would then differ between rows), the exact token-by-token
+        form runs instead: the decode step per row, its cache reset at each document start
+        (lax.cond; both are compiled)."""
+        b, t, d = x.shape
+        c = self.segment_length
+        n = 2 * -(-t // c)
+        lay = document_layout(segment_ids, c, n)
+        real = segment_ids != 0
+        bi = jnp.arange(b)[:, None]
+
+        def fast(x):
+            xb = jnp.zeros((b, n * c, d), x.dtype).at[bi, lay.slot].set(x, mode="drop")
+            (qx, *_), _ = self.memory.qkv(xb, segment_ids=lay.segment_ids)
+            out = self._segments(xb, qx, lay.opens)[bi, jnp.minimum(lay.slot, n * c - 1)]
+            return jnp.where(real[..., None], out, 0).astype(x.dtype)
+
+        def exact(x):
+            fresh = self.init_cache(1, 0, dtype=x.dtype)
+            opens = real & (document_positions(segment_ids) == 0)
+
+            def row(x_r, opens_r, real_r):
+                def step(cache, inputs):
+                    x_t, opens_t, real_t = inputs
+                    cache = jax.tree.map(lambda f, a: jnp.where(opens_t, f, a), fresh, cache)
+                    y, new = self._decode(x_t[None, None], cache)
+                    new = jax.tree.map(lambda a, o: jnp.where(real_t, a, o), new, cache)
+                    return new, jnp.where(real_t, y[0, 0], 0).astype(x.dtype)
+
+                return jax.lax.scan(step, fresh, (x_r, opens_r, real_r))[1]
+
+            return jax.vmap(row)(x, opens, real)
+
+        if c % self.memory.chunk_size:
+            return exact(x)
+        return jax.lax.cond(lay.fits, fast, exact, x)
 
     def _decode(self, x: jax.Array, cache: MACCache) -> tuple[jax.Array, MACCache]:
         """Prefill or decode: the one-token step over the new tokens, in order."""
@@ -394,9 +471,38 @@ class TitansMAG(nnx.Module):
         memory = jax.tree.map(jnp.array, self.memory.init_cache(batch_size, max_len, dtype))
         return MAGCache(attn=kv, memory=memory)
 
+    def _packed_attention(self, x: jax.Array, positions: jax.Array, segment_ids) -> jax.Array:
+        """The attention branch over packed documents: each document sees the persistent
+        tokens (RoPE positions 0..P-1, always visible) and its own tokens (positions P + its
+        in-document positions, within the window), as over [p || document] alone. An explicit
+        [B, T, P + T] mask with the xla softmax; the attention op's sinks would be each
+        document's own first tokens instead."""
+        a, p = self.attn, self.n_persistent
+        b, t, _ = x.shape
+        h, hkv, dh = a.n_heads, a.n_kv_heads, a.head_dim
+        z = jnp.concatenate([self._persistent(b, x.dtype), x], axis=1)
+        pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)),
+                               positions + p], axis=1)
+        q, k, v = jnp.split(a.qkv(z), [h * dh, (h + hkv) * dh], axis=-1)
+        q, k, v = q.reshape(b, p + t, h, dh), k.reshape(b, p + t, hkv, dh), \
+            v.reshape(b, p + t, hkv, dh)
+        if a.use_rope:
+            q, k = apply_rope(q, pos, a.rope_theta), apply_rope(k, pos, a.rope_theta)
+        own = packed_visibility(segment_ids, a.window, 0)                 # [B, T, T]
+        mask = jnp.concatenate([jnp.ones((b, t, p), bool), own], axis=-1)
+        o = softmax_attention(q[:, p:], k, v, mask, dh ** -0.5)
+        return a.out(o.reshape(b, t, h * dh))
+
     def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: MAGCache | None = None) -> tuple[jax.Array, MAGCache | None]:
+                 cache: MAGCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, MAGCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call; positions then
+        in-document, as the LM passes them): both branches restart at every document."""
         p = self.n_persistent
+        refuse_segments_with_cache("TitansMAG", segment_ids, cache)
+        if segment_ids is not None:
+            m, _ = self.memory(x, positions=positions, segment_ids=segment_ids)
+            return self.gate(self._packed_attention(x, positions, segment_ids), m), None
         if cache is None:
             m, _ = self.memory(x, positions=positions)     # prepends the persistent tokens
             z, pos = x, positions + p

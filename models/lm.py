@@ -79,7 +79,10 @@ class Block(nnx.Module):
             y, cache = self.mixer(h, positions=positions, cache=cache, segment_ids=segment_ids)
         # Recomputes what it needs (MoM: the router); under jit XLA shares it with the mixer's
         # own computation, and drops it where unused (decode).
-        aux = self.mixer.aux_loss(h) if hasattr(self.mixer, "aux_loss") else None
+        aux = None
+        if hasattr(self.mixer, "aux_loss"):     # packed rows: over real tokens only
+            aux = (self.mixer.aux_loss(h) if segment_ids is None
+                   else self.mixer.aux_loss(h, segment_ids=segment_ids))
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache, aux

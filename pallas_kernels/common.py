@@ -10,6 +10,7 @@ import contextlib
 import operator
 import threading
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +232,52 @@ class ChunkMasks:
         self.reads = (n_c == 0)[..., None]
         self.writes = (n_c == n_c[..., -1:])[..., None]
         self.keeps = (n_c[..., -1] == 0)[..., None]
+
+
+class DocumentLayout(NamedTuple):
+    """Where document_layout puts each token of a packed row (all int32 unless said).
+
+    slot [B, T]: the token's slot in the [B, S] buffer (S for padding: dropped by scatters).
+    segment_ids [B, S]: the buffer's document ids (0 at empty slots).
+    opens [B, N] bool: block n begins a document (the state resets before it).
+    fits [] bool: every row's documents fit in the S = N * block slots.
+    """
+
+    slot: jax.Array
+    segment_ids: jax.Array
+    opens: jax.Array
+    fits: jax.Array
+
+
+def document_layout(segment_ids: jax.Array, block: int, n_blocks: int,
+                    prefix: int = 0) -> DocumentLayout:
+    """Lays packed documents out so that each starts on a block boundary: document d takes
+    ceil((prefix + len_d) / block) whole blocks, its tokens after `prefix` free slots (room for
+    tokens every document begins with, e.g. Titans' persistent memory), then padding.
+
+    For rules whose block grid counts from the document start (Titans' gradient chunks, MAC's
+    segments), which a row's shared chunk grid cannot follow. n_blocks is static: rows whose
+    documents need more blocks have fits = False, and the caller must take another path.
+    """
+    real = segment_ids != 0
+    pos = document_positions(segment_ids) + prefix
+    opens = real & (pos == prefix)
+    # Blocks that begin at this token: its document's prefix blocks and its own at an opening,
+    # else one at every block boundary of the document.
+    begins = jnp.where(opens, prefix // block + 1, (real & (pos % block == 0)).astype(jnp.int32))
+    used = jnp.cumsum(begins.astype(jnp.int32), axis=1)
+    s = n_blocks * block
+    slot = jnp.where(real, (used - 1) * block + pos % block, s).astype(jnp.int32)
+    b = segment_ids.shape[0]
+    bi = jnp.arange(b)[:, None]
+    first = jnp.where(opens, slot - prefix, s)                 # first slot of each document
+    buf_seg = jnp.zeros((b, s), jnp.int32).at[bi, slot].set(segment_ids.astype(jnp.int32),
+                                                             mode="drop")
+    for j in range(prefix):
+        buf_seg = buf_seg.at[bi, jnp.where(opens, first + j, s)].set(
+            segment_ids.astype(jnp.int32), mode="drop")
+    block_opens = jnp.zeros((b, n_blocks), bool).at[bi, first // block].set(opens, mode="drop")
+    return DocumentLayout(slot, buf_seg, block_opens, jnp.all(used[:, -1] <= n_blocks))
 
 
 def pad_to_multiple(x: jax.Array, multiple: int, axis: int) -> jax.Array:

@@ -218,3 +218,54 @@ def test_configs_resolve():
     assert args.balance_loss_weight == 0.01
     assert cfg.model.layer_mixers() == ("mom",) * 3 + ("swa",)
     assert load_config("configs/mom.yaml").model.layer_mixers() == ("mom", "mom")
+
+
+@functools.cache
+def _packed_grad(dispatch):
+    """Jitted (params, x, ct, seg) -> (d params, y) of sum(y * ct) with packed documents."""
+    gd, _ = nnx.split(_mixer(), nnx.Param)
+
+    def loss(p, x, ct, seg):
+        y, _ = nnx.merge(gd, p)(x, positions=_pos(x.shape[1]), segment_ids=seg,
+                                dispatch=dispatch)
+        return jnp.sum(y * ct), y
+
+    return jax.jit(jax.grad(loss, has_aux=True))
+
+
+@pytest.mark.parametrize("dispatch", ["masked", "packed"])
+def test_packed_documents_equal_each_document_alone(dispatch):
+    """Row 0: documents of 7 and 9 tokens (the second starts inside chunk 0) and 4 padding;
+    row 1: one of 20. Each memory restarts at every document start, whichever memories the
+    start's token is routed to, so each document's outputs and parameter gradients are those
+    it gets alone."""
+    _, params = nnx.split(_mixer(), nnx.Param)
+    x = jax.random.normal(jax.random.key(5), (B, T, D))
+    ct = jax.random.normal(jax.random.key(6), (B, T, D))
+    seg = jnp.asarray([[1] * 7 + [2] * 9 + [0] * 4, [1] * 20], jnp.int32)
+    grads, y = _packed_grad(dispatch)(params, x, ct, seg)
+    want = jax.tree.map(jnp.zeros_like, grads)
+    for r, a, n in ((0, 0, 7), (0, 7, 9), (1, 0, 20)):
+        def cut(z, r=r, a=a, n=n):
+            return jnp.broadcast_to(z[r:r + 1, a:a + n], (B, n, D))
+
+        # B identical rows (the mixer's batch); half the summed gradient is one document's.
+        g, y_doc = _packed_grad(dispatch)(params, cut(x), cut(ct), jnp.ones((B, n), jnp.int32))
+        np.testing.assert_allclose(y[r, a:a + n], y_doc[0], rtol=1e-5, atol=1e-6)
+        want = jax.tree.map(lambda w, gi: w + gi / B, want, g)
+    for got, exp in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(y[0, 16:], 0.0)                 # padding outputs nothing
+
+
+def test_balance_loss_ignores_padding():
+    """The router balance of a packed batch is the one of its real tokens alone: whatever the
+    padding holds, and equal to the balance over the real tokens cut out."""
+    mom = _mixer()
+    x = jax.random.normal(jax.random.key(7), (1, T, D))
+    seg = jnp.asarray([[1] * 12 + [0] * 8], jnp.int32)
+    junk = x.at[:, 12:].set(100.0 * jax.random.normal(jax.random.key(8), (1, 8, D)))
+    a, b = mom.balance_loss(x, seg), mom.balance_loss(junk, seg)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(a, mom.balance_loss(x[:, :12]), rtol=1e-6)
+    assert not np.isclose(mom.balance_loss(junk), a)

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.common import resolve_backend
+from pallas_kernels.common import check_segment_ids, resolve_backend, zero_padding
 from pallas_kernels.titans.reference import (
     TitansState,
     initial_state,
     memory_read,
+    titans_memory_packed_reference,
     titans_memory_reference,
     titans_step,
 )
-from pallas_kernels.titans.xla import titans_memory_xla
+from pallas_kernels.titans.xla import titans_memory_packed_xla, titans_memory_xla
 
 __all__ = ["TitansState", "initial_state", "memory_read", "titans_memory",
+           "titans_memory_packed_reference", "titans_memory_packed_xla",
            "titans_memory_reference", "titans_memory_xla", "titans_step"]
 
 _OP = "titans_memory"
@@ -71,7 +73,7 @@ def _check(q, k, v, theta, eta, alpha, memory0, momentum0, chunk_start0, chunk_o
 
 def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_start0=None,
                   chunk_offset=0, chunk_size=16, output_final_state=False, grad_clip=None,
-                  backend="auto"):
+                  backend="auto", segment_ids=None, chunk_capacity=None):
     """Titans memory over a sequence: per token, a gradient step with momentum and forgetting
     on ||M(k_t) - v_t||^2 (gradient at the chunk-start weights), then y_t = M_t(q_t).
 
@@ -98,6 +100,15 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
         output_final_state: whether to return the final TitansState.
         grad_clip: cap on each token's gradient norm (over all layers; reference.py), or None.
         backend: "auto" (= "xla"), "reference" or "xla".
+        segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
+            1): every document starts from the state (memory0, momentum0, chunk_start0,
+            chunk_offset) -- chunk_offset a Python int here -- and counts its chunks from
+            there, as it would alone; padding outputs 0. Not with output_final_state (a
+            packed row is the cache-free training call; TitansState's chunk offset is one for
+            the whole batch).
+        chunk_capacity: with segment_ids and the xla backend, the chunks per row of the
+            document-by-document layout (xla.titans_memory_packed_xla; None: twice the row's
+            chunks). Rows that need more take the exact token-by-token form.
 
     Returns:
         (o [B, T, H, V] in q's dtype, TitansState(memory, momentum, chunk_start, offset) after
@@ -115,6 +126,26 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
         raise ValueError(f"{_OP}: grad_clip must be > 0 or None; got {grad_clip}")
     if isinstance(chunk_offset, jax.Array) and chunk_offset.ndim != 0:
         raise ValueError(f"{_OP}: chunk_offset must be a scalar; got shape {chunk_offset.shape}")
+    if segment_ids is not None:
+        check_segment_ids(_OP, segment_ids, q)
+        if output_final_state:
+            raise ValueError(f"{_OP}: segment_ids (packed documents) go without "
+                             "output_final_state: the chunk offset is one for the whole batch")
+        if not isinstance(chunk_offset, int):
+            raise ValueError(f"{_OP}: with segment_ids, chunk_offset (where every document "
+                             f"starts in its chunk) must be a Python int; got {chunk_offset!r}")
+        # Padding may hold anything (NaN): zeroed before it meets an unselected branch, whose
+        # gradient would be 0 * NaN.
+        q, k, v, theta, eta, alpha = zero_padding(segment_ids, q, k, v, theta, eta, alpha)
+        kw = dict(memory0=memory0, momentum0=momentum0, chunk_start0=chunk_start0,
+                  chunk_offset=chunk_offset, segment_ids=segment_ids, chunk_size=chunk_size,
+                  grad_clip=grad_clip)
+        if impl == "reference":
+            return titans_memory_packed_reference(q, k, v, theta, eta, alpha, **kw), None
+        n = -(-q.shape[1] // chunk_size)
+        capacity = 2 * n if chunk_capacity is None else int(chunk_capacity)
+        return titans_memory_packed_xla(q, k, v, theta, eta, alpha, chunk_capacity=capacity,
+                                        **kw), None
     fn = titans_memory_reference if impl == "reference" else titans_memory_xla
     return fn(q, k, v, theta, eta, alpha, memory0=memory0, momentum0=momentum0,
               chunk_start0=chunk_start0, chunk_offset=chunk_offset, chunk_size=chunk_size,

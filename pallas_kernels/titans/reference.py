@@ -184,3 +184,46 @@ def titans_memory_reference(q, k, v, theta, eta, alpha, *, memory0, momentum0=No
 
     state, o = jax.lax.scan(step, state, tuple(tm(x) for x in (q, k, v, theta, eta, alpha)))
     return jnp.swapaxes(o, 0, 1).astype(q.dtype), (state if output_final_state else None)
+
+
+def titans_memory_packed_reference(q, k, v, theta, eta, alpha, *, memory0, segment_ids,
+                                   momentum0=None, chunk_start0=None, chunk_offset=0,
+                                   chunk_size=16, grad_clip=None):
+    """Packed documents token by token: at each document start the state is reset to
+    initial_state(memory0, momentum0, chunk_start0, chunk_offset), so every document runs the
+    chunked rule from there, its chunks counted from its own start, as it would alone;
+    padding steps change nothing and output 0. Rows run independently (vmap: each row keeps
+    its own chunk offset).
+
+    Args: as titans_memory_reference, plus segment_ids [B, T] int (0 = padding); the state
+        arguments are every document's starting state.
+
+    Returns:
+        o [B, T, H, V] in q's dtype.
+    """
+    from pallas_kernels.common import document_positions
+
+    real = segment_ids != 0
+    opens = real & (document_positions(segment_ids) == 0)
+
+    def row(xs, start, opens, real):         # one row: xs [T, ...], start: [H, in, out] trees
+        def one(tree):
+            return None if tree is None else tuple(w[None] for w in tree)
+
+        fresh = initial_state(*(one(tree) for tree in start), chunk_offset)
+
+        def step(st, inputs):
+            tok, opens_t, real_t = inputs
+            st = jax.tree.map(lambda a, f: jnp.where(opens_t, f, a), st, fresh)
+            o, new = titans_step(st, *(x[None] for x in tok), chunk_size=chunk_size,
+                                 grad_clip=grad_clip)
+            new = jax.tree.map(lambda n, a: jnp.where(real_t, n, a), new, st)
+            return new, jnp.where(real_t, o[0], 0.0)
+
+        _, o = jax.lax.scan(step, fresh, (xs, opens, real))
+        return o
+
+    xs = tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v, theta, eta, alpha))
+    f32 = lambda tree: None if tree is None else tuple(jnp.asarray(w, jnp.float32) for w in tree)
+    o = jax.vmap(row)(xs, (f32(memory0), f32(momentum0), f32(chunk_start0)), opens, real)
+    return o.astype(q.dtype)

@@ -125,6 +125,23 @@ def _chunk(mem, mom, grad_w, xs, grad_clip=None):
     return new_mem, new_mom, x
 
 
+def _chunk_coefficients(qc, kc, vc, th, la, le, real):
+    """The per-chunk tensors _chunk takes, from [N, B, H, C, ...] chunked inputs, log-gates and
+    the real-step mask (nothing here depends on the weights)."""
+    decay_a, decay_e = _segment_decay(la), _segment_decay(le)           # LA, LE [N, B, H, C, C]
+    coef_a = jnp.exp(jnp.cumsum(la, axis=-1))                           # A_t [N, B, H, C]
+    e_cum = jnp.exp(jnp.cumsum(le, axis=-1))                            # E_t
+    # A padded step must leave (M, S) as they are, but no gate values do that (eta = 1 keeps S,
+    # and then M += S still moves M): padded steps instead drop the S_j term of M's recurrence,
+    # M_j = (1 - alpha_j) M_{j-1} + real_j S_j, i.e. LA's column j is scaled by real_j.
+    decay_a = decay_a * real[..., None, :]
+    coef_b = _mm("...tj,...j->...t", decay_a, e_cum)                    # B = LA @ E
+    read = _mm("...tj,...ji->...ti", decay_a, decay_e) * -th[..., None, :]   # -P[t, i] theta_i
+    read1 = read * _mm("...ik,...jk->...ij", qc, kc)
+    return (qc, kc, vc, coef_a, coef_b, read, read1, read[..., -1, :],
+            -th * decay_e[..., -1, :], coef_a[..., -1], coef_b[..., -1], e_cum[..., -1])
+
+
 def titans_memory_xla(q, k, v, theta, eta, alpha, *, memory0, momentum0=None,
                       chunk_start0=None, chunk_offset=0, chunk_size=16,
                       output_final_state=False, grad_clip=None):
@@ -156,22 +173,8 @@ def titans_memory_xla(q, k, v, theta, eta, alpha, *, memory0, momentum0=None,
     qc, kc, vc, th = (chunked(x) for x in (q, k, v, theta))
     la = chunked(jnp.log1p(-jnp.minimum(jnp.asarray(alpha, f32), ALPHA_MAX)))  # log(1 - alpha)
     le = chunked(jnp.log(jnp.maximum(jnp.asarray(eta, f32), ETA_MIN)))         # log(eta)
-
     real = chunked(jnp.ones(q.shape[:3], f32))                         # 0 on padded steps
-
-    # Decay coefficients of every chunk at once (nothing here depends on the weights).
-    decay_a, decay_e = _segment_decay(la), _segment_decay(le)           # LA, LE [N, B, H, C, C]
-    coef_a = jnp.exp(jnp.cumsum(la, axis=-1))                           # A_t [N, B, H, C]
-    e_cum = jnp.exp(jnp.cumsum(le, axis=-1))                            # E_t
-    # A padded step must leave (M, S) as they are, but no gate values do that (eta = 1 keeps S,
-    # and then M += S still moves M): padded steps instead drop the S_j term of M's recurrence,
-    # M_j = (1 - alpha_j) M_{j-1} + real_j S_j, i.e. LA's column j is scaled by real_j.
-    decay_a = decay_a * real[..., None, :]
-    coef_b = _mm("...tj,...j->...t", decay_a, e_cum)                    # B = LA @ E
-    read = _mm("...tj,...ji->...ti", decay_a, decay_e) * -th[..., None, :]   # -P[t, i] theta_i
-    read1 = read * _mm("...ik,...jk->...ij", qc, kc)
-    xs = (qc, kc, vc, coef_a, coef_b, read, read1, read[..., -1, :],
-          -th * decay_e[..., -1, :], coef_a[..., -1], coef_b[..., -1], e_cum[..., -1])
+    xs = _chunk_coefficients(qc, kc, vc, th, la, le, real)
 
     st = initial_state(memory0, momentum0, chunk_start0, chunk_offset)
     # Chunk 0 takes its gradients at the carried chunk-start weights (the call may start
@@ -205,3 +208,75 @@ def titans_memory_xla(q, k, v, theta, eta, alpha, *, memory0, momentum0=None,
     offset = jnp.asarray((lead + t) % c, jnp.int32)
     chunk_start = tuple(jnp.where(offset == 0, m, g) for m, g in zip(mem, keep))
     return o, TitansState(mem, mom, chunk_start, offset)
+
+
+def titans_memory_packed_xla(q, k, v, theta, eta, alpha, *, memory0, segment_ids, chunk_size,
+                             chunk_capacity, momentum0=None, chunk_start0=None, chunk_offset=0,
+                             grad_clip=None):
+    """Packed documents in chunkwise-parallel form: every document starts from the state
+    (memory0, momentum0, chunk_start0, chunk_offset) and counts its chunks from there.
+
+    A row's shared chunk grid cannot hold that (a document starting inside a chunk would need
+    gradients at weights from the middle of it), so the tokens are first laid out document by
+    document, each at chunk position chunk_offset (common.document_layout's prefix,
+    `chunk_capacity` chunks per row); the chunk scan resets (M, S) to the starting state at
+    every chunk that opens a document (whose gradients are then taken at chunk_start0), and
+    the outputs are gathered back. Empty slots are inert steps (theta 0,
+    log-gates 0, real 0). Where a row's documents need more chunks than chunk_capacity
+    (documents much shorter than a chunk), the exact token-by-token form runs instead
+    (reference.titans_memory_packed_reference, chosen by a lax.cond: both are compiled).
+
+    Args: as titans_memory_xla, plus segment_ids [B, T] int (0 = padding) and chunk_capacity
+        (static int). Returns o [B, T, H, V] in q's dtype (0 at padding).
+    """
+    from pallas_kernels.common import document_layout
+    from pallas_kernels.titans.reference import titans_memory_packed_reference
+
+    b, t, h = q.shape[:3]
+    c = int(chunk_size)
+    f32 = jnp.float32
+    lead = int(chunk_offset)
+    lay = document_layout(segment_ids, c, chunk_capacity, prefix=lead)
+    s = chunk_capacity * c
+    bi = jnp.arange(b)[:, None]
+
+    def fast(q, k, v, theta, eta, alpha, start):
+        def buffered(x):     # [B, T, H, ...] -> [N, B, H, C, ...] in layout order, zeros between
+            x = jnp.asarray(x, f32)
+            buf = jnp.zeros((b, s) + x.shape[2:], f32).at[bi, lay.slot].set(x, mode="drop")
+            return jnp.moveaxis(to_chunks(buf, c), 2, 0)
+
+        qc, kc, vc, th = (buffered(x) for x in (q, k, v, theta))
+        # Gates buffered in log space: an empty slot gets log-gate 0 (keep all) and theta 0.
+        la = buffered(jnp.log1p(-jnp.minimum(jnp.asarray(alpha, f32), ALPHA_MAX)))
+        le = buffered(jnp.log(jnp.maximum(jnp.asarray(eta, f32), ETA_MIN)))
+        # Real steps: the tokens' slots (not the prefix slots in front of each document).
+        real = buffered(jnp.ones(q.shape[:3], f32))
+        xs = _chunk_coefficients(qc, kc, vc, th, la, le, real)
+        st = initial_state(*start)
+        # A document's first chunk takes its gradients at the carried chunk-start weights when
+        # it starts mid-chunk, as the unpacked call from that state does.
+        grad0 = st.memory if lead == 0 else st.chunk_start
+
+        def step(carry, inputs):
+            opens, xs_c = inputs
+            at = opens[:, None, None, None]
+            pick = lambda fresh, cur: tuple(jnp.where(at, f, x) for f, x in zip(fresh, cur))
+            mem, mom = pick(st.memory, carry[0]), pick(st.momentum, carry[1])
+            mem, mom, o = _chunk(mem, mom, pick(grad0, mem), xs_c, grad_clip)
+            return (mem, mom), o
+
+        _, o = jax.lax.scan(step, (st.memory, st.momentum), (lay.opens.T, xs))  # [N,B,H,C,V]
+        o = jnp.moveaxis(o, 0, 2).reshape(b, h, s, -1)
+        o = jnp.moveaxis(o, 1, 2)[bi, jnp.minimum(lay.slot, s - 1)]     # back to [B, T, H, V]
+        return jnp.where((segment_ids != 0)[..., None, None], o, 0.0)
+
+    def exact(q, k, v, theta, eta, alpha, start):
+        return titans_memory_packed_reference(
+            q, k, v, theta, eta, alpha, memory0=start[0], momentum0=start[1],
+            chunk_start0=start[2], chunk_offset=lead, segment_ids=segment_ids, chunk_size=c,
+            grad_clip=grad_clip).astype(f32)
+
+    start = (tuple(memory0), momentum0, chunk_start0)
+    o = jax.lax.cond(lay.fits, fast, exact, q, k, v, theta, eta, alpha, start)
+    return o.astype(q.dtype)
