@@ -92,6 +92,19 @@ from pallas_kernels.common import document_layout, document_positions
 from pallas_kernels.titans import TitansState
 
 
+def project_qkv(a: Attention, u: jax.Array, pos: jax.Array):
+    """An Attention module's projections of u [B, T, D] at RoPE positions pos [B, T] ->
+    q [B, T, Ha, Dh], k, v [B, T, Hkv, Dh] (MAC's contexts and MAG's packed branch build their
+    own key sets and masks from these)."""
+    b, t, _ = u.shape
+    h, hkv, dh = a.n_heads, a.n_kv_heads, a.head_dim
+    q, k, v = jnp.split(a.qkv(u), [h * dh, (h + hkv) * dh], axis=-1)
+    q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
+    if a.use_rope:
+        q, k = apply_rope(q, pos, a.rope_theta), apply_rope(k, pos, a.rope_theta)
+    return q, k, v
+
+
 @dataclasses.dataclass(frozen=True)
 class _MemorySettings:
     """The memory's settings, passed to layers/titans.TitansArgs (same names and meaning)."""
@@ -206,15 +219,7 @@ class TitansMAC(nnx.Module):
     # -------------------------------------------------------------------------- pieces
 
     def _project(self, u: jax.Array, pos: jax.Array):
-        """u [B, T, D], pos [B, T] -> attention q [B, T, Ha, Dh], k, v [B, T, Hkv, Dh]."""
-        a = self.attn
-        b, t, _ = u.shape
-        h, hkv, dh = a.n_heads, a.n_kv_heads, a.head_dim
-        q, k, v = jnp.split(a.qkv(u), [h * dh, (h + hkv) * dh], axis=-1)
-        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
-        if a.use_rope:
-            q, k = apply_rope(q, pos, a.rope_theta), apply_rope(k, pos, a.rope_theta)
-        return q, k, v
+        return project_qkv(self.attn, u, pos)
 
     def _persistent_kv(self, b: int, dtype):
         """Keys / values [B, P, Hkv, Dh] of the persistent tokens (RoPE positions 0..P-1);
@@ -479,19 +484,14 @@ class TitansMAG(nnx.Module):
         document's own first tokens instead."""
         a, p = self.attn, self.n_persistent
         b, t, _ = x.shape
-        h, hkv, dh = a.n_heads, a.n_kv_heads, a.head_dim
         z = jnp.concatenate([self._persistent(b, x.dtype), x], axis=1)
         pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)),
                                positions + p], axis=1)
-        q, k, v = jnp.split(a.qkv(z), [h * dh, (h + hkv) * dh], axis=-1)
-        q, k, v = q.reshape(b, p + t, h, dh), k.reshape(b, p + t, hkv, dh), \
-            v.reshape(b, p + t, hkv, dh)
-        if a.use_rope:
-            q, k = apply_rope(q, pos, a.rope_theta), apply_rope(k, pos, a.rope_theta)
+        q, k, v = project_qkv(a, z, pos)
         own = packed_visibility(segment_ids, a.window, 0)                 # [B, T, T]
         mask = jnp.concatenate([jnp.ones((b, t, p), bool), own], axis=-1)
-        o = softmax_attention(q[:, p:], k, v, mask, dh ** -0.5)
-        return a.out(o.reshape(b, t, h * dh))
+        o = softmax_attention(q[:, p:], k, v, mask, a.head_dim ** -0.5)
+        return a.out(o.reshape(b, t, -1))
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
                  cache: MAGCache | None = None, segment_ids: jax.Array | None = None
