@@ -238,7 +238,7 @@ class DocumentLayout(NamedTuple):
     """Where document_layout puts each token of a packed row (all int32 unless said).
 
     slot [B, T]: the token's slot in the [B, S] buffer (S for padding: dropped by scatters).
-    segment_ids [B, S]: the buffer's document ids (0 at empty slots).
+    segment_ids [B, S]: the buffer's document ids (0 at empty slots, the prefix slots too).
     opens [B, N] bool: block n begins a document (the state resets before it).
     fits [] bool: every row's documents fit in the S = N * block slots.
     """
@@ -252,8 +252,8 @@ class DocumentLayout(NamedTuple):
 def document_layout(segment_ids: jax.Array, block: int, n_blocks: int,
                     prefix: int = 0) -> DocumentLayout:
     """Lays packed documents out so that each starts on a block boundary: document d takes
-    ceil((prefix + len_d) / block) whole blocks, its tokens after `prefix` free slots (room for
-    tokens every document begins with, e.g. Titans' persistent memory), then padding.
+    ceil((prefix + len_d) / block) whole blocks, its tokens after `prefix` empty slots (its
+    first token sits where a starting chunk offset puts it), then padding.
 
     For rules whose block grid counts from the document start (Titans' gradient chunks, MAC's
     segments), which a row's shared chunk grid cannot follow. n_blocks is static: rows whose
@@ -273,9 +273,6 @@ def document_layout(segment_ids: jax.Array, block: int, n_blocks: int,
     first = jnp.where(opens, slot - prefix, s)                 # first slot of each document
     buf_seg = jnp.zeros((b, s), jnp.int32).at[bi, slot].set(segment_ids.astype(jnp.int32),
                                                              mode="drop")
-    for j in range(prefix):
-        buf_seg = buf_seg.at[bi, jnp.where(opens, first + j, s)].set(
-            segment_ids.astype(jnp.int32), mode="drop")
     block_opens = jnp.zeros((b, n_blocks), bool).at[bi, first // block].set(opens, mode="drop")
     return DocumentLayout(slot, buf_seg, block_opens, jnp.all(used[:, -1] <= n_blocks))
 

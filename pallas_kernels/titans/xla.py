@@ -250,8 +250,8 @@ def titans_memory_packed_xla(q, k, v, theta, eta, alpha, *, memory0, segment_ids
         # Gates buffered in log space: an empty slot gets log-gate 0 (keep all) and theta 0.
         la = buffered(jnp.log1p(-jnp.minimum(jnp.asarray(alpha, f32), ALPHA_MAX)))
         le = buffered(jnp.log(jnp.maximum(jnp.asarray(eta, f32), ETA_MIN)))
-        # Real steps: the tokens' slots (not the prefix slots in front of each document).
-        real = buffered(jnp.ones(q.shape[:3], f32))
+        real = jnp.moveaxis(to_chunks(jnp.broadcast_to(
+            (lay.segment_ids != 0)[:, :, None], (b, s, h)).astype(f32), c), 2, 0)
         xs = _chunk_coefficients(qc, kc, vc, th, la, le, real)
         st = initial_state(*start)
         # A document's first chunk takes its gradients at the carried chunk-start weights when
