@@ -5,11 +5,13 @@
         --top_k 40 --top_p 0.9 --stop_token 10
     python generate.py --config configs/quickstart.yaml model.d_model=128 --prompt_tokens "1 2 3"
 
-Text prompts (--prompt) are fed as UTF-8 bytes and need a model with vocab_size >= 256; token
-prompts (--prompt_tokens) are space- or comma-separated ids. Both repeat, and all prompts run as
-one batch. The continuation is printed as text for byte models (data.kind=bytes) and for text
-prompts, as token ids otherwise, followed by one summary line (prefill time, decode speed,
-cache size). Bad input prints one `error:` line and exits with status 2.
+Text prompts (--prompt) are encoded with the run's tokenizer (data.tokenizer, copied into
+RUN_DIR/tokenizer/ by training; data/tokenizer.py), or as UTF-8 bytes for a model without one
+(byte models, vocab_size >= 256); token prompts (--prompt_tokens) are space- or comma-separated
+ids. Both repeat, and all prompts run as one batch. With a tokenizer that has an end-of-text
+token, a sequence stops after sampling it. The continuation is printed as text for models with a
+tokenizer and for text prompts, as token ids otherwise, followed by one summary line (prefill
+time, decode speed, cache size). Bad input prints one `error:` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -89,15 +91,22 @@ def check_args(args) -> None:
         raise UsageError("--step needs --run_dir")
 
 
-def encode_prompts(prompts: list[tuple[str, str]], vocab_size: int) -> list[list[int]]:
-    """Tagged CLI prompts -> token id lists (text as UTF-8 bytes)."""
+def encode_prompts(prompts: list[tuple[str, str]], vocab_size: int,
+                   tokenizer=None) -> list[list[int]]:
+    """Tagged CLI prompts -> token id lists (text with `tokenizer`, else as UTF-8 bytes)."""
     out = []
     for kind, value in prompts:
         if kind == "tokens":
             out.append(parse_token_list(value))
+        elif tokenizer is not None:
+            ids = tokenizer.encode(value)
+            if not ids:
+                raise UsageError(f"--prompt {value!r} encodes to no tokens")
+            out.append(ids)
         elif vocab_size < 256:
-            raise UsageError(f"text prompts are UTF-8 bytes and need model.vocab_size >= 256, "
-                             f"this model has {vocab_size}; use --prompt_tokens")
+            raise UsageError(f"this model has no tokenizer (data.tokenizer) and text prompts "
+                             f"as UTF-8 bytes need model.vocab_size >= 256, it has "
+                             f"{vocab_size}; use --prompt_tokens")
         else:
             out.append(list(value.encode("utf-8")))
     return out
@@ -105,15 +114,9 @@ def encode_prompts(prompts: list[tuple[str, str]], vocab_size: int) -> list[list
 
 def decode_bytes(ids: list[int]) -> str:
     """Byte ids -> text; invalid UTF-8 and ids >= 256 show as U+FFFD."""
-    pieces, run = [], bytearray()
-    for i in ids:
-        if i < 256:
-            run.append(i)
-            continue
-        pieces.append(run.decode("utf-8", errors="replace") + "\ufffd")
-        run = bytearray()
-    pieces.append(run.decode("utf-8", errors="replace"))
-    return "".join(pieces)
+    from data.tokenizer import ByteTokenizer
+
+    return ByteTokenizer().decode(ids)
 
 
 def human_bytes(n: float) -> str:
@@ -143,19 +146,25 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     check_args(args)
     cfg, model, step = load_model(args)
-    prompts = encode_prompts(args.prompts, cfg.model.vocab_size)
+    from data.tokenizer import tokenizer_for_run
+
+    tokenizer = tokenizer_for_run(cfg, args.run_dir)
+    prompts = encode_prompts(args.prompts, cfg.model.vocab_size, tokenizer)
+    stop_tokens = list(args.stop_tokens)
+    if tokenizer is not None and tokenizer.eos_id is not None:
+        stop_tokens.append(tokenizer.eos_id)
 
     from models.generation import generate
 
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=args.seed, stop_tokens=args.stop_tokens, max_len=args.max_len)
-    byte_model = cfg.data.kind == "bytes"
+                      seed=args.seed, stop_tokens=stop_tokens, max_len=args.max_len)
+    decode = tokenizer.decode if tokenizer is not None else decode_bytes
     for i, ((kind, given), new) in enumerate(zip(args.prompts, result.tokens, strict=True)):
-        if byte_model or kind == "text":
-            shown_prompt = given if kind == "text" else decode_bytes(prompts[i])
+        if tokenizer is not None or kind == "text":
+            shown_prompt = given if kind == "text" else decode(prompts[i])
             print(f"[{i}] prompt: {shown_prompt!r}")
-            print(f"[{i}] output: {decode_bytes(new)!r}")
+            print(f"[{i}] output: {decode(new)!r}")
         else:
             print(f"[{i}] prompt: {' '.join(map(str, prompts[i]))}")
             print(f"[{i}] output: {' '.join(map(str, new))}")
@@ -170,9 +179,10 @@ def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, UsageError):
         return True
     from configs.schema import ConfigError
+    from data.errors import DataError
     from models.generation import GenerationError
 
-    if isinstance(e, (ConfigError, GenerationError)):
+    if isinstance(e, (ConfigError, DataError, GenerationError)):
         return True
     # The checkpoint module is imported only for --run_dir; if it was, its errors are ours.
     ckpt = sys.modules.get("training.checkpoint")

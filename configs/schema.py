@@ -88,6 +88,10 @@ class DataConfig:
     eval_path: str | None = None
     eval_fraction: float = 0.05
     token_dtype: Literal["uint16", "uint32"] = "uint16"
+    # The text <-> ids mapping of the run (data/tokenizer.py): a tokenizer.json, a SentencePiece
+    # .model, a directory holding one, or "bytes"; used by generate.py --prompt, lm-eval and
+    # bits-per-byte evals. None: token ids only (synthetic tasks, pre-tokenized files).
+    tokenizer: str | None = None
     # bytes / tokens: mark the documents inside each window (segment_ids, in-document
     # positions) so no layer carries a document's state into the next (data/stream.py).
     packing: bool = False
@@ -131,6 +135,14 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     progress_bar: bool = True
+    # Activation checkpointing per block (models/lm.py): none keeps every activation for the
+    # backward pass; full keeps only each block's input and recomputes the rest; dots keeps
+    # the matmul outputs and recomputes the cheap elementwise work around them; dots_no_batch
+    # keeps only the projections' outputs (models/lm.py: REMAT_POLICIES).
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Gradients summed over this many micro-batches of data.batch_size / grad_accum_steps rows
+    # before one optimizer step (the same update as one batch of data.batch_size rows).
+    grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,8 +420,12 @@ def validate(cfg: Config) -> Config:
 
     t = cfg.train
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                "keep_checkpoints"):
+                "keep_checkpoints", "grad_accum_steps"):
         _positive(f"train.{key}", getattr(t, key))
+    if d.batch_size % t.grad_accum_steps:
+        raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
+                          f"data.batch_size={d.batch_size} (each micro-batch takes "
+                          "batch_size / grad_accum_steps rows)")
     o = cfg.optim
     _positive("optim.lr", o.lr)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
@@ -441,5 +457,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config, path) -> None:
+    """Writes cfg as YAML; path: a str, a pathlib.Path or an etils.epath.Path (a bucket)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    (Path(path) if isinstance(path, str) else path).write_text(text)

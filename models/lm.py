@@ -27,6 +27,19 @@ from pallas_kernels.common import document_positions
 
 RESIDUAL = ("batch", None, None)     # logical axes of the residual stream [B, T, D]
 
+# Activation checkpointing of each block in training (train.remat): what the backward pass keeps
+# from the forward. "full" saves nothing inside a block (its input is kept by the caller) and
+# recomputes the whole block; "dots" saves every matmul output and recomputes the elementwise
+# work between them (norms, activations, gates); "dots_no_batch" saves only matmuls without
+# batch dimensions (the projections, not attention's score / value products, which grow with
+# T^2 or with the state). Policies: jax.checkpoint_policies.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @struct.dataclass
 class ModelCache:
@@ -113,7 +126,7 @@ class LM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  cache: ModelCache | None = None, return_aux: bool = False,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, remat: str = "none"):
         """tokens [B, T] int -> (logits [B, T, V] float32, the updated cache), and with
         return_aux the sum of the layers' auxiliary losses as a third output (a float32 scalar,
         already weighted by their configs; None when no layer has one).
@@ -123,7 +136,14 @@ class LM(nnx.Module):
         documents apart (attention masks, recurrent states and short convs restart at each
         document start), and positions default to in-document positions. Cache-free only:
         decoding runs one sequence per row.
+
+        remat: a REMAT_POLICIES name; not "none": each block is rematerialized in the backward
+        pass under that policy (training only: needs cache None). Values are the same.
         """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        if remat != "none" and cache is not None:
+            raise ValueError("remat is for training (cache=None); decoding keeps no activations")
         b, t = tokens.shape
         if segment_ids is not None:
             refuse_segments_with_cache("", segment_ids, cache)
@@ -141,9 +161,13 @@ class LM(nnx.Module):
         x = constrain(self.embed(tokens), RESIDUAL)
         new_layers, aux = [], []
         for i, block in enumerate(self.blocks):
-            x, layer_cache, layer_aux = block(x, positions=positions,
-                                              cache=None if cache is None else cache.layers[i],
-                                              segment_ids=segment_ids)
+            if remat != "none":
+                x, layer_cache, layer_aux = _remat_block(block, x, positions, segment_ids,
+                                                         REMAT_POLICIES[remat])
+            else:
+                x, layer_cache, layer_aux = block(
+                    x, positions=positions, cache=None if cache is None else cache.layers[i],
+                    segment_ids=segment_ids)
             x = constrain(x, RESIDUAL)
             new_layers.append(layer_cache)
             if layer_aux is not None:
@@ -157,18 +181,32 @@ class LM(nnx.Module):
         return logits.astype(jnp.float32), cache
 
 
+def _remat_block(block, x, positions, segment_ids, policy):
+    """block(x) under jax.checkpoint with `policy` (nnx.remat lifts the block's variables)."""
+    def run(block, x, positions, segment_ids):
+        return block(x, positions=positions, segment_ids=segment_ids)
+
+    return nnx.remat(run, policy=policy)(block, x, positions, segment_ids)
+
+
 def build_model(model_cfg, seed: int = 0) -> LM:
     """A freshly initialized LM for a validated ModelConfig."""
     return LM(model_cfg, rngs=nnx.Rngs(params=seed))
 
 
-def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-    """Masked mean cross-entropy (float32) and the masked token accuracy."""
+def lm_loss_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """(sum of masked cross-entropy, number of correct masked argmaxes, number of masked
+    tokens), all float32: the pieces of lm_loss that add up over micro-batches."""
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
-    denom = jnp.maximum(mask.sum(), 1.0)
-    loss = ((logz - gold) * mask).sum() / denom
-    acc = ((jnp.argmax(logits, axis=-1) == targets) * mask).sum() / denom
-    return loss, acc
+    correct = (jnp.argmax(logits, axis=-1) == targets) * mask
+    return ((logz - gold) * mask).sum(), correct.sum(), mask.sum()
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Masked mean cross-entropy (float32) and the masked token accuracy."""
+    ce, correct, count = lm_loss_sums(logits, targets, mask)
+    denom = jnp.maximum(count, 1.0)
+    return ce / denom, correct / denom

@@ -177,14 +177,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(RULES["batch"]))
 
 
-def check_batch(batch_size: int, mesh: Mesh) -> None:
-    """Raises MeshError unless the batch splits evenly over the batch axes and the processes."""
+def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> None:
+    """Raises MeshError unless the batch splits evenly over the batch axes and the processes.
+    what: how the rows are named in the message."""
     n = math.prod(mesh.shape[a] for a in RULES["batch"])
     if batch_size % n:
-        raise MeshError(f"data.batch_size={batch_size} must be a multiple of mesh data x fsdp "
+        raise MeshError(f"{what}={batch_size} must be a multiple of mesh data x fsdp "
                         f"= {n}")
     if batch_size % jax.process_count():
-        raise MeshError(f"data.batch_size={batch_size} must be a multiple of the "
+        raise MeshError(f"{what}={batch_size} must be a multiple of the "
                         f"{jax.process_count()} processes (each reads its own rows)")
 
 

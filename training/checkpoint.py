@@ -23,7 +23,6 @@ import gc
 import json
 import logging
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs.schema import Config, ConfigError, config_from_dict, to_plain
+from training.paths import run_path
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -232,7 +232,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, keep: int = 3,
                  warn: Callable[[str], None] | None = None):
-        self.run_dir = Path(run_dir).resolve()
+        self.run_dir = run_path(run_dir)   # local or a bucket (training/paths.py)
         self.directory = self.run_dir / "checkpoints"
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"'{self.directory}' exists and is not a directory")
@@ -283,7 +283,7 @@ class Checkpointer:
             while dest.exists():
                 dest, n = self.run_dir / "unreadable_checkpoints" / f"{step}-{n}", n + 1
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), dest)
+            (self.directory / str(step)).rename(dest)
             self.warn(f"warning: moved the unreadable checkpoint step {step} to '{dest}' "
                       f"before saving step {step} again")
         if jax.process_count() > 1:
@@ -393,7 +393,7 @@ def restore_for_inference(run_dir: str, step: int | None = None, warn=None):
 
     from models.lm import build_model
 
-    path = Path(run_dir)
+    path = run_path(run_dir)
     if not path.is_dir():
         raise CheckpointError(f"run dir '{run_dir}' does not exist")
     ckpt = Checkpointer(path, warn=warn)

@@ -7,6 +7,7 @@ losses as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -14,7 +15,6 @@ import time
 import uuid
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from configs.schema import Config, save_config
-from models.lm import build_model, lm_loss
+from models.lm import build_model, lm_loss_sums
 from models.sharding import (
     batch_sharding,
     check_batch,
@@ -36,25 +36,65 @@ from models.sharding import (
 )
 from training.checkpoint import Checkpointer, CheckpointError, check_same_model
 from training.optim import effective_warmup, learning_rate_schedule, make_optimizer
+from training.paths import append_line, is_remote, run_path
 
 
-def make_train_step(graphdef, optimizer, shardings=None):
+def make_train_step(graphdef, optimizer, shardings=None, *, remat: str = "none",
+                    grad_accum_steps: int = 1):
     """Jitted (train_step, eval_step). shardings = (params, opt_state, batch) NamedSharding
     trees pins the steps' inputs and outputs to a mesh (models/sharding.py); None lets jit
-    place them (one device)."""
-    def loss_fn(params, batch):
-        logits, _ = nnx.merge(graphdef, params)(batch["inputs"],
-                                                segment_ids=batch.get("segment_ids"))
-        return lm_loss(logits, batch["targets"], batch["loss_mask"])
+    place them (one device).
 
-    def objective(params, batch):
+    remat: the blocks' activation checkpointing (models/lm.py: REMAT_POLICIES).
+    grad_accum_steps: the batch is cut into this many micro-batches of B / A rows, run one after
+    another (lax.scan: one micro-batch's activations live at a time) with their gradients
+    summed, then one optimizer update. The LM loss is normalised by the whole batch's token
+    count, so loss and gradients equal one pass over the whole batch up to float summation
+    order. A layer's auxiliary loss (MoM's router balance) is a per-batch statistic, not a sum
+    over tokens; it is averaged over the micro-batches (each one balances its own routing).
+
+    eval_step(params, batch) -> (sum of token cross-entropies, correct argmaxes, scored tokens):
+    sums, so an eval set's loss, accuracy and perplexity are exact token means (packed rows
+    score different numbers of tokens).
+    """
+    def forward(params, batch):
+        return nnx.merge(graphdef, params)(batch["inputs"], return_aux=True, remat=remat,
+                                           segment_ids=batch.get("segment_ids"))
+
+    def micro_objective(params, micro, n_tokens):
         # The training objective: the LM loss plus the layers' weighted auxiliary losses (MoM's
         # router balance); aux is None (and the objective the LM loss) for other models.
         # segment_ids: present with data.packing (documents kept apart in every layer).
-        logits, _, aux = nnx.merge(graphdef, params)(batch["inputs"], return_aux=True,
-                                                     segment_ids=batch.get("segment_ids"))
-        loss, acc = lm_loss(logits, batch["targets"], batch["loss_mask"])
-        return (loss if aux is None else loss + aux), (acc, loss, aux)
+        logits, _, aux = forward(params, micro)
+        ce, correct, _ = lm_loss_sums(logits, micro["targets"], micro["loss_mask"])
+        loss = ce / n_tokens
+        # Whether the model has an aux loss is known while tracing (a Python None or not); it
+        # decides which metrics the step returns.
+        traced["has_aux"] = aux is not None
+        aux = jnp.zeros((), jnp.float32) if aux is None else aux / grad_accum_steps
+        return loss + aux, (correct / n_tokens, loss, aux)
+
+    traced = {"has_aux": False}
+
+    def gradients(params, batch):
+        # One token count for the whole batch: each micro-batch's summed cross-entropy is
+        # divided by it, so the micro-batch losses (and gradients) add up to the batch mean.
+        n_tokens = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+        if grad_accum_steps == 1:
+            return grad_fn(params, batch, n_tokens)
+        micro = jax.tree.map(partial(_split_micro, grad_accum_steps), batch)
+
+        def add(carry, mb):
+            (total, parts), grads = grad_fn(params, mb, n_tokens)
+            acc_total, acc_parts, acc_grads = carry
+            return (acc_total + total, jax.tree.map(jnp.add, acc_parts, parts),
+                    jax.tree.map(jnp.add, acc_grads, grads)), None
+
+        zeros = jnp.zeros((), jnp.float32)
+        init = (zeros, (zeros, zeros, zeros), jax.tree.map(jnp.zeros_like, params))
+        (total, parts, grads), _ = jax.lax.scan(add, init, micro)
+        return (total, parts), grads
 
     p_sh, o_sh, b_sh = shardings if shardings is not None else (None, None, None)
     train_jit = dict(in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None)) \
@@ -64,20 +104,28 @@ def make_train_step(graphdef, optimizer, shardings=None):
     # Params and optimizer state are donated: the step rewrites them in place.
     @partial(jax.jit, donate_argnums=(0, 1), **train_jit)
     def train_step(params, opt_state, batch):
-        (total, (acc, loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
-            params, batch)
+        (total, (acc, loss, aux)), grads = gradients(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": total, "acc": acc, "grad_norm": optax.global_norm(grads)}
-        if aux is not None:   # "loss" is the objective; its parts are logged beside it
+        if traced["has_aux"]:   # "loss" is the objective; its parts are logged beside it
             metrics.update(lm_loss=loss, aux_loss=aux)
         return params, opt_state, metrics
 
     @partial(jax.jit, **eval_jit)
     def eval_step(params, batch):
-        return loss_fn(params, batch)
+        logits, _ = nnx.merge(graphdef, params)(batch["inputs"],
+                                                segment_ids=batch.get("segment_ids"))
+        return lm_loss_sums(logits, batch["targets"], batch["loss_mask"])
 
     return train_step, eval_step
+
+
+def _split_micro(n: int, x: jax.Array) -> jax.Array:
+    """[B, ...] -> [n, B / n, ...], micro-batch i = rows i, i + n, ...: strided, so that each
+    device's contiguous block of a batch-sharded array splits into its own share of every
+    micro-batch (no rows move between devices)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
 
 @contextmanager
@@ -102,7 +150,7 @@ def _sigterm_flag():
 class _Logger:
     """metrics.jsonl (append), optional wandb, and a progress display."""
 
-    def __init__(self, cfg: Config, run_dir: Path, start_step: int):
+    def __init__(self, cfg: Config, run_dir, start_step: int):
         self.path = run_dir / "metrics.jsonl"
         self.total = cfg.train.steps
         self.wandb = None
@@ -119,8 +167,11 @@ class _Logger:
             id_file = run_dir / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
+            # wandb writes its files to a local directory: the run dir, or for a bucket run dir
+            # the working directory's ./wandb.
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name,
-                                    mode=cfg.wandb.mode, dir=str(run_dir), id=run_id,
+                                    mode=cfg.wandb.mode, id=run_id,
+                                    dir=None if is_remote(run_dir) else str(run_dir),
                                     resume="allow", config=cfg.to_dict())
         if cfg.train.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
@@ -130,8 +181,7 @@ class _Logger:
     def write(self, record: dict) -> None:
         if not self.primary:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"},
                            step=record["step"])
@@ -157,10 +207,19 @@ class _Logger:
             self.wandb.finish()
 
 
-def evaluate(eval_step, params, batches) -> dict:
-    losses, accs = zip(*(eval_step(params, b) for b in batches))
-    return {"eval_loss": float(jnp.mean(jnp.stack(losses))),
-            "eval_acc": float(jnp.mean(jnp.stack(accs)))}
+def evaluate(eval_step, params, batches, batch_bytes=None) -> dict:
+    """Token-mean loss, accuracy and perplexity over the eval batches; with batch_bytes (the
+    UTF-8 bytes each batch's scored targets stand for) also bits per byte = total nats /
+    (ln 2 * total bytes), the tokenizer-independent measure (for a byte model it is
+    loss / ln 2)."""
+    sums = np.array([[float(v) for v in eval_step(params, b)] for b in batches])
+    ce, correct, count = sums.sum(axis=0)
+    count = max(count, 1.0)
+    out = {"eval_loss": ce / count, "eval_acc": correct / count,
+           "eval_ppl": float(np.exp(min(ce / count, 700.0)))}   # exp overflows past ~709
+    if batch_bytes is not None:
+        out["eval_bpb"] = ce / (np.log(2.0) * max(sum(batch_bytes), 1))
+    return out
 
 
 def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict:
@@ -171,12 +230,22 @@ def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict
     """
     from data import make_eval_batches, make_train_iterator
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = run_path(cfg.run_dir)   # local or a bucket (training/paths.py)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"run_dir '{run_dir}' exists and is not a directory")
     # Everything that can fail on bad input happens before the run dir is written to.
     mesh = make_mesh(cfg.mesh, devices)
     check_batch(cfg.data.batch_size, mesh)
+    if cfg.train.grad_accum_steps > 1:   # every micro-batch splits over the devices too
+        check_batch(cfg.data.batch_size // cfg.train.grad_accum_steps, mesh,
+                    what="data.batch_size / train.grad_accum_steps")
+    tokenizer = _run_tokenizer(cfg)
+    if cfg.data.packing and cfg.data.eos_id is None and tokenizer is not None \
+            and tokenizer.eos_id is not None and cfg.data.kind == "tokens":
+        # Packed tokens need the document separator: the tokenizer's end-of-text id, which the
+        # saved config.yaml then records.
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                eos_id=tokenizer.eos_id))
     # Each process reads its own rows of every batch (data/pipeline.py); eval batches are few
     # and small, so every process builds them whole and keeps its rows.
     shard = (jax.process_index(), jax.process_count())
@@ -186,7 +255,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict
     ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, warn=_primary_print)
     try:
         with use_mesh(mesh):
-            return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh)
+            return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
+                          tokenizer)
     finally:
         ckpt.close()
 
@@ -202,7 +272,32 @@ def _local_rows(batch: dict, shard: tuple[int, int]) -> dict:
     return {k: v[index * n:(index + 1) * n] for k, v in batch.items()}
 
 
-def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh) -> dict:
+def _run_tokenizer(cfg):
+    """The run's tokenizer (data/tokenizer.py), checked against the model's vocabulary; None
+    when the run has no text mapping (synthetic tasks, tokens without data.tokenizer)."""
+    from data import DataError
+    from data.tokenizer import tokenizer_for_run
+
+    tok = tokenizer_for_run(cfg)
+    if tok is not None and tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"data.tokenizer '{cfg.data.tokenizer}' has {tok.vocab_size} ids, more "
+                        f"than model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= "
+                        f"{tok.vocab_size} (a multiple of 64 is fastest)")
+    return tok
+
+
+def _eval_bytes(batches, tokenizer) -> list[int] | None:
+    """The UTF-8 bytes of each eval batch's scored targets (for bits per byte): each row's
+    scored targets decoded as one text, special tokens (eos) counting none."""
+    if tokenizer is None:
+        return None
+    return [sum(tokenizer.text_bytes(row[mask > 0].tolist())
+                for row, mask in zip(np.asarray(b["targets"]), np.asarray(b["loss_mask"])))
+            for b in batches]
+
+
+def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
+           tokenizer) -> dict:
     from data import describe
 
     model = build_model(cfg.model, seed=cfg.train.seed)
@@ -242,6 +337,10 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         save_config(cfg, run_dir / "config.yaml")
+        if cfg.data.tokenizer is not None:   # the run keeps its own copy (data/tokenizer.py)
+            from data.tokenizer import save_to_run_dir
+
+            save_to_run_dir(cfg.data.tokenizer, run_dir)
     logger = _Logger(cfg, run_dir, start_step)
     data_summary = describe(cfg.data, cfg.model.vocab_size)
     if data_state is not None and data_state.get("source") != data_summary:
@@ -254,7 +353,10 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh) -> 
                    f"data {data_summary}, run dir {run_dir}")
 
     train_step, eval_step = make_train_step(graphdef, optimizer,
-                                            (p_sh, o_sh, batch_sharding(mesh)))
+                                            (p_sh, o_sh, batch_sharding(mesh)),
+                                            remat=cfg.train.remat,
+                                            grad_accum_steps=cfg.train.grad_accum_steps)
+    batch_bytes = _eval_bytes(eval_batches, tokenizer)
     eval_batches = [shard_batch(b, mesh) for b in eval_batches]
     lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -283,11 +385,12 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh) -> 
                     logger.progress(step, f"loss {m['loss']:.4f} acc {m['acc']:.3f} "
                                           f"{tps:,.0f} tok/s")
                 if step % t.eval_every == 0 or step == t.steps:
-                    ev = evaluate(eval_step, params, eval_batches)
+                    ev = evaluate(eval_step, params, eval_batches, batch_bytes)
                     last_metrics = {**last_metrics, **ev}
                     logger.write({"step": step, **ev})
+                    bpb = f" bpb {ev['eval_bpb']:.4f}" if "eval_bpb" in ev else ""
                     logger.message(f"step {step}: eval loss {ev['eval_loss']:.4f} "
-                                   f"acc {ev['eval_acc']:.3f}")
+                                   f"ppl {ev['eval_ppl']:.2f}{bpb} acc {ev['eval_acc']:.3f}")
                     clock = time.perf_counter()  # eval time is not training throughput
                 if step % t.checkpoint_every == 0 or step == t.steps or stop:
                     ckpt.save(step, params, opt_state,
