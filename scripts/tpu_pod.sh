@@ -33,8 +33,9 @@
 # * Checkpoints: a multi-host run needs a run_dir that every worker sees (a shared file system,
 #   e.g. a bucket mounted with gcsfuse at the same path on all workers, or NFS/Filestore). A plain
 #   local path gives each worker its own directory on its own disk.
-#   train.py's run_dir is a local path (pathlib), so a gs:// URL is refused here: it would create a
-#   directory literally named "gs:" on each worker instead of writing to the bucket.
+#   A gs:// URL works too: train.py writes its run dir through etils.epath (training/paths.py),
+#   which reaches GCS through gcsfs (in the [tpu] extra that setup installs) and Orbax writes each
+#   host's shards there. Untested against a real bucket so far; the local path runs the same code.
 # * stop sends SIGTERM, on which train.py saves a checkpoint and exits after the current step.
 #   On a pod every worker must stop at the same step; if they disagree a worker can wait
 #   forever in a collective. Check `logs --worker=all`, and `stop --force` if it hangs.
@@ -381,10 +382,6 @@ cmd_train() {
   fi
   [[ -n $RUN_DIR || $has_run_dir == 1 ]] ||
     die "no run dir: pass --run-dir PATH (or set TPU_RUN_DIR, or a run_dir= override); on a pod it should be a directory all workers share"
-  local rd=$RUN_DIR
-  [[ -n $rd ]] || for ov in "${ARGS[@]:1}"; do [[ $ov != run_dir=* ]] || rd=${ov#run_dir=}; done
-  [[ $rd != gs://* ]] ||
-    die "run_dir '$rd': train.py writes run_dir with pathlib, which does not speak gs://; it would write a local directory named 'gs:' on each worker. Mount the bucket (e.g. gcsfuse) at the same path on every worker and pass that path."
   [[ -e $SRC/$config || -n $GIT_URL ]] ||
     note "warning: '$config' is not in $SRC; it must exist in ~/$REPO_DIR on the workers"
 
