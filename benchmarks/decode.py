@@ -9,8 +9,11 @@ family (one layer each), at batch sizes 1 and 16.
 Families (``--families``), each one layer of the registered mixer at ``--d_model`` /
 ``--n_heads``, bf16 cache (layers that keep a float32 state keep it):
 
-- ``attn`` (MHA), ``swa`` (window ``--window``), ``mla`` (benchmarks/cache.py's DeepSeek-ratio
-  latent: 2 head dims + half a head of RoPE key), ``cca`` (compression 4, as cache.py),
+- ``attn`` (MHA), ``swa`` (window ``--window``), ``swa_concat`` (the same layer with its
+  one-token step on the chunk path, as before the in-place ring step: it concatenates ring
+  and token and rebuilds every ring slot; the before/after of that change in one run),
+  ``mla`` (benchmarks/cache.py's DeepSeek-ratio latent: 2 head dims + half a head of RoPE
+  key), ``cca`` (compression 4, as cache.py),
   ``gated_deltanet``, ``gla``, ``based``, ``mom`` (4 memories, top-2, shared) and
   ``titans_mag`` (window ``--window``): configs/base.yaml settings otherwise.
 
@@ -56,7 +59,7 @@ if str(ROOT / "benchmarks") not in sys.path:
 
 from common import add_runner_flags, load_bench, run_child, save_results, settings_of, strip_flags  # noqa: E402
 
-FAMILY_NAMES = ["attn", "swa", "gated_deltanet", "gla", "based", "mla", "cca", "mom",
+FAMILY_NAMES = ["attn", "swa", "swa_concat", "gated_deltanet", "gla", "based", "mla", "cca", "mom",
                 "titans_mag"]
 
 
@@ -125,12 +128,15 @@ def run_family(a, family: str) -> list[dict]:
     from flax import nnx
 
     cache_bench = load_bench("cache")
-    name, overrides = families(a.d_model, a.n_heads, a.window)[family]
+    name, overrides = families(a.d_model, a.n_heads, a.window)[
+        "swa" if family == "swa_concat" else family]
     extra = a.repeats + 4   # slots past the context: the timed and warm-up steps
     # model.max_len only bounds config checks (windows); at least data.seq_len's default (64),
     # which load_config checks against it.
     max_len = max(max(a.contexts) + extra, 64)
     mixer = cache_bench.build(name, overrides, a.d_model, a.n_heads, max_len)
+    if family == "swa_concat":   # the ring step as it was: concatenate ring and token
+        mixer.ring_step_in_place = False
     per_token = cache_bench.bytes_per_token(mixer, 1)
     graphdef, state = nnx.split(mixer)
     call = lambda st, x, pos, c: nnx.merge(graphdef, st)(x, positions=pos, cache=c)  # noqa: E731

@@ -89,16 +89,20 @@ def window_errors(prefix: str, window: int | None, n_sinks: int, max_len: int) -
     return errs
 
 
-def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
+def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array, *,
+                one_token_in_place: bool = True) -> KVCache:
     """Write T new tokens (k/v [B, T, Hkv, Dh], positions [B, T]) at index cache.length."""
-    return write_slots(cache, positions, k=k, v=v)
+    return write_slots(cache, positions, _one_token_in_place=one_token_in_place, k=k, v=v)
 
 
-def write_slots(cache, positions: jax.Array, **new: jax.Array):
+def write_slots(cache, positions: jax.Array, *, _one_token_in_place: bool = True,
+                **new: jax.Array):
     """Write T new tokens at index cache.length into the named per-slot fields of a cache.
 
     `cache` has `pos`, `length`, `window` and `n_sinks` like KVCache (MLACache does too);
     `new` maps field names to [B, T, ...] arrays, e.g. k=..., v=... for KVCache.
+    _one_token_in_place=False: a single token into a ring takes the chunk path (only
+    benchmarks/decode.py, to time the step as it was).
     """
     start = cache.length
     t = positions.shape[1]
@@ -108,9 +112,19 @@ def write_slots(cache, positions: jax.Array, **new: jax.Array):
             buf, new.astype(buf.dtype), start, axis=1)
         return cache.replace(**{name: upd(getattr(cache, name), x) for name, x in new.items()},
                              length=start + t)
+    n_sinks, window = cache.n_sinks, cache.window
+    if t == 1 and _one_token_in_place:
+        # One token (a decode step): it goes to one slot, its index's own (sinks keep indices
+        # < n_sinks, ring slot n_sinks + (j - n_sinks) mod window for the rest), written in
+        # place like the full cache. The general path below rebuilds every slot of the ring
+        # (a gather and a select over all of it) for each token.
+        slot = jnp.where(start < n_sinks, start, n_sinks + jnp.mod(start - n_sinks, window))
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            buf, new.astype(buf.dtype), slot, axis=1)
+        return cache.replace(**{name: upd(getattr(cache, name), x) for name, x in new.items()},
+                             length=start + 1)
     # Ring buffer: slot s must hold the newest index j <= end that maps to it; take it from the
     # new chunk when j >= start, else keep the old slot.
-    n_sinks, window = cache.n_sinks, cache.window
     end = start + t - 1
     slots = jnp.arange(n_sinks + window)
     ring = slots - n_sinks
@@ -148,6 +162,9 @@ class Attention(nnx.Module):
         self.use_rope = args.rope
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
+        # One-token steps on a ring write first and attend in place (below); False keeps them
+        # on the chunk path, as they were: only for benchmarks/decode.py's before/after.
+        self.ring_step_in_place = True
         init = nnx.initializers.normal(cfg.init_std)
         # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
         out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
@@ -215,14 +232,23 @@ class Attention(nnx.Module):
             # per layer per token).
             cache = write_cache(cache, k, v, positions)
             keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
+        elif t == 1 and self.ring_step_in_place:
+            # Ring, one token (decode): write first, then attend over the ring in place, as the
+            # full cache does. The slot the token takes held index length - window, which its
+            # window no longer reaches (q - k < window), so it loses nothing; concatenating
+            # ring and token instead copied the whole ring every step (batch 16: ~40x the
+            # batch-1 step time on CPU, benchmarks/decode.py).
+            cache = write_cache(cache, k, v, positions)
+            keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
         else:
-            # Ring: attend over what the cache held before this chunk plus the chunk itself,
-            # then write the chunk: a ring smaller than the chunk would otherwise drop keys
-            # that the chunk's early queries still need.
+            # Ring, a chunk: attend over what the cache held before this chunk plus the chunk
+            # itself, then write the chunk: a ring smaller than the chunk would otherwise drop
+            # keys that the chunk's early queries still need.
             keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
-            cache = write_cache(cache, k, v, positions)
+            cache = write_cache(cache, k, v, positions,
+                                one_token_in_place=self.ring_step_in_place)
         if cache is None and (self.backend != "xla" or segment_ids is not None):
             o = attention_op(q, k, v, window=self.window, n_sinks=self.n_sinks,
                              scale=dh ** -0.5, backend=self.backend, segment_ids=segment_ids)

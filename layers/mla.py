@@ -221,11 +221,17 @@ class MLA(nnx.Module):
         c_kv, k_rope = self._latents(x, positions)
         if cache is None:
             c_all, r_all, k_pos = c_kv, k_rope, positions
-        else:
-            if cache.window is None and t > cache.c_kv.shape[1]:
+        elif cache.window is None or t == 1:
+            if t > cache.c_kv.shape[1]:
                 raise ValueError(f"{t} tokens do not fit an MLA cache of "
                                  f"{cache.c_kv.shape[1]} slots")
-            # As attention.py: attend over the cache before this chunk plus the chunk, then
+            # As attention.py: write first, then attend over the cache in place (a full cache,
+            # or one token into a ring, whose overwritten slot its window no longer reaches).
+            cache = write_slots(cache, positions, c_kv=c_kv, k_rope=k_rope)
+            c_all, r_all = cache.c_kv.astype(c_kv.dtype), cache.k_rope.astype(k_rope.dtype)
+            k_pos = cache.pos
+        else:
+            # As attention.py: attend over the ring before this chunk plus the chunk, then
             # write the chunk, so a ring smaller than the chunk loses no key a query needs.
             c_all = jnp.concatenate([cache.c_kv.astype(c_kv.dtype), c_kv], axis=1)
             r_all = jnp.concatenate([cache.k_rope.astype(k_rope.dtype), k_rope], axis=1)

@@ -2,6 +2,7 @@
 settings and dtypes, and the ring-buffer cache's constant size."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -120,3 +121,28 @@ def test_full_cache_rejects_a_chunk_longer_than_itself():
     x = jnp.zeros((1, 6, 32))
     with pytest.raises(ValueError, match="do not fit"):
         mixer(x, positions=jnp.arange(6)[None], cache=cache)
+
+
+def test_in_place_ring_step_equals_the_chunk_path():
+    # A one-token step on a ring writes its slot in place and attends over the ring; the chunk
+    # path (ring ++ token, then every slot rebuilt) must give the same outputs and the same
+    # cache, step after step as the ring wraps, sinks included, at batch 3.
+    mixer = _mixer(AttentionArgs(window=4, n_sinks=2), "float32")
+    x = jax.random.normal(jax.random.key(7), (3, 15, 32))
+    graphdef, state = nnx.split(mixer)
+
+    @functools.partial(jax.jit, static_argnums=(4,))
+    def step(st, xt, pos, cache, in_place):
+        m = nnx.merge(graphdef, st)
+        m.ring_step_in_place = in_place
+        return m(xt, positions=pos, cache=cache)
+
+    caches = {flag: mixer.init_cache(3, 8, jnp.float32) for flag in (True, False)}
+    for t in range(15):
+        pos = jnp.full((3, 1), t, jnp.int32)
+        outs = {}
+        for flag in (True, False):
+            outs[flag], caches[flag] = step(state, x[:, t:t + 1], pos, caches[flag], flag)
+        np.testing.assert_allclose(outs[True], outs[False], rtol=1e-6, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(caches[True]), jax.tree.leaves(caches[False])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
