@@ -143,6 +143,9 @@ class TrainConfig:
     # Gradients summed over this many micro-batches of data.batch_size / grad_accum_steps rows
     # before one optimizer step (the same update as one batch of data.batch_size rows).
     grad_accum_steps: int = 1
+    # Stop (with a checkpoint) after the first eval whose accuracy reaches this; null: never.
+    # The recall protocol's "early stop at 0.99" (Zoology; benchmarks/recall.py).
+    early_stop_acc: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,6 +429,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
                           f"data.batch_size={d.batch_size} (each micro-batch takes "
                           "batch_size / grad_accum_steps rows)")
+    if t.early_stop_acc is not None and not 0 < t.early_stop_acc <= 1:
+        raise ConfigError(f"train.early_stop_acc must be in (0, 1] or null, got "
+                          f"{t.early_stop_acc}")
     o = cfg.optim
     _positive("optim.lr", o.lr)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)

@@ -195,3 +195,30 @@ def test_training_with_accumulation_and_remat_resumes(tmp_path):
     assert sorted(both) == [1, 2, 3, 4]
     np.testing.assert_allclose([both[s] for s in range(1, 5)],
                                [plain[s] for s in range(1, 5)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_early_stop_at_the_first_eval_that_reaches_the_accuracy(tmp_path):
+    """train.early_stop_acc: the run stops, with a checkpoint, at the first eval whose accuracy
+    reaches it; the threshold is taken from a run without it (same seed, same evals)."""
+    base = TINY + ["train.log_every=5", "train.eval_every=5", "train.eval_batches=4",
+                   "train.progress_bar=false", "train.steps=40", "train.checkpoint_every=100",
+                   "optim.warmup_steps=1", "optim.lr=1e-2"]
+
+    def evals(run_dir):
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["eval_acc"] for r in recs if "eval_acc" in r}
+
+    train(load_config(None, base + [f"run_dir={tmp_path / 'full'}"]))
+    full = evals(tmp_path / "full")
+    assert sorted(full) == list(range(5, 41, 5))
+    threshold = max(full[s] for s in (30, 35, 40))   # reached by step 40
+    assert threshold > 0, full
+    expected = min(s for s in full if full[s] >= threshold)
+    out = train(load_config(None, base + [f"run_dir={tmp_path / 'early'}",
+                                          f"train.early_stop_acc={threshold}"]))
+    assert out["step"] == expected
+    assert sorted(evals(tmp_path / "early")) == list(range(5, expected + 1, 5))
+    assert (tmp_path / "early" / "checkpoints" / str(expected)).is_dir()
+    with pytest.raises(ConfigError, match="early_stop_acc"):
+        load_config(None, base + ["train.early_stop_acc=1.5"])

@@ -392,6 +392,10 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
                     logger.message(f"step {step}: eval loss {ev['eval_loss']:.4f} "
                                    f"ppl {ev['eval_ppl']:.2f}{bpb} acc {ev['eval_acc']:.3f}")
                     clock = time.perf_counter()  # eval time is not training throughput
+                    if t.early_stop_acc is not None and ev["eval_acc"] >= t.early_stop_acc:
+                        logger.message(f"step {step}: eval acc {ev['eval_acc']:.3f} >= "
+                                       f"train.early_stop_acc={t.early_stop_acc:g}")
+                        stop = True
                 if step % t.checkpoint_every == 0 or step == t.steps or stop:
                     ckpt.save(step, params, opt_state,
                               {"iterator": train_iter.get_state(), "source": data_summary}, cfg)
