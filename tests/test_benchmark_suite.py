@@ -24,9 +24,10 @@ def _positive(x) -> bool:
 def test_recall_smoke(tmp_path):
     bench = _load("recall")
     # The default path: each (family, width) trains in its own process.
-    rc = bench.main(["--families", "attn", "gated_deltanet", "--widths", "16", "--steps", "3",
-                     "--batch", "8", "--eval_batches", "1", "--out", str(tmp_path)])
-    assert rc == 0
+    args = ["--families", "attn", "gated_deltanet", "--widths", "16", "--steps", "3",
+            "--batch", "8", "--eval_batches", "1", "--lrs", "1e-2", "--seeds", "0",
+            "--seq_len", "64", "--kv_pairs", "8", "--vocab", "128", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
     stem = tmp_path / "recall_cpu"
     assert stem.with_suffix(".md").exists() and stem.with_suffix(".png").exists()
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
@@ -41,6 +42,29 @@ def test_recall_smoke(tmp_path):
     # a full KV cache outgrows Gated DeltaNet's [4, 4, 4] float32 state per layer.
     assert attn["state_bytes"] >= 2 * 64 * (2 * 16 * 2 + 4)
     assert gdn["state_bytes"] < attn["state_bytes"]
+
+    # --resume reuses the finished runs of the same settings (none retrains: train_s equal) ...
+    assert bench.main([*args, "--resume"]) == 0
+    again = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [r["train_s"] for r in again] == [r["train_s"] for r in rows]
+    # ... and not those of other settings: a changed --steps trains again, in this process.
+    assert bench.main([*args, "--resume", "--steps", "2", "--families", "gated_deltanet",
+                       "--in_process"]) == 0
+    (other,) = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert other["steps"] == 2
+
+
+def test_recall_summary_picks_the_best_median_lr():
+    bench = _load("recall")
+    accs = {1e-3: [0.2, 0.9, 0.3], 3e-3: [0.5, 0.6, 0.4], 1e-2: [1.0, 0.1, 0.0]}
+    rows = [{"family": "f", "d_model": 8, "label": "F", "state_bytes": 10, "params": 5,
+             "lr": lr, "seed": seed, "eval_acc": acc, "steps": 100 * (seed + 1)}
+            for lr, got in accs.items() for seed, acc in enumerate(got)]
+    (s,) = bench.summarize(rows)
+    # medians 0.3, 0.5, 0.1: lr 3e-3 wins though single runs of the others score higher
+    assert s["best_lr"] == 3e-3 and s["median_acc"] == 0.5
+    assert (s["min_acc"], s["max_acc"], s["median_steps"], s["seeds"]) == (0.4, 0.6, 200, 3)
+    assert s["median_acc_by_lr"] == {"0.001": 0.3, "0.003": 0.5, "0.01": 0.1}
 
 
 def test_decode_tile_matches_batched_prefill():
