@@ -1,7 +1,7 @@
 """Recall against state size (the Zoology / Based plot): MQAR held-out accuracy of each model
 family against the bytes of its decode cache at the training length, over a sweep of widths.
 
-    python benchmarks/recall.py          # the CPU protocol: 8 families x 3 lrs x 3 seeds (> 1 h)
+    python benchmarks/recall.py          # the CPU protocol: 8 families x 3 lrs x 3 seeds (~3 h)
     python benchmarks/recall.py --families attn gated_deltanet --lrs 3e-3 --seeds 0
     python benchmarks/recall.py --widths 64 128 256 512 --steps 2000 --batch 64 \\
         --seq_len 256 --kv_pairs 32 --vocab 8192 --window 64 --eval_batches 32   # GPU / TPU
@@ -19,8 +19,9 @@ that needs the most steps (its two-layer induction circuit forms late): at 1000 
 at 0.27-0.30 (= "some value of the context") at lr 3e-3 and 1e-2 on all 3 seeds, and reached
 0.28 / 0.76 / 0.44 at 1e-3; at 1500 steps 1e-3 gave 0.953 and 0.967 (seeds 0, 1) and 3e-4
 0.41 / 0.93 / 0.67. An attention run takes ~35 s alone on a 2-core machine (~57 s beside
-another job), a Titans or MoM run about three times that, so the whole sweep needs more than
-an hour; ``--resume`` continues one that was cut short (every finished run is appended to
+another job); in the first full sweep (beside another job) Based took ~130 s a run, GLA ~80,
+Gated DeltaNet ~65 (early stop) and MoM ~500, so all 72 runs need about three hours here;
+``--resume`` continues one that was cut short (every finished run is appended to
 OUT/recall_runs.jsonl). ``--config_lr`` runs each config's own ``optim.lr`` instead of a
 sweep.
 
