@@ -50,14 +50,19 @@ def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return out
 
 
-def run_child(script: str, args: list[str], what: str):
+def run_child(script: str, args: list[str], what: str, *, capture: bool = False):
     """Runs `python script *args --_row FILE` (one model in a fresh process: XLA:CPU has
     deadlocked in long multi-model processes here) and returns the JSON it wrote to FILE, or
-    None after printing an error when the child failed."""
+    None after printing an error when the child failed. capture: hold the child's output and
+    print it in one piece when it ends (children running side by side do not interleave)."""
     with tempfile.TemporaryDirectory() as tmp:
         row_path = Path(tmp) / "row.json"
+        piped = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) if capture \
+            else {}
         proc = subprocess.run([sys.executable, script, *args, "--_row", str(row_path)],
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, **piped)
+        if capture and proc.stdout:
+            print(proc.stdout, end="", flush=True)
         if proc.returncode != 0 or not row_path.exists():
             print(f"error: {what} failed (exit {proc.returncode})", file=sys.stderr)
             return None

@@ -23,7 +23,7 @@ def _positive(x) -> bool:
 @pytest.mark.slow
 def test_recall_smoke(tmp_path):
     bench = _load("recall")
-    # The default path: each (family, width) trains in its own process.
+    # The default path: each run trains in its own process, two side by side (--jobs 2).
     args = ["--families", "attn", "gated_deltanet", "--widths", "16", "--steps", "3",
             "--batch", "8", "--eval_batches", "1", "--lrs", "1e-2", "--seeds", "0",
             "--seq_len", "64", "--kv_pairs", "8", "--vocab", "128", "--out", str(tmp_path)]

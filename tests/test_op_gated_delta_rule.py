@@ -172,3 +172,21 @@ def test_public_api_defaults_and_errors():
         gated_delta_rule(q, k, v, g, beta, backend="triton")
     with pytest.raises(ValueError, match="g must be"):
         gated_delta_rule(q, k, v, g[..., :1], beta)
+
+
+def test_short_sequences_take_a_shorter_chunk_not_padding():
+    from pallas_kernels.common import fitted_chunk_size
+
+    # T below one chunk: T rounded up to 16 (a legal Pallas block); else the chunk as given.
+    assert [fitted_chunk_size(t, 64) for t in (1, 16, 17, 32, 63, 64, 200)] == \
+        [16, 16, 32, 32, 64, 64, 64]
+    assert fitted_chunk_size(5, 8) == 8 and fitted_chunk_size(3, 16) == 16
+    assert fitted_chunk_size(10, 0) == 0 and fitted_chunk_size(10, True) is True  # refused later
+    # The op at T = 20 runs chunks of 32 instead of one padded 64 chunk: the [C, C] intra-chunk
+    # masks in its jaxpr are 32 wide, and it matches the token-by-token reference.
+    q, k, v, g, beta = make_inputs(20, seed=3)[:5]
+    jaxpr = str(jax.make_jaxpr(lambda *a: gated_delta_rule(*a, backend="xla"))(q, k, v, g, beta))
+    assert "32,32" in jaxpr.replace(" ", "") and "64,64" not in jaxpr.replace(" ", "")
+    o, _ = gated_delta_rule(q, k, v, g, beta, backend="xla")
+    ref, _ = gated_delta_rule(q, k, v, g, beta, backend="reference")
+    assert rel_err(o, ref) < F32_TOL

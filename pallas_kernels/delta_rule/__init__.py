@@ -13,6 +13,7 @@ from pallas_kernels.common import (
     PALLAS_BACKENDS,
     check_delta_inputs,
     check_segment_ids,
+    fitted_chunk_size,
     resolve_backend,
     state_backend,
 )
@@ -59,6 +60,8 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
         return delta_rule_reference(q, k, v, beta, **kwargs)
     if int(chunk_size) < 1:
         raise ValueError(f"delta_rule: chunk_size must be >= 1; got {chunk_size}")
+    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return delta_rule_xla(q, k, v, beta, chunk_size=chunk_size, **kwargs,
                           state_impl=state_backend(impl, interpret, "delta_rule"),
                           interpret=interpret)

@@ -14,6 +14,7 @@ from pallas_kernels.common import (
     PALLAS_BACKENDS,
     check_delta_inputs,
     check_segment_ids,
+    fitted_chunk_size,
     resolve_backend,
     state_backend,
 )
@@ -65,6 +66,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
     if int(chunk_size) < 1:
         raise ValueError(f"gated_delta_rule: chunk_size must be >= 1; got {chunk_size}")
+    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs,
                                 state_impl=state_backend(impl, interpret, "gated_delta_rule"),
                                 interpret=interpret)

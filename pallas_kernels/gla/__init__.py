@@ -9,6 +9,7 @@ from __future__ import annotations
 from pallas_kernels.common import (
     PALLAS_BACKENDS,
     check_segment_ids,
+    fitted_chunk_size,
     resolve_backend,
     state_backend,
 )
@@ -64,6 +65,8 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
     impl = resolve_backend(backend, BACKENDS, op="gla")
     if impl == "reference":
         return gla_reference(q, k, v, gk, **kwargs)
+    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return gla_xla(q, k, v, gk, chunk_size=chunk_size, **kwargs,
                   state_impl=state_backend(impl, interpret, "gla"), interpret=interpret)
 
@@ -106,6 +109,8 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     impl = resolve_backend(backend, BACKENDS, op="simple_gla")
     if impl == "reference":
         return simple_gla_reference(q, k, v, g, **kwargs)
+    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs,
                   state_impl=state_backend(impl, interpret, "simple_gla"), interpret=interpret)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pallas_kernels.common import (
     PALLAS_BACKENDS,
     check_segment_ids,
+    fitted_chunk_size,
     resolve_backend,
     state_backend,
 )
@@ -61,6 +62,8 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
                   output_final_state=output_final_state, segment_ids=segment_ids)
     if backend == "reference":
         return linear_attention_reference(q, k, v, **kwargs)
+    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return linear_attention_xla(q, k, v, chunk_size=chunk_size, **kwargs,
                                 state_impl=state_backend(backend, interpret, "linear_attention"),
                                 interpret=interpret)
