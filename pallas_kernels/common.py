@@ -287,20 +287,23 @@ def pad_to_multiple(x: jax.Array, multiple: int, axis: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def fitted_chunk_size(t: int, chunk_size, multiple: int = 16):
-    """The chunk length a chunked op uses for T steps: chunk_size, or T rounded up to a multiple
-    of 16 when that is shorter. A sequence shorter than one chunk is otherwise zero-padded to a
-    whole chunk: at T = 32 with the default C = 64 half of every intra-chunk matmul and of the
-    C-step forward substitution is padding (the MQAR recall setting, train steps timed side by
-    side in one process on a 2-core CPU: Gated DeltaNet 57.7 -> 26.3 ms, MoM's five memories
-    273.7 -> 107.4 ms, GLA 33.9 -> 15.9 ms). The result is the same
-    recurrence, so only float summation order changes. 16 keeps the chunk a legal block for
-    the Pallas state sweep (tl.dot and TPU tiles want >= 16 rows) and a multiple of GLA's
-    sub-chunk. A chunk_size that is not a positive int is returned as is for to_chunks to
-    refuse."""
+def fitted_chunk_size(t: int, chunk_size, smallest: int = 16):
+    """The chunk length a chunked op uses for T steps: chunk_size, or the smallest power of two
+    >= max(T, 16) when that is shorter. A sequence shorter than one chunk is otherwise
+    zero-padded to a whole chunk: at T = 32 with the default C = 64 half of every intra-chunk
+    matmul and of the C-step forward substitution is padding (the MQAR recall setting, train
+    steps timed side by side in one process on a 2-core CPU: Gated DeltaNet 57.7 -> 26.3 ms,
+    MoM's five memories 273.7 -> 107.4 ms, GLA 33.9 -> 15.9 ms). The result is the same
+    recurrence, so only float summation order changes. A power of two >= 16 keeps the chunk a
+    legal block for the Pallas state sweep (Triton tiles are powers of two, tl.dot wants >= 16
+    rows; TPU tiles are multiples of 8) and a multiple of GLA's sub-chunk. A chunk_size that is
+    not a positive int is returned as is for to_chunks to refuse."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         return chunk_size
-    return min(chunk_size, max(multiple, -(-int(t) // multiple) * multiple))
+    fitted = smallest
+    while fitted < t:
+        fitted *= 2
+    return min(chunk_size, fitted)
 
 
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:

@@ -80,9 +80,10 @@ def op_fwd_bwd(op, backend):
 @pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("shape,dtype", [
     ((1, 37, 2, 16), jnp.float32),      # odd length (padded to the chunk), small head dim
+    ((2, 20, 2, 16), jnp.float32),      # shorter than a chunk: chunk 32 (fitted_chunk_size)
     (BENCH, jnp.bfloat16),
     ((4, 4096, 16, 64), jnp.float32),
-], ids=["small", "bench-d128-bf16", "bench-d64-f32"])
+], ids=["small", "short", "bench-d128-bf16", "bench-d64-f32"])
 def test_linear_op_lowers(op, platform, shape, dtype):
     backend = f"pallas_{platform}"
     text = lowered_text(op_fwd_bwd(op, backend), linear_op_args(op, shape, dtype), platform)

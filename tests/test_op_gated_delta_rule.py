@@ -177,9 +177,10 @@ def test_public_api_defaults_and_errors():
 def test_short_sequences_take_a_shorter_chunk_not_padding():
     from pallas_kernels.common import fitted_chunk_size
 
-    # T below one chunk: T rounded up to 16 (a legal Pallas block); else the chunk as given.
-    assert [fitted_chunk_size(t, 64) for t in (1, 16, 17, 32, 63, 64, 200)] == \
-        [16, 16, 32, 32, 64, 64, 64]
+    # T below one chunk: the next power of two >= 16 (a legal Pallas block); else the chunk.
+    assert [fitted_chunk_size(t, 64) for t in (1, 16, 17, 32, 33, 63, 64, 200)] == \
+        [16, 16, 32, 32, 64, 64, 64, 64]
+    assert fitted_chunk_size(20, 128) == 32 and fitted_chunk_size(100, 128) == 128
     assert fitted_chunk_size(5, 8) == 8 and fitted_chunk_size(3, 16) == 16
     assert fitted_chunk_size(10, 0) == 0 and fitted_chunk_size(10, True) is True  # refused later
     # The op at T = 20 runs chunks of 32 instead of one padded 64 chunk: the [C, C] intra-chunk
