@@ -381,7 +381,7 @@ def main(argv=None) -> int:
 
         # --jobs children side by side (each its own process, as above); results are logged
         # as they finish and tabled in the sweep's order, so the order of finishing is moot.
-        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(child, *p): p[-1] for p in pending}
             for fut in as_completed(futures):
                 row = fut.result()
