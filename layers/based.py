@@ -19,6 +19,22 @@ sum_{j<=i} phi(q_i).phi(k_j) = sum_j (1 + s_j + s_j^2 / 2) = sum_j ((s_j + 1)^2 
 so it never crosses zero (only the dot product, not each feature, has to be non-negative).
 
 Decode state per head: S [F, V] and the key-feature sum z [F], float32, independent of length.
+
+Two ways to compute a cache-free call, the same numbers (phi(q).phi(k) = 1 + s + s^2 / 2 is an
+identity, tested in tests/test_based.py):
+  * features: phi over F = 273 channels, then the chunked linear-attention op (any T; its cost
+    grows with T, and its state is what decode carries);
+  * quadratic (the "parallel form", as softmax attention is computed): the causal T x T kernel
+    matrix 1 + s + s^2 / 2 from the Fd-wide scores, y = (K~ v) / (K~ 1 + eps). Per head it costs
+    ~T^2 (Fd + V) against the features' ~T F (C + V) for chunk C (break-even near T ~ 700 at
+    Fd 16, C 64), and it never materializes the 273-wide features or their outer products for
+    the backward pass. `python benchmarks/based_forms.py` (one Based layer, d_model 64, 4 heads,
+    batch 16, forward + backward, both forms side by side, 2-core CPU; benchmarks/results/
+    based_forms_cpu.md): features / quadratic = 7.0x at T 32, 12x at 64, 10x at 128, 3.3x at
+    256, 2.5x at 512 (float32; bf16 alike). Hence BasedArgs.quadratic_max_len = 512: the T^2
+    scores stay small (16 x 4 x 512^2 float32 = 67 MB at that batch), longer calls take the
+    features (a GPU or TPU may prefer a shorter cut: it is a config knob). Decode and
+    cached prefill always use the features: their state is what decode carries.
 """
 
 from __future__ import annotations
@@ -43,6 +59,9 @@ class BasedArgs:
     n_heads: int | None = None      # None: model.n_heads
     feature_dim: int = 16           # d': q/k projection width per head (the paper's 16)
     chunk_size: int = 64            # chunk length of the "xla" (chunkwise) backend
+    # Cache-free calls of at most this many tokens take the quadratic form (module docstring);
+    # longer ones, and every call with a cache, the features and `backend`. 0: features always.
+    quadratic_max_len: int = 512
     backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
 
 
@@ -67,6 +86,31 @@ def taylor_feature_map(x: jax.Array) -> jax.Array:
     return jnp.concatenate([ones, x32, outer * 2 ** -0.5], axis=-1).astype(x.dtype)
 
 
+def taylor_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                            segment_ids: jax.Array | None = None) -> jax.Array:
+    """The quadratic form of a cache-free Based call (module docstring), in float32.
+
+    q, k [B, T, H, Fd] projections (before the feature map), v [B, T, H, V] -> o [B, T, H, V]:
+    o_i = sum_{j<=i} K~_ij v_j / (sum_{j<=i} K~_ij + EPS), K~_ij = 1 + s_ij + s_ij^2 / 2,
+    s_ij = q_i.k_j / sqrt(Fd). With segment_ids [B, T] (0 = padding) j ranges over i's own
+    document only and padding rows are 0, as the linear-attention op's features give them.
+    """
+    fd = q.shape[-1]
+    # float32, as taylor_feature_map computes the features: the square doubles a rounding
+    # error, and the sums run over up to T terms. EPS is the op's, so both forms normalize alike.
+    s = jnp.einsum("bihf,bjhf->bhij", q.astype(jnp.float32), k.astype(jnp.float32),
+                   precision=PRECISION) * fd ** -0.5
+    t = q.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & (same & (segment_ids[:, None, :] > 0))[:, None]   # [B, 1, T, T]
+    kern = jnp.where(mask, 1.0 + s + 0.5 * s * s, 0.0)                   # [B, H, T, T]
+    num = jnp.einsum("bhij,bjhv->bihv", kern, v.astype(jnp.float32), precision=PRECISION)
+    den = jnp.sum(kern, axis=-1).transpose(0, 2, 1)[..., None]           # [B, T, H, 1]
+    return num / (den + EPS)
+
+
 class Based(nnx.Module):
     """Based linear attention mixer.
 
@@ -82,6 +126,7 @@ class Based(nnx.Module):
         self.n_features = 1 + args.feature_dim + args.feature_dim ** 2
         self.head_v = cfg.d_model // self.n_heads
         self.chunk_size = args.chunk_size
+        self.quadratic_max_len = args.quadratic_max_len
         self.backend = args.backend
         self.dtype = jnp.dtype(cfg.dtype)
         h, fd = self.n_heads, self.feature_dim
@@ -106,6 +151,9 @@ class Based(nnx.Module):
             errs.append(f"{p}.feature_dim must be > 0, got {args.feature_dim}")
         if args.chunk_size <= 0:
             errs.append(f"{p}.chunk_size must be > 0, got {args.chunk_size}")
+        if args.quadratic_max_len < 0:
+            errs.append(f"{p}.quadratic_max_len must be >= 0 (0: never), "
+                        f"got {args.quadratic_max_len}")
         if args.backend not in BACKENDS:
             errs.append(f"{p}.backend: expected one of {', '.join(map(repr, BACKENDS))}, "
                         f"got {args.backend!r}")
@@ -128,6 +176,10 @@ class Based(nnx.Module):
         b, t, _ = x.shape
         h, fd, dv = self.n_heads, self.feature_dim, self.head_v
         q, k, v = jnp.split(self.qkv(x), [h * fd, 2 * h * fd], axis=-1)
+        if cache is None and t <= self.quadratic_max_len:
+            o = taylor_kernel_attention(q.reshape(b, t, h, fd), k.reshape(b, t, h, fd),
+                                        v.reshape(b, t, h, dv), segment_ids)
+            return self.out(o.reshape(b, t, h * dv).astype(self.dtype)), None
         q = taylor_feature_map(q.reshape(b, t, h, fd))      # [B, T, H, F]
         k = taylor_feature_map(k.reshape(b, t, h, fd))
         v = v.reshape(b, t, h, dv)

@@ -1,5 +1,6 @@
 """Based linear attention and the short gated convolution: decode parity (float32, bf16), the
-xla backend against the reference (values and gradients), the Taylor feature map on its own,
+xla backend against the reference (values and gradients), the quadratic form against the
+features (values and gradients, with packed documents), the Taylor feature map on its own,
 constant-size caches, and config errors."""
 
 import dataclasses
@@ -13,15 +14,21 @@ from flax import nnx
 from configs import ConfigError, load_config
 from layers.based import Based, BasedArgs, taylor_feature_map
 from layers.gated_conv import GatedConv, GatedConvArgs
-from tests.parity import assert_decode_parity
+from tests.parity import PARITY_TOL, assert_decode_parity, relative_error
 
-# chunk_size 8 < T = 20: the chunked op crosses chunk boundaries inside one call.
+# chunk_size 8 < T = 20: the chunked op crosses chunk boundaries inside one call. SMALL's full
+# forward (T <= quadratic_max_len) takes the quadratic form, FEATURES' the chunked op; cached
+# calls take the features in both.
 SMALL = BasedArgs(feature_dim=8, chunk_size=8)
+FEATURES = dataclasses.replace(SMALL, quadratic_max_len=0)
 
 
-def _model_cfg(dtype="float32"):
+def _model_cfg(dtype="float32", init_std=0.02):
+    # init_std 0.2 where the kernel's shape matters: scores s = q.k / sqrt(Fd) are then O(1),
+    # so the s^2 / 2 term is not lost next to 1 + s (at 0.02, |s| ~ 1e-3).
     cfg = load_config(None, ["model.d_model=32", "model.n_heads=2", "model.max_len=64",
-                             "model.vocab_size=64", f"model.dtype={dtype}"])
+                             "model.vocab_size=64", f"model.dtype={dtype}",
+                             f"model.init_std={init_std}"])
     return cfg.model
 
 
@@ -30,11 +37,12 @@ def _x(dtype, t=20, seed=1):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("cls,args", [(Based, SMALL), (GatedConv, GatedConvArgs()),
+@pytest.mark.parametrize("cls,args", [(Based, SMALL), (Based, FEATURES),
+                                      (GatedConv, GatedConvArgs()),
                                       (GatedConv, GatedConvArgs(width=3, expand=2))],
-                         ids=["based", "conv", "conv_w3_e2"])
+                         ids=["based", "based_features", "conv", "conv_w3_e2"])
 def test_decode_parity(cls, args, dtype):
-    mixer = cls(_model_cfg(jnp.dtype(dtype).name), args, rngs=nnx.Rngs(0))
+    mixer = cls(_model_cfg(jnp.dtype(dtype).name, 0.2), args, rngs=nnx.Rngs(0))
     # Prefill inside the first op chunk (8) and across it; 7-token chunks do not divide T.
     for prefill, chunk in [(3, 7), (11, 7)]:
         assert_decode_parity(mixer, _x(dtype), prefill=prefill, chunk=chunk, max_len=32,
@@ -43,8 +51,8 @@ def test_decode_parity(cls, args, dtype):
 
 def test_based_xla_matches_reference_with_gradients():
     cfg = _model_cfg()
-    ref = Based(cfg, dataclasses.replace(SMALL, backend="reference"), rngs=nnx.Rngs(0))
-    xla = Based(cfg, dataclasses.replace(SMALL, backend="xla"), rngs=nnx.Rngs(0))
+    ref = Based(cfg, dataclasses.replace(FEATURES, backend="reference"), rngs=nnx.Rngs(0))
+    xla = Based(cfg, dataclasses.replace(FEATURES, backend="xla"), rngs=nnx.Rngs(0))
     g_ref, p_ref = nnx.split(ref)
     g_xla, p_xla = nnx.split(xla)
     jax.tree.map(np.testing.assert_array_equal, p_ref, p_xla)   # same parameters
@@ -63,6 +71,61 @@ def test_based_xla_matches_reference_with_gradients():
     np.testing.assert_allclose(gx_xla, gx_ref, rtol=1e-4, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  gp_xla, gp_ref)
+
+
+def _loss_and_grads(mixer, x, ct, segment_ids=None):
+    graphdef, params = nnx.split(mixer)
+    pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    f = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(
+        x, positions=pos, segment_ids=segment_ids)[0].astype(jnp.float32) * ct)
+    out = nnx.merge(graphdef, params)(x, positions=pos, segment_ids=segment_ids)[0]
+    return out, jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)[1]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one_doc", "packed"])
+def test_quadratic_form_matches_features_with_gradients(dtype, packed):
+    """The T x T kernel 1 + s + s^2 / 2 and the 73-wide features (Fd 8) through the chunked
+    op are the same attention: outputs and every gradient agree, also over packed documents
+    (3 documents and trailing padding, whose outputs are 0 on both paths)."""
+    cfg = _model_cfg(jnp.dtype(dtype).name, 0.2)
+    quad = Based(cfg, SMALL, rngs=nnx.Rngs(0))
+    feat = Based(cfg, FEATURES, rngs=nnx.Rngs(0))
+    x = _x(dtype)
+    ct = jax.random.normal(jax.random.key(7), x.shape)
+    seg = None
+    if packed:
+        seg = jnp.asarray([[1] * 7 + [2] * 9 + [3] * 2 + [0] * 2,
+                           [1] * 3 + [2] * 15 + [0] * 2], jnp.int32)
+    y_q, (gp_q, gx_q) = _loss_and_grads(quad, x, ct, seg)
+    y_f, (gp_f, gx_f) = _loss_and_grads(feat, x, ct, seg)
+    # bf16: both round the output (and the features path its features) to 8 mantissa bits.
+    tol = PARITY_TOL[dtype]
+    assert relative_error(np.asarray(y_q, np.float32), np.asarray(y_f, np.float32)) < tol
+    if packed:
+        assert np.all(np.asarray(y_q)[np.asarray(seg) == 0] == 0)
+    grad_tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    assert relative_error(np.asarray(gx_q, np.float32), np.asarray(gx_f, np.float32)) < grad_tol
+    for a, b in zip(jax.tree.leaves(gp_q), jax.tree.leaves(gp_f)):
+        assert relative_error(np.asarray(a), np.asarray(b)) < grad_tol
+
+
+def test_quadratic_form_is_taken_up_to_its_length_only():
+    """Which form a call compiles to (the 73-wide features appear in the jaxpr or not)."""
+    cfg = _model_cfg()
+    x = _x(jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(20), (2, 20))
+
+    def widths(args, cache=None):
+        graphdef, params = nnx.split(Based(cfg, args, rngs=nnx.Rngs(0)))
+        jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(x, positions=pos,
+                                                                cache=cache)[0])(params)
+        return {d for eq in jaxpr.jaxpr.eqns for v in eq.outvars for d in v.aval.shape}
+
+    assert 73 not in widths(SMALL)                                  # T 20 <= 128
+    assert 73 in widths(dataclasses.replace(SMALL, quadratic_max_len=19))
+    assert 73 in widths(FEATURES)
+    assert 73 in widths(SMALL, Based(cfg, SMALL, rngs=nnx.Rngs(0)).init_cache(2, 32))
 
 
 @pytest.mark.parametrize("fd", [4, 16])
@@ -99,6 +162,8 @@ def test_cache_bytes_do_not_depend_on_max_len():
     ("model.mixer_args.based.feature_dim=0", "model.mixer_args.based.feature_dim must be > 0"),
     ("model.mixer_args.based.n_heads=3", "model.mixer_args.based.n_heads=3 does not divide"),
     ("model.mixer_args.based.chunk_size=0", "model.mixer_args.based.chunk_size must be > 0"),
+    ("model.mixer_args.based.quadratic_max_len=-1",
+     "model.mixer_args.based.quadratic_max_len must be >= 0"),
     ("model.mixer_args.conv.width=0", "model.mixer_args.conv.width must be >= 1"),
     ("model.mixer_args.conv.expand=0", "model.mixer_args.conv.expand must be >= 1"),
 ])

@@ -175,3 +175,16 @@ def test_throughput_smoke(tmp_path):
     # attention FLOPs come on top of 6 N for attn only
     assert attn["flops_per_token"] > 6 * attn["params"]
     assert mom["flops_per_token"] == 6 * mom["active_params"]
+
+
+def test_based_forms_smoke(tmp_path):
+    """benchmarks/based_forms.py at one tiny length: both forms timed, the table saved."""
+    import based_forms
+
+    assert based_forms.main(["--lens", "8", "--batch", "1", "--d_model", "16", "--n_heads", "2",
+                             "--feature_dim", "4", "--dtypes", "float32", "--rounds", "1",
+                             "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "based_forms_cpu.json").read_text())["rows"]
+    assert [r["T"] for r in rows] == [8]
+    assert rows[0]["quadratic_ms"] > 0 and rows[0]["features_ms"] > 0
+    assert "| float32 | 8 |" in (tmp_path / "based_forms_cpu.md").read_text()
