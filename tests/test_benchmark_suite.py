@@ -188,3 +188,45 @@ def test_based_forms_smoke(tmp_path):
     assert [r["T"] for r in rows] == [8]
     assert rows[0]["quadratic_ms"] > 0 and rows[0]["features_ms"] > 0
     assert "| float32 | 8 |" in (tmp_path / "based_forms_cpu.md").read_text()
+
+
+def test_mla_ablation_baseline_is_mla_and_variants_train(tmp_path):
+    """benchmarks/mla_ablation.py: its 'mla' variant computes MLA's numbers (same weights, same
+    outputs), every variant refuses a decode cache, and a tiny run trains attention and two
+    MLA variants and probes both layers' heads."""
+    import jax
+    import jax.numpy as jnp
+    import mla_ablation
+    from flax import nnx
+
+    from configs import load_config
+    from layers.mla import MLA, MLAArgs
+
+    cfg = load_config(None, ["model.d_model=32", "model.n_heads=4", "model.max_len=64",
+                             "model.dtype=float32"]).model
+    args = MLAArgs(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    x = jax.random.normal(jax.random.key(0), (2, 12, 32))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    ref, _ = MLA(cfg, args, rngs=nnx.Rngs(3))(x, positions=pos)
+    same = mla_ablation.variant_class("mla")(cfg, args, rngs=nnx.Rngs(3))
+    got, _ = same(x, positions=pos)
+    assert float(jnp.max(jnp.abs(got - ref))) <= 1e-5 * float(jnp.max(jnp.abs(ref)))
+    for name in (v for v in mla_ablation.VARIANTS if v != "attention"):
+        layer = mla_ablation.variant_class(name)(cfg, args, rngs=nnx.Rngs(3))
+        assert layer(x, positions=pos)[0].shape == ref.shape
+        with pytest.raises(ValueError, match="training-only"):
+            layer(x, positions=pos, cache=layer.init_cache(2, 12))
+    with pytest.raises(SystemExit, match="recall.py's"):
+        mla_ablation.main(["--lrs", "1e-3"])
+
+    assert mla_ablation.main(["--variants", "attention", "mla", "values_from_x", "--seeds", "0", "--steps",
+                              "4", "--eval_every", "4", "--eval_batches", "1", "--batch", "4",
+                              "--in_process", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "mla_ablation_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["attention", "mla", "values_from_x"]
+    for r in rows:   # 4 heads; attention probabilities
+        assert len(r["prev"]) == len(r["value"]) == 4
+        assert all(0 <= p <= 1 for p in r["prev"] + r["value"])
+    assert "| values_from_x |" in (tmp_path / "mla_ablation_cpu.md").read_text()
+    from layers.registry import MIXERS
+    assert MIXERS["mla"].cls is MLA   # the registry is restored after the in-process runs
