@@ -1,7 +1,7 @@
 """Recall against state size (the Zoology / Based plot): MQAR held-out accuracy of each model
 family against the bytes of its decode cache at the training length, over a sweep of widths.
 
-    python benchmarks/recall.py          # the CPU protocol: 8 families x 3 lrs x 3 seeds (~75 min)
+    python benchmarks/recall.py          # the CPU protocol: 8 families x 3 lrs x 3 seeds (~64 min)
     python benchmarks/recall.py --families attn gated_deltanet --lrs 3e-3 --seeds 0
     python benchmarks/recall.py --widths 64 128 256 512 --steps 2000 --batch 64 \\
         --seq_len 256 --kv_pairs 32 --vocab 8192 --window 64 --eval_batches 32   # GPU / TPU
@@ -18,13 +18,13 @@ learning rate's median. The CPU defaults (4 pairs in 32 tokens, vocabulary 64, w
 that needs the most steps (its two-layer induction circuit forms late): at 1000 steps it stayed
 at 0.27-0.30 (= "some value of the context") at lr 3e-3 and 1e-2 on all 3 seeds, and reached
 0.28 / 0.76 / 0.44 at 1e-3; at 1500 steps 1e-3 gave 0.953 and 0.967 (seeds 0, 1) and 3e-4
-0.41 / 0.93 / 0.67. The full sweep (72 runs, two side by side: ``--jobs``) took 76 min wall on
-a 2-core machine, 145 min of training summed over runs; mean seconds per run, two at a time:
-attention 57, sliding window 57, GLA 68, Gated DeltaNet 70 (early stop), MLA 50, Based 163,
-MoM 254, Titans MAG 251. Two runs side by side go ~1.2-1.5x faster than one after another
-here (XLA:CPU runs these small steps mostly on one core). ``--resume`` continues one that
-was cut short (every finished run is appended to OUT/recall_runs.jsonl). ``--config_lr`` runs
-each config's own ``optim.lr`` instead of a sweep.
+0.41 / 0.93 / 0.67. The full sweep (72 runs, two side by side: ``--jobs``) took 64 min wall on
+a 2-core machine, 122 min of training summed over runs; mean seconds per run, two at a time:
+attention 56, sliding window 48, Based 57 (its quadratic form: layers/based.py), GLA 60, Gated
+DeltaNet 55 (early stop), MLA 46, MoM 242, Titans MAG 251. Two runs side by side go ~1.2-1.5x
+faster than one after another here (XLA:CPU runs these small steps mostly on one core).
+``--resume`` continues one that was cut short (every finished run is appended to
+OUT/recall_runs.jsonl). ``--config_lr`` runs each config's own ``optim.lr`` instead of a sweep.
 
 What is measured, for each family and each width in ``--widths`` (``model.d_model``):
 
