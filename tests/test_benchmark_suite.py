@@ -219,9 +219,9 @@ def test_mla_ablation_baseline_is_mla_and_variants_train(tmp_path):
     with pytest.raises(SystemExit, match="recall.py's"):
         mla_ablation.main(["--lrs", "1e-3"])
 
-    assert mla_ablation.main(["--variants", "attention", "mla", "values_from_x", "--seeds", "0", "--steps",
-                              "4", "--eval_every", "4", "--eval_batches", "1", "--batch", "4",
-                              "--in_process", "--out", str(tmp_path)]) == 0
+    assert mla_ablation.main(["--variants", "attention", "mla", "values_from_x", "--seeds", "0",
+                              "--steps", "4", "--eval_every", "4", "--eval_batches", "1",
+                              "--batch", "4", "--in_process", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "mla_ablation_cpu.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["attention", "mla", "values_from_x"]
     for r in rows:   # 4 heads; attention probabilities
