@@ -64,7 +64,6 @@ _PROBS: list | None = None   # set to a list to record softmax probabilities (ea
 
 def variant_class(name: str):
     """The MLA subclass of one variant (module docstring)."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -123,30 +122,25 @@ def variant_class(name: str):
             mask = (attention_mask(positions, positions, self.window, self.n_sinks)
                     if segment_ids is None else packed_visibility(segment_ids, self.window,
                                                                   self.n_sinks))
-            scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask[:, None], scores * (n + p) ** -0.5, -jnp.inf)
-            probs = jax.nn.softmax(scores, axis=-1)
-            if _PROBS is not None:   # set by probe() around an eager call only
-                _PROBS.append(probs)
-            o = jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v,
-                           preferred_element_type=jnp.float32).astype(q.dtype)
+            o = _attend(q, k, v, mask, (n + p) ** -0.5)   # MLA's scale: (N + P)^-0.5
             return self.out(o.reshape(b, t, h * self.v_dim)), None
 
     Ablation.__name__ = Ablation.__qualname__ = f"MLAAblation_{name}"
     return Ablation
 
 
-def _recording_attention(q, k, v, mask, scale):
-    """layers.attention's softmax_attention, recording its probabilities (the probe of the
-    ``attention`` variant): the same scores as pallas_kernels/attention/xla.py's."""
+def _attend(q, k, v, mask, scale):
+    """pallas_kernels/attention/xla.py's softmax_attention, recording its probabilities
+    [B, H, T, S] while probe() runs (both the variants and layers.attention call it then)."""
     import jax
     import jax.numpy as jnp
 
     from pallas_kernels.attention.xla import softmax_attention
 
-    keys = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)   # GQA groups -> per query head
-    scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=jnp.float32)
-    _PROBS.append(jax.nn.softmax(jnp.where(mask[:, None], scores * scale, -jnp.inf), axis=-1))
+    if _PROBS is not None:   # set by probe() around an eager call only
+        keys = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)   # GQA groups -> query heads
+        scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=jnp.float32)
+        _PROBS.append(jax.nn.softmax(jnp.where(mask[:, None], scores * scale, -jnp.inf), -1))
     return softmax_attention(q, k, v, mask, scale)
 
 
@@ -160,7 +154,7 @@ def probe(model, batch, n_pairs: int) -> dict:
 
     global _PROBS
     _PROBS, plain = [], layers.attention.softmax_attention
-    layers.attention.softmax_attention = _recording_attention   # attention's layers record too
+    layers.attention.softmax_attention = _attend   # attention's layers record too
     try:
         model(jnp.asarray(batch["inputs"]))
         first, second = (np.asarray(p) for p in _PROBS[:2])   # [B, H, T, S] each

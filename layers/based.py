@@ -48,7 +48,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
-from pallas_kernels.common import PRECISION
+from pallas_kernels.attention.reference import packed_visibility
+from pallas_kernels.common import PRECISION, zero_padding
 from pallas_kernels.linear_attention import EPS, linear_attention
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
@@ -96,15 +97,16 @@ def taylor_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     document only and padding rows are 0, as the linear-attention op's features give them.
     """
     fd = q.shape[-1]
+    if segment_ids is not None:   # padding inputs may be anything (NaN too): zero them first,
+        q, k, v = zero_padding(segment_ids, q, k, v)   # so no 0 * NaN reaches a sum or a grad
     # float32, as taylor_feature_map computes the features: the square doubles a rounding
     # error, and the sums run over up to T terms. EPS is the op's, so both forms normalize alike.
     s = jnp.einsum("bihf,bjhf->bhij", q.astype(jnp.float32), k.astype(jnp.float32),
                    precision=PRECISION) * fd ** -0.5
     t = q.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = mask & (same & (segment_ids[:, None, :] > 0))[:, None]   # [B, 1, T, T]
+    # Causal within each document (padding sees only padding, whose zeroed v gives o = 0).
+    mask = (jnp.tril(jnp.ones((t, t), bool)) if segment_ids is None
+            else packed_visibility(segment_ids, None, 0)[:, None])            # [B, 1, T, T]
     kern = jnp.where(mask, 1.0 + s + 0.5 * s * s, 0.0)                   # [B, H, T, T]
     num = jnp.einsum("bhij,bjhv->bihv", kern, v.astype(jnp.float32), precision=PRECISION)
     den = jnp.sum(kern, axis=-1).transpose(0, 2, 1)[..., None]           # [B, T, H, 1]

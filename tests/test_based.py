@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import ConfigError, load_config
-from layers.based import Based, BasedArgs, taylor_feature_map
+from layers.based import Based, BasedArgs, taylor_feature_map, taylor_kernel_attention
 from layers.gated_conv import GatedConv, GatedConvArgs
 from tests.parity import PARITY_TOL, assert_decode_parity, relative_error
 
@@ -108,6 +108,41 @@ def test_quadratic_form_matches_features_with_gradients(dtype, packed):
     assert relative_error(np.asarray(gx_q, np.float32), np.asarray(gx_f, np.float32)) < grad_tol
     for a, b in zip(jax.tree.leaves(gp_q), jax.tree.leaves(gp_f)):
         assert relative_error(np.asarray(a), np.asarray(b)) < grad_tol
+
+
+def test_quadratic_form_runs_each_document_alone():
+    """taylor_kernel_attention over packed rows == each document alone, outputs and input
+    gradients; a document starts mid-row, and the trailing padding is poisoned with NaN (its
+    outputs and gradients are 0, nothing else sees it)."""
+    kq, kk, kv, kc = jax.random.split(jax.random.key(3), 4)
+    q, k = (jax.random.normal(key, (1, 20, 2, 4)) for key in (kq, kk))
+    v = jax.random.normal(kv, (1, 20, 2, 3))
+    ct = jax.random.normal(kc, (1, 20, 2, 3))
+    lens = [5, 11]                                             # then 4 padding slots
+    seg = jnp.asarray([[1] * 5 + [2] * 11 + [0] * 4], jnp.int32)
+    pad = (seg == 0)[..., None, None]
+    poison = lambda a: jnp.where(pad, jnp.nan, a)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(taylor_kernel_attention(q, k, v, seg) * ct[:, :q.shape[1]])
+
+    out = taylor_kernel_attention(poison(q), poison(k), poison(v), seg)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(poison(q), poison(k), poison(v), seg)
+    assert np.all(np.asarray(out)[np.asarray(seg) == 0] == 0)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+        assert np.all(np.asarray(g)[np.asarray(seg) == 0] == 0)
+    start = 0
+    for n in lens:
+        piece = lambda a: a[:, start:start + n]
+        alone = taylor_kernel_attention(piece(q), piece(k), piece(v))
+        np.testing.assert_allclose(piece(out), alone, rtol=1e-5, atol=1e-6)
+        g_alone = jax.grad(lambda q, k, v: jnp.sum(taylor_kernel_attention(q, k, v)
+                                                   * piece(ct)), argnums=(0, 1, 2))(
+            piece(q), piece(k), piece(v))
+        for g, ga in zip(grads, g_alone):
+            np.testing.assert_allclose(piece(g), ga, rtol=1e-5, atol=1e-6)
+        start += n
 
 
 def test_quadratic_form_is_taken_up_to_its_length_only():
