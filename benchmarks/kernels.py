@@ -60,6 +60,7 @@ if str(ROOT / "benchmarks") not in sys.path:
 
 from common import time_jax  # noqa: E402
 
+from pallas_kernels.backends import interpret_kernels  # noqa: E402
 from pallas_kernels.delta_rule import delta_rule  # noqa: E402
 from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
 from pallas_kernels.gla import gla, simple_gla  # noqa: E402
@@ -132,12 +133,12 @@ def time_torch(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_jax(op, backend, x, dtype, repeats, interpret, row) -> None:
+def bench_jax(op, backend, x, dtype, repeats, row) -> None:
     call = OPS[op]
     args = {n: jnp.asarray(x[n], dtype if n in ("q", "k", "v") else jnp.float32)
             for n in ("q", "k", "v", *GATES[op])}
     ct = jnp.asarray(x["ct"], dtype)
-    kw = dict(backend=backend, chunk_size=CHUNK, interpret=interpret)
+    kw = dict(backend=backend, chunk_size=CHUNK)
     forward = lambda a: call(a, **kw)[0]
     loss = lambda a, c: jnp.sum(forward(a).astype(jnp.float32) * c.astype(jnp.float32))
     row["fwd_ms"] = 1e3 * time_jax(jax.jit(forward), args, repeats=repeats)
@@ -222,8 +223,7 @@ def run_linear(a) -> list[dict]:
                         if backend == "fla":
                             bench_fla(op, x, a.dtype, a.repeats, row)
                         else:
-                            bench_jax(op, backend, x, jnp.dtype(a.dtype), a.repeats,
-                                      a.interpret, row)
+                            bench_jax(op, backend, x, jnp.dtype(a.dtype), a.repeats, row)
                     except Exception as e:   # OOM, unsupported backend/dtype: record, go on
                         row.update(status="error", note=_error(e))
                 _tflops(row, flops, 3.0)
@@ -258,7 +258,7 @@ def run_attention(a) -> list[dict]:
                "window": a.window, "dtype": a.dtype, "note": ""}
         for mask, window in (("full", None), ("window", a.window)):
             fwd = lambda q, k, v, w=window, be=backend: attention(
-                q, k, v, window=w, backend=be, interpret=a.interpret)
+                q, k, v, window=w, backend=be)
             loss = lambda q, k, v, c, f=fwd: jnp.sum(f(q, k, v).astype(jnp.float32)
                                                    * c.astype(jnp.float32))
             flops = attention_flops(b, t, h, d, window)
@@ -422,8 +422,9 @@ def main(argv=None) -> int:
     print(header, flush=True)
 
     start = time.perf_counter()
-    rows = [] if a.skip_linear else run_linear(a)
-    attn = [] if a.skip_attention else run_attention(a)
+    with interpret_kernels(a.interpret):
+        rows = [] if a.skip_linear else run_linear(a)
+        attn = [] if a.skip_attention else run_attention(a)
     text = tables(rows, attn, a, header)
     print("\n" + text + f"\n(total {time.perf_counter() - start:.0f} s)")
 

@@ -52,6 +52,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Compute dtype; parameters are always float32 (optimizer updates need the precision).
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Matmul operands of the chunked ops: pallas_kernels/precision.Precision (the same names;
+    # tests/test_precision.py checks they agree, without configs importing jax).
+    precision: Literal["auto", "highest", "bf16"] = "auto"
 
     @property
     def resolved_head_dim(self) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention as attention_op
 from pallas_kernels.attention.xla import softmax_attention  # noqa: F401 (re-exported)
+from pallas_kernels.backends import AttentionBackend, resolve_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +41,12 @@ class AttentionArgs:
     n_sinks: int = 0
     rope: bool = True
     # Kernel of the no-cache (training / one-shot prefill) path, through the attention
-    # dispatcher (pallas_kernels/attention): "xla" is the masked softmax below; "auto" picks
-    # splash on TPU; "flash" (GPU) / "splash" (TPU) are Pallas kernels that skip the blocks
-    # outside the window. Cached steps always take the XLA path (their keys come from a ring).
-    # The kernels build the mask from token indices, i.e. they assume positions = arange(T)
-    # (true for the LM's no-cache call).
-    backend: Literal["xla", "auto", "flash", "splash"] = "xla"
+    # dispatcher (pallas_kernels/attention): "xla" is the masked softmax below; "auto" per
+    # platform (pallas_kernels/backends.py); "flash" (GPU) / "splash" (TPU) are Pallas kernels
+    # that skip the blocks outside the window. Cached steps always take the XLA path (their
+    # keys come from a ring). The kernels build the mask from token indices, i.e. they assume
+    # positions = arange(T) (true for the LM's no-cache call).
+    backend: AttentionBackend = "auto"
 
 
 @struct.dataclass
@@ -249,7 +249,8 @@ class Attention(nnx.Module):
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = write_cache(cache, k, v, positions,
                                 one_token_in_place=self.ring_step_in_place)
-        if cache is None and (self.backend != "xla" or segment_ids is not None):
+        if cache is None and (resolve_backend("attention", self.backend) != "xla"
+                              or segment_ids is not None):
             o = attention_op(q, k, v, window=self.window, n_sinks=self.n_sinks,
                              scale=dh ** -0.5, backend=self.backend, segment_ids=segment_ids)
         else:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +48,9 @@ from flax import nnx, struct
 
 from layers.cache import CacheBytes
 from pallas_kernels.attention.reference import packed_visibility
+from pallas_kernels.backends import LinearBackend
 from pallas_kernels.common import PRECISION, zero_padding
 from pallas_kernels.linear_attention import EPS, linear_attention
-
-BACKENDS = ("auto", "reference", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +61,7 @@ class BasedArgs:
     # Cache-free calls of at most this many tokens take the quadratic form (module docstring);
     # longer ones, and every call with a cache, the features and `backend`. 0: features always.
     quadratic_max_len: int = 512
-    backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
+    backend: LinearBackend = "auto"    # pallas_kernels/backends.py
 
 
 @struct.dataclass
@@ -130,6 +128,7 @@ class Based(nnx.Module):
         self.chunk_size = args.chunk_size
         self.quadratic_max_len = args.quadratic_max_len
         self.backend = args.backend
+        self.precision = cfg.precision
         self.dtype = jnp.dtype(cfg.dtype)
         h, fd = self.n_heads, self.feature_dim
         init = nnx.initializers.normal(cfg.init_std)
@@ -156,9 +155,6 @@ class Based(nnx.Module):
         if args.quadratic_max_len < 0:
             errs.append(f"{p}.quadratic_max_len must be >= 0 (0: never), "
                         f"got {args.quadratic_max_len}")
-        if args.backend not in BACKENDS:
-            errs.append(f"{p}.backend: expected one of {', '.join(map(repr, BACKENDS))}, "
-                        f"got {args.backend!r}")
         return errs
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> BasedCache:
@@ -186,7 +182,8 @@ class Based(nnx.Module):
         k = taylor_feature_map(k.reshape(b, t, h, fd))
         v = v.reshape(b, t, h, dv)
         # scale=1: the 1/sqrt(d') temperature is already inside the feature map.
-        op = dict(scale=1.0, normalize=True, chunk_size=self.chunk_size, backend=self.backend)
+        op = dict(scale=1.0, normalize=True, chunk_size=self.chunk_size, backend=self.backend,
+                  precision=self.precision)
         if cache is None:
             o, _ = linear_attention(q, k, v, segment_ids=segment_ids, **op)
         elif t == 1:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ from flax import nnx, struct
 from layers.cache import CacheBytes
 from layers.conv import ConvCache, ShortConv
 from layers.norm import RMSNorm
+from pallas_kernels.backends import LinearBackend
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 
@@ -51,7 +51,7 @@ class DeltaNetArgs:
     expand_v: float = 1.0           # value dim V = int(K * expand_v)
     conv_width: int = 4             # short causal conv on q, k and v
     chunk_size: int = 64            # chunk length of the chunkwise-parallel op
-    backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
+    backend: LinearBackend = "auto"    # pallas_kernels/backends.py
 
 
 @struct.dataclass
@@ -123,6 +123,7 @@ class DeltaNet(nnx.Module):
         self.value_dim = vd = int(kd * args.expand_v)
         self.chunk_size = args.chunk_size
         self.backend = args.backend
+        self.precision = cfg.precision
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
@@ -218,6 +219,7 @@ class DeltaNet(nnx.Module):
         else:
             # Training (no state) or prefill / chunked prefill (start from the cached state).
             kwargs = dict(scale=scale, chunk_size=self.chunk_size, backend=self.backend,
+                          precision=self.precision,
                           initial_state=None if cache is None else cache.state,
                           output_final_state=cache is not None, segment_ids=segment_ids)
             if self.gated:

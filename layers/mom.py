@@ -82,6 +82,7 @@ from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
 from layers.delta_net import DeltaNet, decay_init, l2_normalize, recurrent_step
 from layers.norm import RMSNorm
+from pallas_kernels.backends import LinearBackend
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 
 # Log decay of a reset slot: exp(-1e4) is exactly 0 in float32 (and in its gradient), while the
@@ -101,7 +102,7 @@ class MoMArgs:
     chunk_size: int = 64            # chunk length of the chunkwise-parallel op
     dispatch: Literal["auto", "packed", "masked"] = "auto"
     balance_loss_weight: float = 0.01
-    backend: Literal["auto", "reference", "xla", "pallas"] = "auto"
+    backend: LinearBackend = "auto"    # pallas_kernels/backends.py
 
 
 @struct.dataclass
@@ -174,6 +175,7 @@ class MoM(nnx.Module):
         self.dispatch = args.dispatch
         self.balance_loss_weight = args.balance_loss_weight
         self.backend = args.backend
+        self.precision = cfg.precision
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
@@ -283,7 +285,7 @@ class MoM(nnx.Module):
         return gated_delta_rule(q, k, v, g, beta, scale=1.0, initial_state=initial_state,
                                 output_final_state=initial_state is not None,
                                 chunk_size=self.chunk_size, backend=self.backend,
-                                segment_ids=segment_ids)
+                                precision=self.precision, segment_ids=segment_ids)
 
     def _masked(self, q, xc, x, idx, w, states, segment_ids=None):
         """Reference path: every memory over every token, update masked. -> (o [B, T, H, V]

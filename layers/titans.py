@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +82,7 @@ from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
 from layers.delta_net import l2_normalize
 from layers.norm import RMSNorm
+from pallas_kernels.backends import TitansBackend
 from pallas_kernels.titans import TitansState, memory_read, titans_memory, titans_step
 
 
@@ -97,7 +97,7 @@ class TitansArgs:
     chunk_size: int = 16            # b: gradients at the chunk-start weights (part of the rule)
     theta_max: float = 0.01         # theta = theta_max * sigmoid(.): the inner learning-rate cap
     grad_clip: float | None = 1.0   # per-token gradient norm cap (pallas_kernels/titans); None off
-    backend: Literal["auto", "reference", "xla"] = "auto"
+    backend: TitansBackend = "auto"    # pallas_kernels/backends.py
 
 
 @struct.dataclass

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +87,7 @@ from layers.norm import RMSNorm
 from layers.rope import apply_rope
 from layers.titans import TitansArgs, TitansCache, TitansMemory
 from pallas_kernels.attention.reference import packed_visibility
+from pallas_kernels.backends import TitansBackend
 from pallas_kernels.common import document_layout, document_positions
 from pallas_kernels.titans import TitansState
 
@@ -117,7 +117,7 @@ class _MemorySettings:
     chunk_size: int = 16            # b: gradients at the chunk-start weights
     theta_max: float = 0.01         # inner learning-rate cap (larger diverges: titans.py)
     grad_clip: float | None = 1.0   # per-token gradient norm cap (titans.py); None: off
-    backend: Literal["auto", "reference", "xla"] = "auto"
+    backend: TitansBackend = "auto"    # pallas_kernels/backends.py
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,10 +6,7 @@ Public tensors are [B, T, H, D]; the chunked XLA paths work on [B, H, N, C, D].
 
 from __future__ import annotations
 
-import contextlib
 import operator
-import threading
-from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -20,115 +17,9 @@ import jax.numpy as jnp
 # the rounding would accumulate over the sequence instead of staying at one ulp per step.
 PRECISION = jax.lax.Precision.HIGHEST
 
-# Backends named by the design but not built for every op; asking an op for one it lacks gets
-# a clear error.
-NOT_BUILT = ("pallas",)
-
-# Backends of the chunked ops' sequential state sweep (pallas_kernels/state_passing): "pallas"
-# picks the kernel driver for the platform; "pallas_gpu" / "pallas_tpu" name a driver outright
-# (on CPU both run only in the Pallas interpreter, for tests).
-PALLAS_BACKENDS = ("pallas", "pallas_gpu", "pallas_tpu")
-
-
-_TARGET = threading.local()
-
-
-def target_platform() -> str:
-    """The platform kernels are built for: jax.default_backend(), or the one a
-    `lowering_for` block names."""
-    return getattr(_TARGET, "platform", None) or jax.default_backend()
-
-
-@contextlib.contextmanager
-def lowering_for(platform: str) -> Iterator[None]:
-    """Inside this block the ops build their Pallas kernels for `platform` ("gpu" or "tpu")
-    instead of refusing them on a CPU: for lowering a function for a device this machine lacks,
-
-        with lowering_for("gpu"):
-            jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
-
-    which runs the Pallas -> Triton / Mosaic lowering with its resource checks (shared memory,
-    VMEM, block shapes) without executing anything (tests/test_lowering.py).
-
-    Raises:
-        ValueError: a platform other than "gpu" or "tpu".
-    """
-    if platform not in ("gpu", "tpu"):
-        raise ValueError(f"lowering_for: platform must be 'gpu' or 'tpu'; got {platform!r}")
-    previous = getattr(_TARGET, "platform", None)
-    _TARGET.platform = platform
-    try:
-        yield
-    finally:
-        _TARGET.platform = previous
-
-
-def kernel_dtype(x: jax.Array, state_impl: str):
-    """Matmul input dtype of a chunked op: bfloat16 when its inputs are bf16 and the state sweep
-    is a Pallas kernel, else float32.
-
-    On the kernel path bf16 inputs feed the tensor cores / MXU as bf16 with float32
-    accumulation: each product is then exact and only the sum rounds (to float32), so a score
-    q.k or k.k costs no more precision than the bf16 inputs already lost. Whatever is a long
-    sum over the sequence (the state) or an exponent (cumulative gates) stays float32, and so
-    does the triangular solve (its rows depend on earlier rows). The "xla" backend stays
-    float32 at HIGHEST throughout: it is the portable definition the kernels are tested
-    against, and CPU (where it runs in tests) has no fast bf16 matmul.
-    """
-    return jnp.bfloat16 if x.dtype == jnp.bfloat16 and state_impl != "xla" else jnp.float32
-
-
-def matmul(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """einsum(spec, a, b) -> float32, inputs cast to `dtype`: float32 at HIGHEST precision, or
-    bf16 with float32 accumulation (see kernel_dtype)."""
-    precision = PRECISION if dtype == jnp.float32 else None
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), precision=precision,
-                      preferred_element_type=jnp.float32)
-
-
 def default_scale(k: jax.Array, scale: float | None = None) -> float:
     """Query scale: `scale` if given, else K ** -0.5 (K = k.shape[-1])."""
     return k.shape[-1] ** -0.5 if scale is None else scale
-
-
-def resolve_backend(backend: str, allowed: Sequence[str], auto: str = "xla",
-                    op: str | None = None) -> str:
-    """Maps `backend` to one of `allowed`; "auto" means `auto`. `op` prefixes error messages.
-
-    Raises:
-        ValueError: for "pallas" (not built yet) or any name outside `allowed` + "auto".
-    """
-    if backend == "auto":
-        return auto
-    if backend in allowed:
-        return backend
-    choices = ", ".join(repr(b) for b in ("auto", *allowed))
-    where = f"{op}: " if op else ""
-    if backend in NOT_BUILT:
-        raise ValueError(f"{where}backend {backend!r} is not built yet; choose one of {choices}")
-    raise ValueError(f"{where}unknown backend {backend!r}; choose one of {choices}")
-
-
-def state_backend(impl: str, interpret: bool = False, op: str | None = None) -> str:
-    """The state_passing backend for a chunked op's resolved backend `impl`.
-
-    "xla" stays "xla"; "pallas" becomes "pallas_tpu" on TPU and "pallas_gpu" on GPU (and, with
-    interpret=True, on CPU: the loop driver runs anywhere in the interpreter).
-
-    Raises:
-        ValueError: a Pallas backend on CPU without interpret=True.
-    """
-    if impl not in PALLAS_BACKENDS:
-        return impl
-    platform = target_platform()
-    if impl == "pallas":
-        impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
-    if platform == "cpu" and not interpret:
-        where = f"{op}: " if op else ""
-        raise ValueError(f"{where}backend {impl!r} needs a GPU or TPU (this is {platform}); use "
-                         "backend 'xla' on CPU, or interpret=True to run the kernel in the "
-                         "(slow) Pallas interpreter")
-    return impl
 
 
 def check_delta_inputs(op: str, q, k, v, beta, g=None, initial_state=None) -> None:

@@ -5,6 +5,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 # Tests run from a checkout: make the top-level packages importable without an install too.
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,3 +54,15 @@ def pytest_sessionfinish(session, exitstatus):
     """The controller (not an xdist worker) removes the run's compilation cache it made."""
     if _OWN_CACHE and not hasattr(session.config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _interpret_pallas_kernels():
+    """Every test runs inside backends.interpret_kernels(): a Pallas kernel whose platform is
+    not this machine's runs in the interpreter (how CPU checks the kernels' numbers); on its own
+    platform (JAX_PLATFORMS=cuda or tpu) it compiles, so the same tests check the compiled
+    kernel there. Tests of the refusal outside it use interpret_kernels(False)."""
+    from pallas_kernels.backends import interpret_kernels  # after the environment above
+
+    with interpret_kernels():
+        yield

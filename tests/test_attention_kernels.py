@@ -15,7 +15,7 @@ from pallas_kernels.attention import attention, attention_reference
 from pallas_kernels.attention.flash import flash_attention, key_blocks, query_blocks
 from pallas_kernels.attention.reference import visibility
 from pallas_kernels.attention.splash import make_mask, splash_attention
-from tests.pallas_mode import interpret
+from pallas_kernels.backends import interpret_kernels, kernel_interpret
 from tests.parity import relative_error
 
 # float32: the kernel differs from the reference only by summation order (measured ~1e-6).
@@ -52,7 +52,7 @@ def _fns(fn, **kw):
 
 def _flash(window, n_sinks, bq, bk):
     return _fns(flash_attention, window=window, n_sinks=n_sinks, block_q=bq, block_k=bk,
-                interpret=interpret("flash"))
+                interpret=kernel_interpret("flash"))
 
 
 def _reference(window, n_sinks):
@@ -143,7 +143,7 @@ def test_flash_never_reads_skipped_blocks(n_sinks):
     def dkv(q, cot):
         _, vjp = jax.vjp(lambda q, k, v: flash_attention(
             q, k, v, window=window, n_sinks=n_sinks, block_q=b16, block_k=b16,
-            interpret=interpret("flash")), q, k, v)
+            interpret=kernel_interpret("flash")), q, k, v)
         _, dk, dv = vjp(cot)
         return dk[:, 16:32], dv[:, 16:32]                 # key block 1
 
@@ -174,7 +174,8 @@ def test_splash_interpret_matches_reference(h, hkv, window, n_sinks):
     # Splash (a Mosaic TPU kernel) runs in the Pallas interpreter on CPU in this jax version;
     # T = 37 is padded to one 128 block. GQA via make_splash_mha, MQA via make_splash_mqa.
     q, k, v, w = _inputs(37, h, hkv, 16, jnp.float32, seed=h + hkv, b=1)
-    fns = _fns(splash_attention, window=window, n_sinks=n_sinks, interpret=True)
+    fns = _fns(splash_attention, window=window, n_sinks=n_sinks,
+               interpret=kernel_interpret("splash"))
     _check_against_reference(fns, q, k, v, w, window, n_sinks, TOL[jnp.float32])
 
 
@@ -185,7 +186,7 @@ def test_splash_interpret_matches_reference(h, hkv, window, n_sinks):
 def test_dispatcher_backends(backend):
     t, h, hkv, dh, window, n_sinks = 37, 4, 2, 16, 8, 2
     q, k, v, _ = _inputs(t, h, hkv, dh, jnp.float32, seed=3, b=1)
-    out = attention(q, k, v, window=window, n_sinks=n_sinks, backend=backend, interpret=True)
+    out = attention(q, k, v, window=window, n_sinks=n_sinks, backend=backend)
     ref = attention_reference(q, k, v, window=window, n_sinks=n_sinks)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert relative_error(np.asarray(out), np.asarray(ref)) < TOL[jnp.float32]
@@ -219,13 +220,14 @@ def test_dispatcher_errors():
         attention(q, k, v, n_sinks=2)
     if jax.default_backend() == "cpu":
         for backend in ("flash", "splash"):
-            with pytest.raises(ValueError, match="interpret=True"):
+            with interpret_kernels(False), pytest.raises(ValueError, match="interpret_kernels"):
                 attention(q, k, v, backend=backend)
 
 
 def test_attention_layer_routes_no_cache_path_through_dispatcher():
-    """AttentionArgs.backend: "auto" (the dispatcher; XLA on CPU) gives the layer's own masked
-    path's output exactly; a GPU kernel on CPU is a clear error at the first call."""
+    """AttentionArgs.backend "auto" resolves to "xla" on CPU and takes the layer's own masked
+    path; the dispatcher's XLA path (taken with segment_ids) gives the same output exactly for
+    one document; a GPU kernel on CPU is a clear error at the first call."""
     from flax import nnx
 
     from layers.attention import Attention, AttentionArgs
@@ -234,12 +236,16 @@ def test_attention_layer_routes_no_cache_path_through_dispatcher():
     cfg = _model_cfg()
     x = jax.random.normal(jax.random.key(3), (2, 21, cfg.d_model))
     pos = jnp.broadcast_to(jnp.arange(21), (2, 21))
+    one_document = jnp.ones((2, 21), jnp.int32)
     outs = {}
     for backend in ("xla", "auto"):
         args = AttentionArgs(n_kv_heads=2, window=6, n_sinks=2, backend=backend)
         layer = Attention(cfg, args, rngs=nnx.Rngs(0))
         outs[backend] = layer(x, positions=pos)[0]
+        outs[backend, "dispatcher"] = layer(x, positions=pos, segment_ids=one_document)[0]
     np.testing.assert_array_equal(outs["auto"], outs["xla"])
+    np.testing.assert_array_equal(outs["auto", "dispatcher"], outs["xla"])
+    np.testing.assert_array_equal(outs["xla", "dispatcher"], outs["xla"])
     layer = Attention(cfg, AttentionArgs(backend="flash"), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="backend 'flash' is a GPU kernel"):
+    with interpret_kernels(False), pytest.raises(ValueError, match="'flash' is a GPU kernel"):
         layer(x, positions=pos)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.attention import attention
-from pallas_kernels.common import lowering_for
+from pallas_kernels.backends import lowering_for
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
@@ -123,7 +123,7 @@ def test_attention_kernel_with_segment_ids_lowers(platform, backend):
 
 
 def test_lowering_for_restores_the_platform_and_refuses_cpu():
-    from pallas_kernels.common import target_platform
+    from pallas_kernels.backends import target_platform
 
     with lowering_for("tpu"):
         assert target_platform() == "tpu"

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.backends import interpret_kernels
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
 from pallas_kernels.linear_attention import linear_attention
-from tests.pallas_mode import interpret
 from tests.parity import relative_error
 
 B, H = 2, 2
@@ -24,10 +24,10 @@ B, H = 2, 2
 # and (delta rules) solves a triangular system, as the xla backend does; measured <= 4e-7,
 # and 1.4e-5 for normalized linear attention's gradients (the division by q.z). bf16 inputs
 # against the float32 reference on the unrounded inputs: input rounding, bf16 matmul inputs on
-# the kernel path (common.kernel_dtype) and the bf16 output (measured <= 9.4e-3, simple_gla's
-# gradients; 7.2e-3 gated_delta_rule). Normalized linear attention's gradients: 3.0e-2, the
-# same on the float32 xla backend, so it is the rounding of the inputs, amplified by the
-# division by q.z, not the kernel's matmuls.
+# the kernel path (precision "auto" -> "bf16", pallas_kernels/precision.py) and the bf16
+# output (measured <= 9.4e-3, simple_gla's gradients; 7.2e-3 gated_delta_rule). Normalized
+# linear attention's gradients: 3.0e-2, the same on the float32 xla backend, so it is the
+# rounding of the inputs, amplified by the division by q.z, not the kernel's matmuls.
 BF16_TOL_NORMALIZED = 5e-2
 F32_TOL = 1e-4
 BF16_TOL = 1.5e-2
@@ -67,7 +67,7 @@ OPS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "gla": gl
 @functools.partial(jax.jit, static_argnames=("op", "backend"))
 def values_and_grads(args, s0, ct_o, *, op, backend):
     def loss(args, s0):
-        kw = {} if backend == "reference" else dict(chunk_size=16, interpret=interpret(backend))
+        kw = {} if backend == "reference" else dict(chunk_size=16)
         o, s = OPS[op](*args, initial_state=s0, output_final_state=True, backend=backend, **kw)
         state_ct = jax.tree.map(lambda a: jnp.cos(a.astype(jnp.float32)), s)
         return jnp.sum(o.astype(jnp.float32) * ct_o) + sum(
@@ -116,7 +116,8 @@ def test_pallas_tpu_driver():
 
 def test_pallas_on_cpu_needs_interpret():
     args, s0 = make_inputs("gla", 8, 16, 8)
-    with pytest.raises(ValueError, match="gla: backend 'pallas_gpu' needs a GPU or TPU"):
+    with interpret_kernels(False), pytest.raises(
+            ValueError, match="gla: backend 'pallas_gpu' is a GPU kernel and this is cpu"):
         gla(*args, backend="pallas")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         gated_delta_rule(*make_inputs("gated_delta_rule", 8, 16, 8)[0], backend="cuda")

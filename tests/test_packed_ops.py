@@ -63,7 +63,7 @@ def run(args, s0, cts, seg, *, op, backend, packed, state_loss=True):
     """(o, final state) and the gradients in (args, s0) of sum(o * ct_o) + sum(S cos S) (the
     state term only with state_loss: a packed row's final state is its last document's)."""
     def loss(args, s0):
-        kw = {} if backend == "reference" else dict(chunk_size=C, interpret=backend == "pallas")
+        kw = {} if backend == "reference" else dict(chunk_size=C)
         if packed:
             kw["segment_ids"] = seg
         o, s = OPS[op](*args, initial_state=s0, output_final_state=True, backend=backend, **kw)
@@ -169,7 +169,6 @@ def test_bad_segment_ids_are_refused():
 def attend(q, k, v, ct, seg, *, backend, window, n_sinks, packed):
     def loss(q, k, v):
         o = attention(q, k, v, window=window, n_sinks=n_sinks, backend=backend,
-                      interpret=backend in ("flash", "splash"),
                       segment_ids=seg if packed else None)
         return jnp.sum(o.astype(jnp.float32) * ct), o
 
@@ -215,5 +214,5 @@ def test_document_positions_restart():
 def test_kernels_refuse_segment_ids_with_sinks(backend):
     x = jnp.zeros((1, 8, 2, 16))
     with pytest.raises(ValueError, match=f"backend '{backend}' does not take segment_ids with"):
-        attention(x, x, x, window=4, n_sinks=2, backend=backend, interpret=True,
+        attention(x, x, x, window=4, n_sinks=2, backend=backend,
                   segment_ids=jnp.ones((1, 8), jnp.int32))

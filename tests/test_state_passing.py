@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels.state_passing import chunk_outputs, state_passing, state_passing_xla
-from tests.pallas_mode import interpret
 from tests.parity import relative_error
 
 B, H, N, C, K, V = 2, 2, 3, 8, 16, 32
@@ -40,7 +39,7 @@ def make_inputs(seed=0):
 def values_and_grads(w, u, kd, decay, s0, cts, *, backend, with_w, block_v=None):
     def loss(w, u, kd, decay, s0):
         out = state_passing(w if with_w else None, u, kd, decay, s0, backend=backend,
-                            block_v=block_v, interpret=interpret(backend))
+                            block_v=block_v)
         return sum(jnp.sum(o * ct) for o, ct in zip(out, cts, strict=True)), out
 
     grads, out = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(w, u, kd, decay, s0)
@@ -94,7 +93,7 @@ def test_bad_backend_and_block():
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         state_passing(w, u, kd, decay, s0, backend="triton")
     with pytest.raises(ValueError, match="block_v=5 must divide V=32"):
-        state_passing(w, u, kd, decay, s0, backend="pallas_gpu", block_v=5, interpret=True)
+        state_passing(w, u, kd, decay, s0, backend="pallas_gpu", block_v=5)
 
 
 # ------------------------------------------------------------ sweep fused with the outputs
@@ -121,7 +120,7 @@ def output_values_and_grads(args, cts, *, backend, with_w, with_qk, block_v=None
 
     def loss(gq, qk, w, u, kd, decay, s0):
         out = chunk_outputs(gq, qk if with_qk else None, w if with_w else None, u, kd, decay,
-                            s0, backend=backend, block_v=block_v, interpret=interpret(backend))
+                            s0, backend=backend, block_v=block_v)
         return sum(jnp.sum(o * ct) for o, ct in zip(out, cts, strict=True)), out
 
     grads, out = jax.grad(loss, argnums=tuple(range(7)), has_aux=True)(gq, qk, w, u, kd, decay,
@@ -166,8 +165,7 @@ def test_fused_outputs_pad_to_triton_tiles():
     decay = jax.random.uniform(ks[5], (b, h, n, k), minval=0.3, maxval=1.0)
     s0 = jnp.ones((b, h, k, v))
     want = chunk_outputs(gq, qk, w, u, kd, decay, s0, backend="xla")
-    got = chunk_outputs(gq, qk, w, u, kd, decay, s0, backend="pallas_gpu",
-                        interpret=interpret("pallas_gpu"))
+    got = chunk_outputs(gq, qk, w, u, kd, decay, s0, backend="pallas_gpu")
     for g, wnt in zip(got, want, strict=True):
         assert g.shape == wnt.shape
         assert relative_error(g, wnt) < F32_TOL

@@ -244,7 +244,7 @@ def test_memory_read_is_the_forward_pass():
 
 
 @pytest.mark.parametrize("change,pattern", [
-    (dict(backend="pallas"), "backend 'pallas' is not built yet"),
+    (dict(backend="pallas"), "unknown backend 'pallas'; choose one of 'auto', 'reference', 'xla'"),
     (dict(chunk_size=0), "chunk_size must be a positive int"),
     (dict(chunk_offset=16), r"chunk_offset must be in \[0, chunk_size=16\)"),
     (dict(memory0=()), "memory0 must hold at least one weight matrix"),

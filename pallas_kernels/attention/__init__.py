@@ -13,8 +13,8 @@ Backends (one signature, `attention(..., backend=)`):
   * "flash": flash.py, a Pallas kernel for the GPU (Triton lowering) that skips key blocks
     outside the window, forward and backward (FlashAttention-2, Dao 2023).
   * "splash": splash.py, jax's bundled splash attention for TPU with window / sink masks.
-  * "auto": "splash" on TPU, "xla" elsewhere.
-Pallas backends run off their platform only with interpret=True (the CPU tests).
+  * "auto": per platform from pallas_kernels/backends.py's AUTO table.
+Pallas backends run off their platform only inside backends.interpret_kernels() (CPU tests).
 """
 
 from __future__ import annotations
@@ -24,18 +24,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.attention.reference import attention_reference, packed_visibility
 from pallas_kernels.attention.xla import softmax_attention
-from pallas_kernels.common import (
-    check_segment_ids,
-    resolve_backend,
-    target_platform,
-    zero_padding,
-)
+from pallas_kernels.backends import kernel_interpret, resolve_backend
+from pallas_kernels.common import check_segment_ids, zero_padding
 
-__all__ = ["BACKENDS", "attention", "attention_reference", "softmax_attention", "visibility_mask"]
-
-BACKENDS = ("xla", "flash", "splash", "reference")
-# Platform each Pallas backend compiles for; elsewhere it needs interpret=True.
-_KERNEL_PLATFORM = {"flash": "gpu", "splash": "tpu"}
+__all__ = ["attention", "attention_reference", "softmax_attention", "visibility_mask"]
 
 
 def visibility_mask(seq_len: int, window: int | None, n_sinks: int) -> jax.Array:
@@ -71,8 +63,7 @@ def _check(q, k, v, window, n_sinks) -> None:
 
 
 def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
-              scale: float | None = None, backend: str = "auto", interpret: bool = False,
-              segment_ids=None):
+              scale: float | None = None, backend: str = "auto", segment_ids=None):
     """Causal softmax attention, optional sliding window and sinks, GQA.
 
     Args:
@@ -82,7 +73,6 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         n_sinks: the first n_sinks keys stay visible through the window (needs a window).
         scale: score scale, default Dh ** -0.5.
         backend: "auto", "xla", "flash", "splash" or "reference" (module docstring).
-        interpret: run a Pallas backend in the Pallas interpreter (CPU tests).
         segment_ids: optional [B, T] int ids of packed documents (0 = padding): a query sees
             only keys of its own document, windows and sinks count in-document positions
             (reference.packed_visibility). Every backend; "flash" and "splash" not together
@@ -93,19 +83,11 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
 
     Raises:
         ValueError: unknown backend, inconsistent shapes or window / sink settings, or a Pallas
-            backend off its platform without interpret=True.
+            backend off its platform outside backends.interpret_kernels().
     """
     _check(q, k, v, window, n_sinks)
-    platform = target_platform()
-    # "auto" stays "xla" on GPU until the flash kernel has been compiled and checked on a GPU
-    # (so far it is verified only in interpret mode on CPU); then it should pick "flash".
-    impl = resolve_backend(backend, BACKENDS, auto="splash" if platform == "tpu" else "xla",
-                           op="attention")
-    kernel_platform = _KERNEL_PLATFORM.get(impl)
-    if kernel_platform is not None and platform != kernel_platform and not interpret:
-        raise ValueError(f"attention: backend {impl!r} is a {kernel_platform.upper()} kernel and "
-                         f"this is {platform}; use backend 'xla' (or 'auto'), or interpret=True "
-                         "to run it in the (slow) Pallas interpreter")
+    impl = resolve_backend("attention", backend)
+    interpret = kernel_interpret(impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if segment_ids is not None:
         check_segment_ids("attention", segment_ids, q)

@@ -38,7 +38,8 @@ from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
 
 def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-                   chunk_size=64, state_impl="xla", interpret=False, segment_ids=None):
+                   chunk_size=64, state_impl="xla", segment_ids=None,
+            precision="highest"):
     """Chunkwise-parallel delta rule (same contract as delta_rule_reference), float32 inside.
 
     The derivation above is the gated one (gated_delta_rule/xla.py) with every decay equal to
@@ -54,7 +55,7 @@ def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_fina
         output_final_state: whether to return the final state.
         chunk_size: C, the number of steps handled in parallel per chunk (a Python int).
         state_impl: backend of the state sweep ("xla", "pallas_gpu" or "pallas_tpu").
-        interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
         segment_ids: optional [B, T] int packed-document ids (gated_delta_rule_xla).
 
     Returns:
@@ -62,5 +63,5 @@ def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_fina
     """
     return gated_delta_rule_xla(q, k, v, None, beta, scale=scale, initial_state=initial_state,
                                 output_final_state=output_final_state, chunk_size=chunk_size,
-                                state_impl=state_impl, interpret=interpret,
+                                state_impl=state_impl, precision=precision,
                                 segment_ids=segment_ids)

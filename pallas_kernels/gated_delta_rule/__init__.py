@@ -2,72 +2,71 @@
 
 Shape legend: B batch, T time, H heads, K key dim, V value dim.
 
-Backends: "reference" (token-by-token lax.scan, reference.py), "xla" (chunkwise gated WY form,
-xla.py), "pallas" (the same chunkwise form with the sequential state sweep in a Pallas kernel,
-forward and backward: pallas_kernels/state_passing). "auto" picks "xla": the kernels have
-been checked only in the Pallas interpreter so far, not compiled on a GPU or TPU.
+Backends (pallas_kernels/backends.py): "reference" (token-by-token lax.scan, reference.py),
+"xla" (chunkwise gated WY form, xla.py), "pallas" (the same chunkwise form with the sequential
+state sweep in a Pallas kernel, forward and backward: pallas_kernels/state_passing); "auto" per
+platform from backends.AUTO. The ungated delta rule (pallas_kernels/delta_rule) is this op
+with no gate.
 """
 
 from __future__ import annotations
 
-from pallas_kernels.common import (
-    PALLAS_BACKENDS,
-    check_delta_inputs,
-    check_segment_ids,
-    fitted_chunk_size,
-    resolve_backend,
-    state_backend,
-)
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.common import check_delta_inputs, check_segment_ids, fitted_chunk_size
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
+from pallas_kernels.precision import resolve_precision
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_xla"]
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=64, backend="auto", interpret=False,
+                     output_final_state=False, chunk_size=64, backend="auto", precision="auto",
                      segment_ids=None):
     """Gated delta rule: S'_t = exp(g_t) S_{t-1}; S_t = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T;
     o_t = (scale q_t)^T S_t.
 
-    Computed in float32 whatever the input dtype. k is normally L2-normalised by the caller, but
-    the op does not assume it.
+    The state, gates and the triangular solve are float32 whatever the input dtype. k is
+    normally L2-normalised by the caller, but the op does not assume it.
 
     Args:
         q: [B, T, H, K] queries.
         k: [B, T, H, K] keys.
         v: [B, T, H, V] values.
-        g: [B, T, H] log-space decays (<= 0; exp(g_t) multiplies the state).
+        g: [B, T, H] log-space decays (<= 0; exp(g_t) multiplies the state), or None for the
+            ungated delta rule.
         beta: [B, T, H] write strengths, usually in (0, 1).
         scale: query scale; defaults to K ** -0.5.
         initial_state: optional [B, H, K, V] starting state (zeros if None).
         output_final_state: whether to return the final state.
         chunk_size: chunk length of the chunked backends (ignored by "reference").
-        backend: "auto" (= "xla"), "reference", "xla", or "pallas" (the platform's kernel;
-            "pallas_gpu" / "pallas_tpu" name one).
-        interpret: run a Pallas backend in the interpreter (needed on CPU).
+        backend: a name of pallas_kernels/backends.py for this op ("auto", "reference", "xla",
+            "pallas", "pallas_gpu", "pallas_tpu").
+        precision: matmul operands of the chunked backends (pallas_kernels/precision.py):
+            "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): the state restarts from zero at each document start, padding is inert, and
-            the final state is the last document's (pallas_kernels/common.py). Every backend.
+            the final state is the last document's (pallas_kernels/segments.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32, or None when
         output_final_state is False).
 
     Raises:
-        ValueError: unknown backend, inconsistent shapes, or chunk_size < 1.
+        ValueError: unknown backend or precision, inconsistent shapes, or chunk_size < 1.
     """
-    impl = resolve_backend(backend, ("reference", "xla", *PALLAS_BACKENDS), op="gated_delta_rule")
-    check_delta_inputs("gated_delta_rule", q, k, v, beta, g=g, initial_state=initial_state)
-    check_segment_ids("gated_delta_rule", segment_ids, q)
+    op = "gated_delta_rule" if g is not None else "delta_rule"
+    impl = resolve_backend(op, backend)
+    check_delta_inputs(op, q, k, v, beta, g=g, initial_state=initial_state)
+    check_segment_ids(op, segment_ids, q)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   segment_ids=segment_ids)
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
     if int(chunk_size) < 1:
-        raise ValueError(f"gated_delta_rule: chunk_size must be >= 1; got {chunk_size}")
+        raise ValueError(f"{op}: chunk_size must be >= 1; got {chunk_size}")
     # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs,
-                                state_impl=state_backend(impl, interpret, "gated_delta_rule"),
-                                interpret=interpret)
+                                state_impl=impl,
+                                precision=resolve_precision(precision, q.dtype, impl))

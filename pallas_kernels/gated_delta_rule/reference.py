@@ -36,7 +36,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
         q: [B, T, H, K] queries.
         k: [B, T, H, K] keys.
         v: [B, T, H, V] values.
-        g: [B, T, H] log-space decays (<= 0).
+        g: [B, T, H] log-space decays (<= 0), or None for the ungated delta rule.
         beta: [B, T, H] write strengths.
         scale: query scale; defaults to K ** -0.5.
         initial_state: optional [B, H, K, V] starting state (zeros if None).
@@ -49,6 +49,8 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     segs = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    if g is None:
+        g = jnp.zeros(q.shape[:3], jnp.float32)                     # exp(0) = 1: no decay
     q, k, v, g, beta = zero_padding(segs, q, k, v, g, beta)
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)   # time-major for the scan
     xs = (f32(q) * scale, f32(k), f32(v), f32(g), f32(beta), document_starts(segs).T)

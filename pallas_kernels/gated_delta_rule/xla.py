@@ -44,18 +44,17 @@ from pallas_kernels.common import (
     ChunkMasks,
     from_chunks,
     initial_state_f32,
-    kernel_dtype,
-    matmul,
     solve_unit_lower,
     to_chunks,
     zero_padding,
 )
+from pallas_kernels.precision import matmul, operand_dtype
 from pallas_kernels.state_passing import chunk_outputs
 
 
 def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
                          output_final_state=False, chunk_size=64, state_impl="xla",
-                         interpret=False, segment_ids=None):
+                         segment_ids=None, precision="highest"):
     """Chunkwise-parallel gated delta rule (same contract as the reference), float32 inside.
 
     Everything per chunk (the solve, W, U, the intra-chunk scores) is batched over all chunks;
@@ -75,7 +74,7 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         output_final_state: whether to return the final state.
         chunk_size: C, the number of steps handled in parallel per chunk (a Python int).
         state_impl: backend of the state sweep ("xla", "pallas_gpu" or "pallas_tpu").
-        interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
         segment_ids: optional [B, T] int packed-document ids (common.ChunkMasks): pairs across
             a document start are masked out of A and of the scores, and the W / gq / kd rows
             and the chunk decay are masked as ChunkMasks describes.
@@ -87,9 +86,9 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
     if segment_ids is not None:
         q, k, v, g, beta = zero_padding(segment_ids, q, k, v, g, beta)
     c = int(chunk_size)
-    # Matmul inputs: bfloat16 on the kernel path when the inputs are bf16 (common.kernel_dtype),
-    # float32 at HIGHEST otherwise. The solve and every decay factor stay float32 either way.
-    mat = kernel_dtype(q, state_impl)
+    # Matmul operands per the precision policy (pallas_kernels/precision.py); the solve and
+    # every decay factor stay float32 either way.
+    mat = operand_dtype(precision)
     _mm = lambda spec, a, b: matmul(spec, a, b, mat)
     scale = dk ** -0.5 if scale is None else scale
     qc, kc, vc = (to_chunks(x, c) for x in (q, k, v))                # [B, H, N, C, K|V]
@@ -128,6 +127,5 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
     w, u = wu[..., :dk], wu[..., dk:]
     low = lambda a: a.astype(mat)
     o, s = chunk_outputs(low(gq), low(qk), low(w), low(u), low(kd), chunk_decay,
-                         initial_state_f32(initial_state, q, v), backend=state_impl,
-                         interpret=interpret)
+                         initial_state_f32(initial_state, q, v), backend=state_impl)
     return from_chunks(o, t, q.dtype), (s if output_final_state else None)

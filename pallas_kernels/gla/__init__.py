@@ -6,17 +6,11 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.common import (
-    PALLAS_BACKENDS,
-    check_segment_ids,
-    fitted_chunk_size,
-    resolve_backend,
-    state_backend,
-)
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.common import check_segment_ids, fitted_chunk_size
 from pallas_kernels.gla.reference import gla_reference, simple_gla_reference
 from pallas_kernels.gla.xla import gla_xla, simple_gla_xla
-
-BACKENDS = ("reference", "xla", *PALLAS_BACKENDS)
+from pallas_kernels.precision import resolve_precision
 
 
 def _check(q, k, v, gate, gate_shape, name):
@@ -27,14 +21,14 @@ def _check(q, k, v, gate, gate_shape, name):
 
 
 def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-        chunk_size=64, backend="auto", interpret=False, segment_ids=None):
+        chunk_size=64, backend="auto", precision="auto", segment_ids=None):
     """Gated linear attention with a per-key-channel decay (Yang et al. 2024, Sec. 4).
 
     S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t; the "xla" backend uses
     the chunkwise form with secondary sub-chunks (Sec. 4; see xla.py for the numerics).
 
     Args:
-        q: [B, T, H, K] queries, float32 or bf16 (computed in float32 inside).
+        q: [B, T, H, K] queries, float32 or bf16 (state and gates float32 inside).
         k: [B, T, H, K] keys.
         v: [B, T, H, V] values.
         gk: [B, T, H, K] log-space decays (<= 0), one per key channel.
@@ -43,10 +37,11 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
         output_final_state: also return the float32 state after the last token (pass it back
             as initial_state to continue, e.g. when decoding).
         chunk_size: tokens per chunk of the chunked backends (ignored by "reference").
-        backend: "auto", "reference" (token-by-token scan), "xla" (chunkwise) or "pallas"
-            (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
-            driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
-        interpret: run a Pallas backend in the interpreter (needed on CPU).
+        backend: a name of pallas_kernels/backends.py for this op: "auto", "reference"
+            (token-by-token scan), "xla" (chunkwise) or "pallas" (chunkwise, state sweep in a
+            Pallas kernel; "pallas_gpu" / "pallas_tpu" name the driver).
+        precision: matmul operands of the chunked backends (pallas_kernels/precision.py):
+            "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): the state restarts from zero at each document start, padding is inert, and
             the final state is the last document's (pallas_kernels/common.py). Every backend.
@@ -56,29 +51,29 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
         output_final_state is False).
 
     Raises:
-        ValueError: unknown backend or mismatched shapes.
+        ValueError: unknown backend or precision, or mismatched shapes.
     """
     _check(q, k, v, gk, k.shape, "gk")
     check_segment_ids("gla", segment_ids, q)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   segment_ids=segment_ids)
-    impl = resolve_backend(backend, BACKENDS, op="gla")
+    impl = resolve_backend("gla", backend)
     if impl == "reference":
         return gla_reference(q, k, v, gk, **kwargs)
     # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
-    return gla_xla(q, k, v, gk, chunk_size=chunk_size, **kwargs,
-                  state_impl=state_backend(impl, interpret, "gla"), interpret=interpret)
+    return gla_xla(q, k, v, gk, chunk_size=chunk_size, **kwargs, state_impl=impl,
+                   precision=resolve_precision(precision, q.dtype, impl))
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=64, backend="auto", interpret=False, segment_ids=None):
+               chunk_size=64, backend="auto", precision="auto", segment_ids=None):
     """GLA with one scalar decay per head and step (the head-wise special case of GLA).
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = (scale q_t)^T S_t.
 
     Args:
-        q: [B, T, H, K] queries, float32 or bf16 (computed in float32 inside).
+        q: [B, T, H, K] queries, float32 or bf16 (state and gates float32 inside).
         k: [B, T, H, K] keys.
         v: [B, T, H, V] values.
         g: [B, T, H] log-space decays (<= 0), one per head and step.
@@ -87,10 +82,11 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
         output_final_state: also return the float32 state after the last token (pass it back
             as initial_state to continue, e.g. when decoding).
         chunk_size: tokens per chunk of the chunked backends (ignored by "reference").
-        backend: "auto", "reference" (token-by-token scan), "xla" (chunkwise) or "pallas"
-            (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
-            driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
-        interpret: run a Pallas backend in the interpreter (needed on CPU).
+        backend: a name of pallas_kernels/backends.py for this op: "auto", "reference"
+            (token-by-token scan), "xla" (chunkwise) or "pallas" (chunkwise, state sweep in a
+            Pallas kernel; "pallas_gpu" / "pallas_tpu" name the driver).
+        precision: matmul operands of the chunked backends (pallas_kernels/precision.py):
+            "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): the state restarts from zero at each document start, padding is inert, and
             the final state is the last document's (pallas_kernels/common.py). Every backend.
@@ -100,19 +96,19 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
         output_final_state is False).
 
     Raises:
-        ValueError: unknown backend or mismatched shapes.
+        ValueError: unknown backend or precision, or mismatched shapes.
     """
     _check(q, k, v, g, q.shape[:3], "g")
     check_segment_ids("simple_gla", segment_ids, q)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   segment_ids=segment_ids)
-    impl = resolve_backend(backend, BACKENDS, op="simple_gla")
+    impl = resolve_backend("simple_gla", backend)
     if impl == "reference":
         return simple_gla_reference(q, k, v, g, **kwargs)
     # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
-    return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs,
-                  state_impl=state_backend(impl, interpret, "simple_gla"), interpret=interpret)
+    return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs, state_impl=impl,
+                          precision=resolve_precision(precision, q.dtype, impl))
 
 
 __all__ = ["gla", "simple_gla"]

@@ -42,11 +42,10 @@ from pallas_kernels.common import (
     ChunkMasks,
     default_scale,
     from_chunks,
-    kernel_dtype,
-    matmul,
     to_chunks,
     zero_padding,
 )
+from pallas_kernels.precision import matmul, operand_dtype
 from pallas_kernels.state_passing import chunk_outputs
 
 # Sub-chunk size c for gla's diagonal blocks. The pairwise-decay tensor costs T * c * K exps
@@ -121,7 +120,8 @@ def _finish(o, s_final, t, dtype, output_final_state):
 
 
 def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-            chunk_size=64, state_impl="xla", interpret=False, segment_ids=None):
+            chunk_size=64, state_impl="xla", segment_ids=None,
+            precision="highest"):
     """Chunkwise GLA with per-key-channel decay; same contract as `gla_reference`.
 
     Any T works: T is zero-padded to a multiple of chunk_size (k = v = 0 adds nothing, and a
@@ -140,7 +140,7 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
         chunk_size: tokens per chunk (C).
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
-        interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
         segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks.
 
     Returns:
@@ -166,10 +166,10 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
     if masks is not None:
         q_state, k_state = q_state * masks.reads, k_state * masks.writes
         chunk_decay = chunk_decay * masks.keeps
-    low = lambda a: a.astype(kernel_dtype(q, state_impl))
+    low = lambda a: a.astype(operand_dtype(precision))
     # The inter-chunk term q_i exp(G_i) S_n inside the sweep; the intra-chunk one below.
     o, s_final = chunk_outputs(low(q_state), None, None, low(vc), low(k_state), chunk_decay, s0,
-                               backend=state_impl, interpret=interpret)
+                               backend=state_impl)
 
     sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
     o = o + _gla_intra(qc, kc, vc, g_cum, sub, None if masks is None else masks.count)
@@ -177,7 +177,8 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
 
 
 def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-                   chunk_size=64, state_impl="xla", interpret=False, segment_ids=None):
+                   chunk_size=64, state_impl="xla", segment_ids=None,
+            precision="highest"):
     """Chunkwise GLA with one scalar decay per head and step; contract of `simple_gla_reference`.
 
     Padding as in `gla_xla`.
@@ -193,7 +194,7 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
         chunk_size: tokens per chunk (C).
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
-        interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
         segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks.
 
     Returns:
@@ -216,7 +217,7 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
 
     k_state = kc * jnp.exp(g_last[..., None] - g_cum)[..., None]
     chunk_decay = jnp.broadcast_to(jnp.exp(g_last)[..., None], (*g_last.shape, dk))
-    mat = kernel_dtype(q, state_impl)
+    mat = operand_dtype(precision)
     causal = np.tril(np.ones((chunk_size, chunk_size), bool))
     q_state = qc * jnp.exp(g_cum)[..., None]
     if masks is not None:
@@ -228,5 +229,5 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
     # o = q_i exp(G_i) S_n + scores v, both inside the sweep.
     low = lambda a: a.astype(mat)
     o, s_final = chunk_outputs(low(q_state), low(scores), None, low(vc), low(k_state),
-                               chunk_decay, s0, backend=state_impl, interpret=interpret)
+                               chunk_decay, s0, backend=state_impl)
     return _finish(o, s_final, t, q.dtype, output_final_state)

@@ -5,21 +5,15 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.common import (
-    PALLAS_BACKENDS,
-    check_segment_ids,
-    fitted_chunk_size,
-    resolve_backend,
-    state_backend,
-)
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.common import check_segment_ids, fitted_chunk_size
 from pallas_kernels.linear_attention.reference import EPS, linear_attention_reference
 from pallas_kernels.linear_attention.xla import linear_attention_xla
-
-BACKENDS = ("reference", "xla", *PALLAS_BACKENDS)
+from pallas_kernels.precision import resolve_precision
 
 
 def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None,
-                     output_final_state=False, chunk_size=64, backend="auto", interpret=False,
+                     output_final_state=False, chunk_size=64, backend="auto", precision="auto",
                      segment_ids=None):
     """Causal linear attention: S_t = S_{t-1} + k_t v_t^T, o_t = (scale q_t)^T S_t.
 
@@ -40,10 +34,11 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
         initial_state: state before the first token (format above) or None for zeros.
         output_final_state: also return the float32 state after the last token.
         chunk_size: tokens per chunk of the chunked backends (ignored by "reference").
-        backend: "auto", "reference" (token-by-token scan), "xla" (chunkwise) or "pallas"
-            (chunkwise, state sweep in a Pallas kernel; "pallas_gpu" / "pallas_tpu" name the
-            driver). "auto" picks "xla": the kernels are checked in the interpreter only so far.
-        interpret: run a Pallas backend in the interpreter (needed on CPU).
+        backend: a name of pallas_kernels/backends.py for this op: "auto", "reference"
+            (token-by-token scan), "xla" (chunkwise) or "pallas" (chunkwise, state sweep in a
+            Pallas kernel; "pallas_gpu" / "pallas_tpu" name the driver).
+        precision: matmul operands of the chunked backends (pallas_kernels/precision.py):
+            "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): S (and z) restart from zero at each document start, padding is inert, and the
             final state is the last document's (pallas_kernels/common.py). Every backend.
@@ -52,11 +47,11 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
         (o [B, T, H, V] in q's dtype, final_state or None when output_final_state is False).
 
     Raises:
-        ValueError: unknown backend, or a state of the wrong format or shape.
+        ValueError: unknown backend or precision, or a state of the wrong format or shape.
     """
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
-    backend = resolve_backend(backend, BACKENDS, op="linear_attention")
+    backend = resolve_backend("linear_attention", backend)
     check_segment_ids("linear_attention", segment_ids, q)
     kwargs = dict(scale=scale, normalize=normalize, initial_state=initial_state,
                   output_final_state=output_final_state, segment_ids=segment_ids)
@@ -65,8 +60,8 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
     # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return linear_attention_xla(q, k, v, chunk_size=chunk_size, **kwargs,
-                                state_impl=state_backend(backend, interpret, "linear_attention"),
-                                interpret=interpret)
+                                state_impl=backend,
+                                precision=resolve_precision(precision, q.dtype, backend))
 
 
 __all__ = ["EPS", "linear_attention"]

@@ -23,18 +23,17 @@ from pallas_kernels.common import (
     ChunkMasks,
     default_scale,
     from_chunks,
-    kernel_dtype,
-    matmul,
     to_chunks,
     zero_padding,
 )
 from pallas_kernels.linear_attention.reference import EPS, split_state
+from pallas_kernels.precision import matmul, operand_dtype
 from pallas_kernels.state_passing import chunk_outputs
 
 
 def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=None,
                          output_final_state=False, chunk_size=64, state_impl="xla",
-                         interpret=False, segment_ids=None):
+                         segment_ids=None, precision="highest"):
     """Chunkwise linear attention; same contract as `linear_attention_reference`.
 
     Any T works: T is zero-padded to a multiple of chunk_size (zero k and v, including the ones
@@ -51,7 +50,7 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
         chunk_size: tokens per chunk (C).
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
-        interpret: run a Pallas state sweep in the interpreter (CPU tests).
+        precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
         segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks (the
             normalizer z restarts with S).
 
@@ -75,7 +74,7 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
 
     # No decay: a vector of ones (the sweep multiplies by it; cheap next to the matmuls).
     ones = jnp.ones(kc.shape[:3] + kc.shape[-1:], jnp.float32)
-    mat = kernel_dtype(q, state_impl)
+    mat = operand_dtype(precision)
     causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
     q_state, k_state = qc, kc
     if masks is not None:
@@ -85,7 +84,7 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
     # o = q S_n + scores v, both inside the sweep.
     low = lambda a: a.astype(mat)
     o, s_final = chunk_outputs(low(q_state), low(scores), None, low(vc), low(k_state), ones, s0,
-                               backend=state_impl, interpret=interpret)
+                               backend=state_impl)
 
     if normalize:
         o = o[..., :dv] / (o[..., dv:] + EPS)

@@ -41,7 +41,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import PRECISION
+from pallas_kernels.backends import interpreting, kernel_interpret, needs_interpreter
+from pallas_kernels.precision import HIGHEST as PRECISION
 from pallas_kernels.state_passing import fused as _fused
 from pallas_kernels.state_passing import pallas as _pallas
 
@@ -51,20 +52,30 @@ BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
 F32 = jnp.float32
 
 
+def _dot(spec: str, a, b):
+    """einsum with b cast to a's dtype, accumulated in float32: float32 operands at HIGHEST,
+    bf16 operands on the bf16 path (the fused kernel's rule: a state enters a matmul as a copy
+    in the operands' dtype, and the product is added to the float32 state)."""
+    precision = PRECISION if a.dtype == F32 else None
+    return jnp.einsum(spec, a, b.astype(a.dtype), precision=precision,
+                      preferred_element_type=F32)
+
+
 def state_passing_xla(w, u, kd, decay, s0):
-    """lax.scan over chunks; the definition the kernels are checked against (autodiff)."""
+    """lax.scan over chunks; the definition the kernels are checked against (autodiff).
+
+    w / u / kd may be bfloat16 (precision "bf16"): the matmuls then take bf16 operands; the
+    state and x stay float32."""
     def step(s, xs):
         w_n, u_n, kd_n, dec_n = xs
-        x = u_n if w_n is None else u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s,
-                                                     precision=PRECISION)
-        s_next = dec_n[..., None] * s + jnp.einsum("bhck,bhcv->bhkv", kd_n, x,
-                                                   precision=PRECISION)
+        x = u_n.astype(F32) if w_n is None else u_n.astype(F32) - _dot("bhck,bhkv->bhcv", w_n, s)
+        s_next = dec_n[..., None] * s + _dot("bhck,bhcv->bhkv", kd_n, x)
         return s_next, (s, x)
 
     xs = tuple(None if a is None else jnp.moveaxis(a, 2, 0) for a in (w, u, kd, decay))
     s_final, (states, x) = jax.lax.scan(step, s0, xs)
     states, x = jnp.moveaxis(states, 0, 2), jnp.moveaxis(x, 0, 2)
-    return states, (u if w is None else x), s_final
+    return states, (u.astype(F32) if w is None else x), s_final
 
 
 def _default_block_v(v: int, driver: str) -> int:
@@ -74,7 +85,7 @@ def _default_block_v(v: int, driver: str) -> int:
     return tile if v % tile == 0 else v
 
 
-def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None, interpret=False):
+def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None):
     """Chunk-to-chunk state recurrence (see the module docstring).
 
     Args:
@@ -86,7 +97,6 @@ def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None, interpret
         backend: "xla", "pallas_gpu" or "pallas_tpu".
         block_v: V tile per kernel program (must divide V); default 64 (GPU) / 128 (TPU) when
             it divides V, else V.
-        interpret: run a Pallas backend in interpret mode (CPU tests).
 
     Returns:
         (states [B, H, N, K, V] entering each chunk, x [B, H, N, C, V], s_final [B, H, K, V]).
@@ -101,8 +111,7 @@ def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None, interpret
     v = u.shape[-1]
     if driver == "gpu" and (padded := _triton_padding(c, k, v)):
         states, x, s_final = state_passing(*_pad_sweep_inputs(w, u, kd, decay, s0, padded),
-                                           backend=backend, block_v=block_v,
-                                           interpret=interpret)
+                                           backend=backend, block_v=block_v)
         # The slices give the padding zero gradient.
         return (states[..., :k, :v], u if w is None else x[..., :c, :v],
                 s_final[..., :k, :v])
@@ -112,17 +121,25 @@ def state_passing(w, u, kd, decay, s0, *, backend="xla", block_v=None, interpret
     flat = lambda a, d: None if a is None else a.astype(F32).reshape(b * h, n * c, d)
     states, x, s_final = _kernel_op(
         flat(w, k), flat(u, v), flat(kd, k), decay.astype(F32).reshape(b * h, n, 1, k),
-        s0.astype(F32).reshape(b * h, k, v), (c, bv, driver, bool(interpret)))
+        s0.astype(F32).reshape(b * h, k, v), (c, bv, driver, kernel_interpret(backend)))
     states = states.reshape(b, h, n, k, v)
     x = u if w is None else x.reshape(b, h, n, c, v)
     return states, x, s_final.reshape(b, h, k, v)
 
 
 def _driver(op: str, backend: str) -> str:
-    """"gpu" or "tpu" for a Pallas backend name; ValueError naming `op` for anything else."""
-    if backend not in BACKENDS:
+    """"gpu" or "tpu" for a Pallas backend name.
+
+    Raises:
+        ValueError: naming `op`, for any other name, or for a kernel of another platform
+            outside backends.interpret_kernels() / lowering_for().
+    """
+    if backend not in BACKENDS or backend == "xla":
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of "
                          f"{', '.join(map(repr, BACKENDS))}")
+    if needs_interpreter(backend) and not interpreting():
+        raise ValueError(f"{op}: backend {backend!r} needs its platform, or "
+                         "pallas_kernels.backends.interpret_kernels() to run in the interpreter")
     return backend.removeprefix("pallas_")
 
 
@@ -188,19 +205,22 @@ _kernel_op.defvjp(_kernel_op_fwd, _kernel_op_bwd)
 # ------------------------------------------------------------------ sweep fused with the outputs
 
 
-def _outputs_unfused(gq, qk, w, u, kd, decay, s0, backend, block_v, interpret):
-    """o = gq S + qk x from the states the sweep returns (float32), and the final state."""
-    f32 = lambda a: None if a is None else a.astype(F32)
-    states, x, s_final = state_passing(f32(w), f32(u), f32(kd), decay, s0, backend=backend,
-                                       block_v=block_v, interpret=interpret)
-    o = jnp.einsum("bhnck,bhnkv->bhncv", f32(gq), states, precision=PRECISION)
+def _outputs_unfused(gq, qk, w, u, kd, decay, s0, backend, block_v):
+    """o = gq S + qk x from the states the sweep returns (float32), and the final state.
+
+    The matmuls take the inputs' dtype (bf16 operands on the bf16 path, float32 at HIGHEST
+    otherwise); a Pallas sweep takes float32 inputs."""
+    if backend != "xla":
+        f32 = lambda a: None if a is None else a.astype(F32)
+        w, u, kd = f32(w), f32(u), f32(kd)
+    states, x, s_final = state_passing(w, u, kd, decay, s0, backend=backend, block_v=block_v)
+    o = _dot("bhnck,bhnkv->bhncv", gq, states)
     if qk is not None:
-        o = o + jnp.einsum("bhnij,bhnjv->bhniv", f32(qk), x, precision=PRECISION)
+        o = o + _dot("bhnij,bhnjv->bhniv", qk, x)
     return o, s_final
 
 
-def chunk_outputs(gq, qk, w, u, kd, decay, s0, *, backend="xla", block_v=None,
-                  interpret=False):
+def chunk_outputs(gq, qk, w, u, kd, decay, s0, *, backend="xla", block_v=None):
     """The chunk outputs o_n = gq_n S_n + qk_n x_n over the state sweep, and the final state.
 
     "xla" runs the lax.scan sweep and two batched matmuls; a Pallas backend runs one kernel
@@ -212,7 +232,7 @@ def chunk_outputs(gq, qk, w, u, kd, decay, s0, *, backend="xla", block_v=None,
         qk: [B, H, N, C, C] masked intra-chunk scores applied to x, or None (no such term: the
             caller adds its own intra-chunk output).
         w, u, kd, decay, s0: as in `state_passing` (w may be None).
-        backend, block_v, interpret: as in `state_passing`.
+        backend, block_v: as in `state_passing`.
 
     Float32 or bfloat16 gq / qk / w / u / kd; decay and s0 float32.
 
@@ -220,7 +240,7 @@ def chunk_outputs(gq, qk, w, u, kd, decay, s0, *, backend="xla", block_v=None,
         (o [B, H, N, C, V] float32, s_final [B, H, K, V] float32).
     """
     if backend == "xla":
-        return _outputs_unfused(gq, qk, w, u, kd, decay, s0, "xla", None, False)
+        return _outputs_unfused(gq, qk, w, u, kd, decay, s0, "xla", None)
     driver = _driver("chunk_outputs", backend)
     b, h, n, c, k = kd.shape
     v = u.shape[-1]
@@ -228,13 +248,13 @@ def chunk_outputs(gq, qk, w, u, kd, decay, s0, *, backend="xla", block_v=None,
         cp, kp, _ = padded
         o, s_final = chunk_outputs(_pad(gq, cp - c, kp - k), _pad(qk, cp - c, cp - c),
                                    *_pad_sweep_inputs(w, u, kd, decay, s0, padded),
-                                   backend=backend, block_v=block_v, interpret=interpret)
+                                   backend=backend, block_v=block_v)
         return o[..., :c, :v], s_final[..., :k, :v]
     bv = _default_block_v(v, driver) if block_v is None else int(block_v)
     if bv < 1 or v % bv:
         raise ValueError(f"chunk_outputs: block_v={block_v} must divide V={v}")
     return _fused_op(gq, qk, w, u, kd, decay.astype(F32), s0.astype(F32),
-                     (backend, bv, bool(interpret)))
+                     (backend, bv, kernel_interpret(backend)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -262,7 +282,7 @@ def _fused_bwd(cfg, res, cts):
     backend, bv, interpret = cfg
     # The backward of the unfused form on the kernels: the sweep kernel recomputes the
     # chunk-start states (float32), then the reverse-sweep kernel and two batched matmuls.
-    _, vjp = jax.vjp(lambda *a: _outputs_unfused(*a, backend, bv, interpret), *res)
+    _, vjp = jax.vjp(lambda *a: _outputs_unfused(*a, backend, bv), *res)
     grads = vjp(cts)
     return tuple(None if g is None else g.astype(a.dtype) for g, a in zip(grads, res))
 

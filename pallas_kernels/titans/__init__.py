@@ -4,7 +4,7 @@ op with selectable backends, plus the read and the single-token step the layers 
 Shape legend: B batch, T time, H heads, K key dim, V value dim, E hidden width, L memory depth.
 
 Backends: "reference" (token-by-token lax.scan of the chunked rule, reference.py), "xla"
-(chunkwise-parallel form, xla.py). "auto" picks "xla"; Pallas kernels come in a later issue.
+(chunkwise-parallel form, xla.py); "auto" from pallas_kernels/backends.py (no kernel yet).
 See reference.py for the rule, the MLP memory and the read rule (token t reads M_t).
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.common import check_segment_ids, resolve_backend, zero_padding
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.common import check_segment_ids, zero_padding
 from pallas_kernels.titans.reference import (
     TitansState,
     initial_state,
@@ -99,7 +100,7 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
         chunk_size: b, tokens per chunk (the rule depends on it; b = 1 is fully sequential).
         output_final_state: whether to return the final TitansState.
         grad_clip: cap on each token's gradient norm (over all layers; reference.py), or None.
-        backend: "auto" (= "xla"), "reference" or "xla".
+        backend: "auto", "reference" or "xla" (pallas_kernels/backends.py).
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): every document starts from the state (memory0, momentum0, chunk_start0,
             chunk_offset) -- chunk_offset a Python int here -- and counts its chunks from
@@ -117,7 +118,7 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
     Raises:
         ValueError: unknown backend, inconsistent shapes, bad chunk_size or chunk_offset.
     """
-    impl = resolve_backend(backend, ("reference", "xla"), op=_OP)
+    impl = resolve_backend(_OP, backend)
     memory0, momentum0, chunk_start0 = (_as_weights(x) for x in (memory0, momentum0,
                                                                   chunk_start0))
     _check(q, k, v, theta, eta, alpha, memory0, momentum0, chunk_start0, chunk_offset,

@@ -1,0 +1,186 @@
+"""One backend vocabulary for every op, what "auto" means on each platform, and the two contexts
+that change where kernels are built for (`lowering_for`) and how they run (`interpret_kernels`).
+
+Names (an op takes the subset OP_BACKENDS lists for it):
+    "reference"   the readable definition: a token-by-token lax.scan (linear ops, Titans) or a
+                  dense per-head loop (attention); float32.
+    "xla"         the portable fast form in jax.numpy: chunkwise-parallel (linear ops, Titans),
+                  dense masked softmax (attention).
+    "pallas"      our Pallas kernel for the target platform; "pallas_gpu" / "pallas_tpu" name
+                  a driver outright (the chunked ops' state sweep, pallas_kernels/state_passing).
+    "flash"       our Pallas GPU flash attention (pallas_kernels/attention/flash.py).
+    "splash"      jax's TPU splash attention (pallas_kernels/attention/splash.py).
+    "auto"        AUTO[op][platform] below.
+
+A kernel library's backend is one more name: a line in OP_BACKENDS for each op it covers, its
+platform in KERNEL_PLATFORM, and the AUTO entries it should win.
+
+A kernel whose platform is not the target (a GPU kernel on this CPU) is refused with one error,
+except inside `interpret_kernels()`, where it runs in the Pallas interpreter (how CPU tests
+check every kernel's numbers), or inside `lowering_for(platform)`, which builds it for that
+platform so it can be lowered (not run) from a CPU (tests/test_lowering.py).
+
+Both contexts are read when a function is traced: a function jitted inside one keeps what it
+saw there in its compiled form, like any other trace-time Python state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Literal, get_args
+
+import jax
+
+# The names a layer's Args may hold (configs check them against these Literals).
+LinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu"]
+AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash"]
+TitansBackend = Literal["auto", "reference", "xla"]
+
+_CHUNKED = tuple(b for b in get_args(LinearBackend) if b != "auto")
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "attention": tuple(b for b in get_args(AttentionBackend) if b != "auto"),
+    "linear_attention": _CHUNKED,
+    "gla": _CHUNKED,
+    "simple_gla": _CHUNKED,
+    "delta_rule": _CHUNKED,
+    "gated_delta_rule": _CHUNKED,
+    "titans_memory": tuple(b for b in get_args(TitansBackend) if b != "auto"),
+}
+
+# The platform a kernel backend compiles for ("pallas" means the target platform's own).
+KERNEL_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "flash": "gpu", "splash": "tpu"}
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoChoice:
+    """What "auto" picks for one op on one platform, and what that choice rests on."""
+
+    backend: str
+    basis: str
+
+
+_XLA_DEFAULT = "the portable chunked form; no kernel of ours has run on this platform yet"
+_UNMEASURED_KERNEL = ("our Pallas kernel is lowered in CI but has not run on a device, so the "
+                      "XLA form stays the default")
+# On this CPU the token scan beats the chunked form where the state is small and the chunk
+# work large: benchmarks/ops.py measures both side by side (benchmarks/results/ops_cpu.md).
+_CPU_SCAN = "measured on CPU: benchmarks/ops.py, token scan vs chunked, forward and backward"
+
+AUTO: dict[str, dict[str, AutoChoice]] = {
+    "attention": {
+        "cpu": AutoChoice("xla", "the only path that compiles on CPU"),
+        "gpu": AutoChoice("xla", "our flash kernel is lowered in CI but has not run on a GPU"),
+        "tpu": AutoChoice("splash", "jax's own TPU kernel; not measured by us"),
+    },
+    **{op: {"cpu": AutoChoice("xla", _XLA_DEFAULT), "gpu": AutoChoice("xla", _UNMEASURED_KERNEL),
+            "tpu": AutoChoice("xla", _UNMEASURED_KERNEL)}
+       for op in ("linear_attention", "gla", "simple_gla", "delta_rule", "gated_delta_rule")},
+    "titans_memory": {p: AutoChoice("xla", "the chunked form; Titans has no kernel yet")
+                      for p in PLATFORMS},
+}
+
+
+_STATE = threading.local()
+
+
+def target_platform() -> str:
+    """The platform kernels are built for: jax.default_backend(), or the one a `lowering_for`
+    block names."""
+    return getattr(_STATE, "platform", None) or jax.default_backend()
+
+
+def interpreting() -> bool:
+    """Whether kernels off their platform run in the Pallas interpreter (`interpret_kernels`)."""
+    return getattr(_STATE, "interpret", False)
+
+
+@contextlib.contextmanager
+def _setting(name: str, value) -> Iterator[None]:
+    previous = getattr(_STATE, name, None)
+    setattr(_STATE, name, value)
+    try:
+        yield
+    finally:
+        setattr(_STATE, name, previous)
+
+
+def lowering_for(platform: str):
+    """Inside this block the ops build their kernels for `platform` ("gpu" or "tpu") instead
+    of refusing them on a CPU: for lowering a function for a device this machine lacks,
+
+        with lowering_for("gpu"):
+            jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+    which runs the Pallas -> Triton / Mosaic lowering with its resource checks (shared memory,
+    VMEM, block shapes) without executing anything. "auto" resolves as on that platform.
+
+    Raises:
+        ValueError: a platform other than "gpu" or "tpu".
+    """
+    if platform not in ("gpu", "tpu"):
+        raise ValueError(f"lowering_for: platform must be 'gpu' or 'tpu'; got {platform!r}")
+    return _setting("platform", platform)
+
+
+def interpret_kernels(enabled: bool = True):
+    """Inside this block a Pallas kernel whose platform is not this machine's runs in the
+    Pallas interpreter (slow; how the CPU tests check the kernels' numbers). On the kernel's
+    own platform it still compiles, so the same tests check the compiled kernel there."""
+    return _setting("interpret", bool(enabled))
+
+
+def needs_interpreter(backend: str) -> bool:
+    """True when `backend` (a resolved name) is a kernel that must run in the interpreter
+    here: its platform is not the target platform."""
+    kernel_platform = KERNEL_PLATFORM.get(backend)
+    return kernel_platform is not None and kernel_platform != target_platform()
+
+
+def auto_backend(op: str, platform: str | None = None) -> str:
+    """The backend "auto" means for `op` on `platform` (default: the target platform)."""
+    platform = platform or target_platform()
+    return AUTO[op].get(platform, AUTO[op]["cpu"]).backend
+
+
+def resolve_backend(op: str, backend: str) -> str:
+    """`backend` for `op` as the name of what will run: "auto" from the AUTO table, "pallas" as
+    the target platform's driver ("pallas_gpu" / "pallas_tpu").
+
+    Raises:
+        ValueError: a name `op` does not take (the message lists those it does), or a kernel
+            for another platform outside `interpret_kernels()` / `lowering_for()`.
+    """
+    allowed = OP_BACKENDS[op]
+    if backend == "auto":
+        backend = auto_backend(op)
+    elif backend not in allowed:
+        choices = ", ".join(repr(b) for b in ("auto", *allowed))
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {choices}")
+    platform = target_platform()
+    if backend == "pallas":
+        backend = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    if needs_interpreter(backend) and not interpreting():
+        raise ValueError(
+            f"{op}: backend {backend!r} is a {KERNEL_PLATFORM[backend].upper()} kernel and this "
+            f"is {platform}; use backend 'xla' (or 'auto'), or run inside "
+            "pallas_kernels.backends.interpret_kernels() to use the (slow) Pallas interpreter")
+    return backend
+
+
+def kernel_interpret(backend: str) -> bool:
+    """The `interpret=` flag for a resolved kernel backend's pallas_call."""
+    return needs_interpreter(backend) and interpreting()
+
+
+def backend_table() -> str:
+    """The AUTO table as Markdown rows (op, platform, choice, basis): README and benchmarks."""
+    rows = ["| op | platform | auto | why |", "|---|---|---|---|"]
+    for op, by_platform in AUTO.items():
+        for platform in PLATFORMS:
+            choice = by_platform[platform]
+            rows.append(f"| {op} | {platform} | {choice.backend} | {choice.basis} |")
+    return "\n".join(rows)
