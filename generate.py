@@ -189,7 +189,10 @@ def _is_user_error(e: BaseException) -> bool:
     return ckpt is not None and isinstance(e, ckpt.CheckpointError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_main(run, argv: list[str] | None, is_user_error) -> int:
+    """The exit status of run(argv) (argv: sys.argv[1:] when None), the ending this command
+    line shares with evals/lm_eval.py: an exception is_user_error accepts prints one `error:`
+    line and gives 2, Ctrl-C gives 130, anything else propagates (a bug, with its traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run(argv)
@@ -197,10 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if not _is_user_error(e):
+        if not is_user_error(e):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(run, argv, _is_user_error)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
 * the string "bytes": raw UTF-8 bytes, vocabulary 256 (what `data.kind=bytes` trains on).
 
 Every tokenizer has the same small interface (`Tokenizer`): `encode(text) -> list[int]` (no
-special tokens added), `decode(ids) -> str`, `vocab_size`, and `eos_id` / `bos_id` (None when the
-tokenizer has none). A run's tokenizer is `data.tokenizer` in its config; training copies the file
-into the run dir (`RUN_DIR/tokenizer/`) so a run stays usable after its corpus moves.
+special tokens added), `decode(ids) -> str`, `vocab_size`, `eos_id` / `bos_id` (None when the
+tokenizer has none), and `adds_bos`: whether the tokenizer's own rule for encoding a sequence
+(a tokenizer.json post-processor) puts bos first. A run's tokenizer is `data.tokenizer` in its
+config; training copies the file into the run dir (`RUN_DIR/tokenizer/`) so a run stays usable
+after its corpus moves.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int | None
     bos_id: int | None
+    adds_bos: bool     # its post-processor prepends bos_id (what Hugging Face encode() adds)
     source: str        # what was loaded, for messages
 
     def encode(self, text: str) -> list[int]: ...
@@ -50,6 +53,7 @@ class ByteTokenizer:
     vocab_size = 256
     eos_id = None
     bos_id = None
+    adds_bos = False
     source = "bytes"
 
     def encode(self, text: str) -> list[int]:
@@ -87,6 +91,9 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find(EOS_NAMES)
         self.bos_id = self._find(BOS_NAMES)
+        # What the post-processor wraps around an empty text, e.g. [bos] for "<s> $A".
+        added = self._tok.encode("", add_special_tokens=True).ids
+        self.adds_bos = self.bos_id is not None and added[:1] == [self.bos_id]
 
     def _find(self, names) -> int | None:
         for name in names:
@@ -124,6 +131,9 @@ class SentencePieceTokenizer:
         # SentencePiece reports -1 for a special token the model was trained without.
         self.eos_id = None if self._sp.eos_id() < 0 else int(self._sp.eos_id())
         self.bos_id = None if self._sp.bos_id() < 0 else int(self._sp.bos_id())
+        # A .model file carries no rule for adding bos (Hugging Face keeps it in
+        # tokenizer_config.json).
+        self.adds_bos = False
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))

@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from generate import run_main
+
 
 class UsageError(ValueError):
     """A bad command line, described in one line."""
@@ -51,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_fewshot", type=int, help="few-shot examples (default: the task's)")
     p.add_argument("--batch_size", type=int, default=8, help="rows per forward (default 8)")
     p.add_argument("--max_len", type=int, help="context length (default and max: model.max_len)")
-    p.add_argument("--prefix_token", type=int,
-                   help="token that empty contexts and documents start from (default: eos, "
-                        "else bos, else newline for byte runs)")
+    p.add_argument("--prefix_token", default="bos_else_eos",
+                   help="what empty contexts and rolling documents are conditioned on: "
+                        "bos_else_eos (default, lm-eval's HF model rule; newline for byte "
+                        "runs), eos, or a token id")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for generate_until tasks")
     p.add_argument("--bootstrap_iters", type=int, default=100000,
                    help="bootstrap resamples for stderrs (0: none; lm-eval's default)")
@@ -86,6 +89,11 @@ def check_args(args) -> None:
     for name in ("num_fewshot", "bootstrap_iters"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.prefix_token not in ("bos_else_eos", "eos"):
+        if not args.prefix_token.isdigit():
+            raise UsageError(f"--prefix_token must be bos_else_eos, eos or a token id, got "
+                             f"'{args.prefix_token}'")
+        args.prefix_token = int(args.prefix_token)
     for name in ("batch_size", "max_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -173,17 +181,7 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, argv, _is_user_error)
 
 
 if __name__ == "__main__":

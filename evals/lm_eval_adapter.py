@@ -10,12 +10,25 @@
 Shape legend: B batch rows (always `batch_size`: short batches are padded with dummy rows),
 T a bucket length (bounded set, see below), V vocabulary.
 
-Conventions, those of lm-eval's own Hugging Face model (lm_eval/models/huggingface.py) unless
-said otherwise:
+Conventions, those of lm-eval's own Hugging Face model (lm_eval/models/huggingface.py, HFLM)
+unless said otherwise:
+* The prefix token (what an empty context and a rolling document's first token are conditioned
+  on), HFLM's prefix_token_id: `prefix_token_id="bos_else_eos"` (the default) takes the
+  tokenizer's bos, else its eos; a byte tokenizer has neither and uses "\\n" (10), the
+  separator data/text.py puts between documents of a byte corpus (a mnemax choice). "eos" takes
+  eos (lm-eval's TemplateLM default), an int takes that id. With none, requests that need one
+  are an error.
+* Contexts are encoded as HFLM's tok_encode does: with the tokenizer's bos in front when its
+  post-processor adds one (`tokenizer.adds_bos`; a tokenizer.json "<s> $A" template) or when
+  `add_bos_token=True`; `add_bos_token=False` adds none. A text that already starts with the
+  prefix token's text gets none added, and a bos is never doubled. Only a leading bos is
+  reproduced: tokens a post-processor appends (an eos after $A) would break lm-eval's pair
+  split and are not added.
 * loglikelihood(context, continuation): the pair is tokenized by lm-eval's TemplateLM rule
   (trailing spaces of the context move to the continuation; the continuation's ids are those of
-  encode(context + continuation) after the first len(encode(context)) ids). An empty context is
-  the prefix token (see below). The model reads (context + continuation)[-(max_len + 1):][:-1]:
+  tok_encode(context + continuation) after the first len(tok_encode(context)) ids). An empty
+  context is the prefix token, and the continuation is encoded without special tokens. The
+  model reads (context + continuation)[-(max_len + 1):][:-1]:
   a pair longer than max_len + 1 tokens loses the left of its context (one warning per call);
   a continuation longer than max_len is an error. Requests are sorted longest first, cut into
   batches of `batch_size`, right-padded to the smallest bucket length that fits (powers of two
@@ -25,7 +38,9 @@ said otherwise:
 * loglikelihood_rolling(text): lm_eval.utils.get_rolling_token_windows(context_len=1) +
   make_disjoint_window: disjoint windows of max_len predictions, the first token predicted from
   the prefix token, the last window given a full max_len of context. All windows of all
-  documents are scored as one batch of loglikelihood requests.
+  documents are scored as one batch of loglikelihood requests. The document is encoded without
+  special tokens: HFLM encodes it with them, so a bos-adding tokenizer scores [bos] + [bos, ...]
+  there (lm-evaluation-harness issue 3333); here the prefix token is the only one.
 * generate_until(context, gen_kwargs): gen_kwargs go through lm_eval.models.utils.
   normalize_gen_kwargs (until, max_gen_toks and its aliases, do_sample / temperature; top_k and
   top_p are passed on; do_sample=True without a temperature samples at temperature 1). The
@@ -33,11 +48,7 @@ said otherwise:
   compiled pieces (prefill, then the on-device decode loop, which stops a row at eos) run in
   rounds of `stop_check_every` tokens; after each round the new text of every row is decoded
   and a row that shows an `until` string stops. The answer is cut before the first stop string
-  (eos itself is never part of it).
-* The prefix token (what an empty context / a document's first token is conditioned on): the
-  tokenizer's eos, else its bos; a byte tokenizer has neither and uses "\\n" (10), the separator
-  data/text.py puts between documents of a byte corpus (a mnemax choice; lm-eval's HF model
-  uses eos). `prefix_token_id=` overrides; with none, requests that need one are an error.
+  (eos itself is never part of it). Prompts are tok_encode(context), bos included as above.
 
 Sequences shorter than their bucket are padded on the right, which a causal model cannot see,
 so results do not depend on the batch a request lands in (up to float32 rounding across
@@ -64,6 +75,7 @@ log = logging.getLogger(__name__)
 BYTE_PREFIX = 10          # "\n": data/text.py joins the files of a byte corpus with it
 MIN_BUCKET = 16
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF model default
+PREFIX_RULES = ("bos_else_eos", "eos")
 
 
 class AdapterError(ValueError):
@@ -117,11 +129,14 @@ class MnemaxLM(TemplateLM):
 
     def __init__(self, model=None, tokenizer=None, *, run_dir: str | None = None,
                  step: int | None = None, batch_size: int | str | None = 8,
-                 max_length: int | None = None, prefix_token_id: int | None = None,
-                 stop_check_every: int = 16, seed: int = 0, **ignored):
+                 max_length: int | None = None, prefix_token_id: int | str | None = None,
+                 add_bos_token: bool | None = None, stop_check_every: int = 16, seed: int = 0,
+                 **ignored):
         """Either (model, tokenizer) or run_dir (+ step) to load both. max_length defaults to
-        model.max_len and may not exceed it. `ignored`: what lm-eval passes to every model
-        (max_batch_size, device), unused here."""
+        model.max_len and may not exceed it. prefix_token_id: "bos_else_eos" (None), "eos" or
+        a token id; add_bos_token: None (the tokenizer's rule), True or False; both as HFLM's
+        arguments of those names (module docstring). `ignored`: what lm-eval passes to every
+        model (max_batch_size, device), unused here."""
         super().__init__()
         if run_dir is not None:
             if model is not None:
@@ -145,14 +160,17 @@ class MnemaxLM(TemplateLM):
         self.stop_check_every = _positive_int(stop_check_every, "stop_check_every")
         self.seed = int(seed)
         self.buckets = length_buckets(self._max_length)
-        if prefix_token_id is None:
-            prefix_token_id = next((i for i in (tokenizer.eos_id, tokenizer.bos_id)
-                                    if i is not None), None)
-            if prefix_token_id is None and getattr(tokenizer, "source", None) == "bytes":
-                prefix_token_id = BYTE_PREFIX
-        if prefix_token_id is not None and not 0 <= int(prefix_token_id) < vocab:
-            raise AdapterError(f"prefix_token_id {prefix_token_id} is outside the vocabulary")
-        self._prefix = None if prefix_token_id is None else int(prefix_token_id)
+        self._prefix = resolve_prefix(tokenizer, prefix_token_id, vocab)
+        if add_bos_token not in (None, True, False):
+            raise AdapterError(f"add_bos_token must be True, False or None, got "
+                               f"{add_bos_token!r}")
+        if add_bos_token and tokenizer.bos_id is None:
+            raise AdapterError(f"add_bos_token=True but tokenizer '{self.tokenizer_name}' has "
+                               "no bos")
+        self.add_bos_token = add_bos_token
+        # Whether tok_encode puts bos in front (HFLM: add_bos_token, else the tokenizer's rule).
+        self._bos_first = (bool(getattr(tokenizer, "adds_bos", False)) if add_bos_token is None
+                           else add_bos_token)
         for key in ignored:
             if key not in ("max_batch_size", "device"):
                 raise AdapterError(f"unknown MnemaxLM argument {key!r}")
@@ -181,7 +199,17 @@ class MnemaxLM(TemplateLM):
         return str(getattr(self.text_tokenizer, "source", type(self.text_tokenizer).__name__))
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-        return list(self.text_tokenizer.encode(string))
+        """HFLM.tok_encode: add_special_tokens=None means the tokenizer's rule (bos first when
+        it adds one, or per add_bos_token), except for a text that starts with the prefix
+        token's text; False: plain ids. A bos the text itself starts with is not doubled."""
+        ids = list(self.text_tokenizer.encode(string))
+        if add_special_tokens is None:
+            lead = "" if self._prefix is None else self.tok_decode([self._prefix])
+            add_special_tokens = not (lead and string.startswith(lead))
+        bos = self.text_tokenizer.bos_id
+        if add_special_tokens and self._bos_first and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
 
     def tok_decode(self, ids) -> str:
         return self.text_tokenizer.decode(list(ids))
@@ -189,7 +217,8 @@ class MnemaxLM(TemplateLM):
     def get_model_info(self) -> dict:
         """Added by simple_evaluate to results["config"]."""
         return {**self._info, "max_length": self._max_length, "batch_size": self.batch_size,
-                "tokenizer": self.tokenizer_name, "prefix_token_id": self._prefix}
+                "tokenizer": self.tokenizer_name, "prefix_token_id": self._prefix,
+                "bos_on_contexts": self._bos_first}
 
     def _require_prefix(self, what: str) -> int:
         if self._prefix is None:
@@ -208,7 +237,7 @@ class MnemaxLM(TemplateLM):
                 # TemplateLM.loglikelihood: condition on the prefix token, unless the
                 # continuation itself starts with it.
                 prefix = self._require_prefix("a loglikelihood request with an empty context")
-                cont = self.tok_encode(continuation)
+                cont = self.tok_encode(continuation, add_special_tokens=False)
                 ctx, cont = ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
             else:
                 ctx, cont = self._encode_pair(context, continuation)
@@ -261,7 +290,7 @@ class MnemaxLM(TemplateLM):
         windows, owner = [], []
         texts = [r.args[0] for r in requests]
         for d, text in enumerate(texts):
-            ids = self.tok_encode(text)
+            ids = self.tok_encode(text, add_special_tokens=False)   # the prefix comes first
             if not ids:
                 continue
             prefix = self._require_prefix("loglikelihood_rolling")
@@ -388,6 +417,29 @@ class MnemaxLM(TemplateLM):
                 new = new[:new.index(eos)]
             texts.append(cut_at_stop(self.tok_decode(new), until))
         return texts
+
+
+def resolve_prefix(tokenizer, rule: int | str | None, vocab: int) -> int | None:
+    """The prefix token id for rule "bos_else_eos" (None), "eos" or an id (HFLM's
+    prefix_token_id property; the byte fallback is this adapter's). None: the tokenizer has
+    neither bos nor eos."""
+    if rule is None or rule == "bos_else_eos":
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if prefix is None and getattr(tokenizer, "source", None) == "bytes":
+            prefix = BYTE_PREFIX
+        return prefix
+    if rule == "eos":
+        if tokenizer.eos_id is None:
+            raise AdapterError(f"prefix_token_id='eos' but tokenizer "
+                               f"'{getattr(tokenizer, 'source', '?')}' has no eos")
+        return tokenizer.eos_id
+    text = str(rule).strip()
+    if isinstance(rule, bool) or not text.isdigit():
+        raise AdapterError(f"prefix_token_id must be one of {', '.join(PREFIX_RULES)} or a token "
+                           f"id, got {rule!r}")
+    if not int(text) < vocab:
+        raise AdapterError(f"prefix_token_id {text} is outside the vocabulary (size {vocab})")
+    return int(text)
 
 
 def _positive_int(value, name: str) -> int:

@@ -245,6 +245,125 @@ def test_bpe_tokenizer_pairs_and_eos_prefix(model, ref, tmp_path):
     assert rolled == pytest.approx(ref.score([t.eos_id] + doc, len(doc)), abs=1e-4)
 
 
+# ----------------------------------------------------------------------------- bos and eos
+
+WORDS = "the a cat dog sat ran on under mat log big small red".split()
+
+
+def word_tokenizer(path: Path, specials: list[str], template: str | None):
+    """A WordLevel tokenizer.json (one id per word, specials first) loaded through
+    data/tokenizer.py; template: a TemplateProcessing single-sequence rule such as "<s> $A"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {w: i for i, w in enumerate(specials + ["<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials + ["<unk>"])
+    if template is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(s, vocab[s]) for s in specials if s in template])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return load_tokenizer(path / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tmp_path_factory):
+    """bos <s> (id 0) and eos </s> (id 1); its post-processor puts <s> before every text."""
+    return word_tokenizer(tmp_path_factory.mktemp("bos_eos"), ["<s>", "</s>"], "<s> $A")
+
+
+def recording(lm):
+    """lm, with every (key, context ids, continuation ids) it scores appended to lm.seen."""
+    lm.seen, score = [], lm._loglikelihood_tokens
+    lm._loglikelihood_tokens = lambda reqs, *a, **k: (lm.seen.extend(reqs), score(reqs, *a, **k))[1]
+    return lm
+
+
+def words(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def test_prefix_is_bos_by_default_and_eos_with_the_flag(model, ref, bos_tok):
+    bos, eos = bos_tok.bos_id, bos_tok.eos_id
+    assert (bos, eos, bos_tok.adds_bos) == (0, 1, True)
+    doc = words(150, seed=3)                           # 150 tokens: windows of 64, 64 and 22
+    ids = bos_tok.encode(doc)
+    start = bos_tok.encode("the cat sat")
+    got = {}
+    for flag, prefix in ((None, bos), ("bos_else_eos", bos), ("eos", eos), (eos, eos)):
+        lm = recording(MnemaxLM(model, bos_tok, batch_size=4, prefix_token_id=flag))
+        assert lm.prefix_token_id == prefix
+        (empty, _), = lm.loglikelihood([req("", "the cat sat")])
+        assert lm.seen[0][1:] == ([prefix], start)    # no bos from the post-processor here
+        lm.seen.clear()
+        rolled, = lm.loglikelihood_rolling([req(doc)])
+        # Disjoint windows: the first predicts ids[:64] from the prefix token alone (no bos
+        # from the post-processor after it), the last reads the 64 tokens before its end.
+        assert [c for _, c, _ in lm.seen] == [[prefix], ids[63:64], ids[85:128]]
+        assert [x for _, _, x in lm.seen] == [ids[:64], ids[64:128], ids[128:]]
+        assert empty == pytest.approx(ref.score([prefix] + start, len(start)), abs=1e-4)
+        assert rolled == pytest.approx(ref.rolling(ids, prefix), abs=1e-3)
+        got[prefix] = (empty, rolled)
+    assert abs(got[bos][1] - got[eos][1]) > 1e-2      # the flag changes the numbers
+
+
+def test_contexts_get_exactly_one_bos(model, ref, bos_tok):
+    bos, eos = bos_tok.bos_id, bos_tok.eos_id
+    lm = recording(MnemaxLM(model, bos_tok, batch_size=4))
+    plain = bos_tok.encode("the cat sat")
+    assert lm.tok_encode("the cat sat") == [bos] + plain
+    assert lm.tok_encode("<s> the cat sat") == [bos] + plain          # not doubled
+    assert lm.tok_encode("the cat sat", add_special_tokens=False) == plain
+    ctx, cont = "the big dog", " ran under a log"
+    whole = [bos] + bos_tok.encode(ctx + cont)
+    n = len(bos_tok.encode(cont))
+    got = lm.loglikelihood([req(ctx, cont), req("<s> " + ctx, cont)])
+    assert [c for _, c, _ in lm.seen] == [whole[:-n]] * 2
+    assert [x for _, _, x in lm.seen] == [whole[-n:]] * 2
+    for lp, _ in got:
+        assert lp == pytest.approx(ref.score(whole, n), abs=1e-4)
+
+    # HFLM's tok_encode: a text starting with the prefix token's text gets no special tokens.
+    by_eos = MnemaxLM(model, bos_tok, prefix_token_id="eos")
+    assert by_eos.tok_encode("</s> the cat sat") == [eos] + plain
+    assert by_eos.tok_encode("the cat sat") == [bos] + plain
+    # add_bos_token overrides the tokenizer's rule either way.
+    assert MnemaxLM(model, bos_tok, add_bos_token=False).tok_encode("the cat sat") == plain
+    no_rule = word_tokenizer(Path(bos_tok.source).parent / "no_rule", ["<s>", "</s>"], None)
+    assert not no_rule.adds_bos
+    assert MnemaxLM(model, no_rule).tok_encode("the cat sat") == plain
+    assert MnemaxLM(model, no_rule, add_bos_token=True).tok_encode("the cat sat") == [0] + plain
+
+
+def test_tokenizer_without_bos_falls_back_to_eos(model, ref, tmp_path):
+    tok = word_tokenizer(tmp_path, ["</s>"], None)
+    assert (tok.bos_id, tok.eos_id, tok.adds_bos) == (None, 0, False)
+    lm = MnemaxLM(model, tok, batch_size=4)
+    assert lm.prefix_token_id == tok.eos_id
+    doc = words(80, seed=4)
+    ids = tok.encode(doc)
+    assert lm.tok_encode(doc) == ids
+    (empty, _), = lm.loglikelihood([req("", "the cat")])
+    assert empty == pytest.approx(ref.score([0] + tok.encode("the cat"), 2), abs=1e-4)
+    rolled, = lm.loglikelihood_rolling([req(doc)])
+    assert rolled == pytest.approx(ref.rolling(ids, tok.eos_id), abs=1e-3)
+    with pytest.raises(AdapterError, match="add_bos_token=True but tokenizer .* has no bos"):
+        MnemaxLM(model, tok, add_bos_token=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prefix_token_id": "bos"}, "prefix_token_id must be one of bos_else_eos, eos or a token"),
+    ({"prefix_token_id": 256}, "prefix_token_id 256 is outside the vocabulary"),
+    ({"prefix_token_id": "eos"}, "prefix_token_id='eos' but tokenizer 'bytes' has no eos"),
+    ({"add_bos_token": "yes"}, "add_bos_token must be True, False or None"),
+])
+def test_bad_prefix_settings(model, kwargs, message):
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        MnemaxLM(model, ByteTokenizer(), **kwargs)
+
+
 # ----------------------------------------------------------------------------- through lm-eval
 
 
@@ -352,6 +471,8 @@ def _error(capsys) -> str:
     (["--run_dir", "{tmp}", "--tasks", "t", "--batch_size", "0"], "--batch_size must be >= 1"),
     (["--run_dir", "{tmp}", "--tasks", "t", "--limit", "2.5"], "whole number"),
     (["--run_dir", "{tmp}", "--tasks", "t", "--no_default_tasks"], "needs an --include_path"),
+    (["--run_dir", "{tmp}", "--tasks", "t", "--prefix_token", "bos"],
+     "--prefix_token must be bos_else_eos, eos or a token id, got 'bos'"),
 ])
 def test_cli_bad_arguments(tmp_path, capsys, args, message):
     assert cli.main([a.format(tmp=tmp_path) for a in args]) == 2
