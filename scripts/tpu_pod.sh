@@ -54,7 +54,7 @@ Usage: $PROG [options] COMMAND [args]
 Commands
   create                 create the TPU VM, or reuse it when 'describe' finds it
   setup                  put the code on every worker (copy this checkout, or --git URL) and
-                         pip install -e ".[tpu]" into ~/REPO_DIR-venv (Python >= 3.11)
+                         pip install -e ".[tpu]" into ~/REPO_DIR-venv (Python >= 3.12)
   train CONFIG [KEY=VALUE ...]
                          run 'python train.py CONFIG KEY=VALUE... run_dir=RUN_DIR' on all
                          workers at once; foreground (output streamed) unless --detach
@@ -84,7 +84,7 @@ Options
   --git URL              setup: git clone (or fetch) URL on every worker instead of copying
   --branch B             setup --git: branch or tag (default: the remote's default branch)
   --src DIR              setup: local checkout to copy (default: $DEFAULT_SRC)
-  --python VER           setup: Python for the venv if none >= 3.11 is installed; uv fetches
+  --python VER           setup: Python for the venv if none >= 3.12 is installed; uv fetches
                          it (default: 3.12)
   --libtpu-link          setup: add -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
   --detach nohup|tmux    train: start in the background (a disconnect does not kill it), then
@@ -300,20 +300,20 @@ cmd_create() {
 }
 
 # The venv + editable install, as a remote script fragment. TPU VM images (Ubuntu 22.04) have
-# Python 3.10 and this project needs >= 3.11: use an installed python3.11+ if `-m venv` works
+# Python 3.10 and this project needs >= 3.12: use an installed python3.12+ if `-m venv` works
 # with it, else let uv (installed into ~/.local/bin) fetch Python $PYVER.
 install_script() {
   local link=''
   [[ $LIBTPU_LINK == 0 ]] || link=' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html'
   printf '%s' "if [ ! -x \"\$VENV/bin/python\" ]; then \
-for p in python3.13 python3.12 python3.11 python3; do \
-if command -v \$p >/dev/null && \$p -c \"import sys; sys.exit(sys.version_info < (3, 11))\" 2>/dev/null \
+for p in python3.13 python3.12 python3; do \
+if command -v \$p >/dev/null && \$p -c \"import sys; sys.exit(sys.version_info < (3, 12))\" 2>/dev/null \
 && \$p -m venv \"\$VENV\" >/dev/null 2>&1; then break; fi; rm -rf \"\$VENV\"; done; \
 if [ ! -x \"\$VENV/bin/python\" ]; then \
 UV=\$(command -v uv || echo \"\$HOME/.local/bin/uv\"); \
 [ -x \"\$UV\" ] || curl -LsSf https://astral.sh/uv/install.sh | \
 env UV_INSTALL_DIR=\"\$HOME/.local/bin\" UV_NO_MODIFY_PATH=1 INSTALLER_NO_MODIFY_PATH=1 sh; \
-[ -x \"\$UV\" ] || { echo \"error: no Python >= 3.11 on \$(hostname) and uv could not be installed\" >&2; exit 1; }; \
+[ -x \"\$UV\" ] || { echo \"error: no Python >= 3.12 on \$(hostname) and uv could not be installed\" >&2; exit 1; }; \
 \"\$UV\" venv --seed --python $(q "$PYVER") \"\$VENV\"; fi; fi; \
 \"\$VENV/bin/python\" -m pip install -q -U pip; \
 cd \"\$REPO\" && \"\$VENV/bin/python\" -m pip install -e \".[tpu]\"$link; \

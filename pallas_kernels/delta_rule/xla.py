@@ -21,12 +21,8 @@ Stacking the rows (X [C, V], Kc [C, K], Vc [C, V]), with A = tril(diag(beta) Kc 
 W and U depend only on the chunk's own inputs, so they are computed for all chunks at once; only
 the cheap S-dependent part (X, O, S_next) runs sequentially in a lax.scan over the N chunks.
 
-(I + A) is unit lower triangular; rather than forming T we solve (I + A) [W U] = diag(beta)
-[Kc Vc] by forward substitution (pallas_kernels.common.solve_unit_lower): one pass for both
-right-hand sides, no explicit inverse (a solve is better conditioned than inverting then
-multiplying), with a custom VJP that solves the transposed system. It replaced
-jax.scipy.linalg.solve_triangular, whose CPU path calls scipy's OpenBLAS and deadlocked against
-XLA's threads in long runs (jaxlib 0.10.2).
+(I + A) is unit lower triangular; rather than forming T, the system (I + A) [W U] =
+diag(beta) [Kc Vc] is solved for both right-hand sides at once (pallas_kernels/triangular.py).
 
 Any T works: inputs are zero-padded to a multiple of C. A padded step has beta = 0 and k = 0,
 so it writes nothing and reads nothing; the state after the last real step is unchanged.
@@ -38,8 +34,7 @@ from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
 
 def delta_rule_xla(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-                   chunk_size=64, state_impl="xla", segment_ids=None,
-            precision="highest"):
+                   chunk_size=64, state_impl="xla", segment_ids=None, precision="highest"):
     """Chunkwise-parallel delta rule (same contract as delta_rule_reference), float32 inside.
 
     The derivation above is the gated one (gated_delta_rule/xla.py) with every decay equal to

@@ -24,7 +24,7 @@ Two drivers share the per-chunk bodies (`_fwd_chunk`, `_bwd_chunk`):
 * "gpu": grid (R, VB), one program walks all N chunks in a fori_loop with the state in
   registers; each input block is the row's whole sequence and the loop loads [C, K] slices
   with pl.ds (the pattern of jax's Pallas GPU attention). Lowered through Triton, pinned by
-  its compiler params (`compiler_params`: without them jax 0.10 picks Mosaic GPU, which
+  its compiler params (`compiler_params`: without them jax picks Mosaic GPU, which
   stages whole-sequence blocks in shared memory and overflows it).
 * "tpu": grid (R, VB, N), the chunk axis "arbitrary" (sequential) and the state in a VMEM
   scratch that persists across it, so a block is one chunk ([C, K] tiles, double-buffered by
@@ -200,7 +200,7 @@ def _block(shape, index_map):
 
 def compiler_params(driver, n_grid, k, bv):
     if driver == "gpu":
-        # Pinned to Pallas' Triton lowering. Left unset (compiler_params=None), jax 0.10 lowers
+        # Pinned to Pallas' Triton lowering. Left unset (compiler_params=None), jax lowers
         # a GPU pallas_call through Mosaic GPU, which stages every whole-sequence block in
         # shared memory (8.5 MB at B4 T4096 H16 D128, against 227 KB on an H100/H200); in
         # Triton a block is a pointer and the loop loads one [C, K] chunk at a time. Warps:
