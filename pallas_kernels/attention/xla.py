@@ -11,6 +11,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.precision import bf16_einsum, resolve_precision
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated in float32. Where the precision policy says bf16 (bf16 operands on a
+    GPU / TPU: pallas_kernels/precision.py), the backward multiplies bf16 operands too
+    (bf16_einsum), so a bf16 model's attention stays on the tensor cores / MXU; elsewhere plain
+    autodiff, whose backward upcasts to float32."""
+    if a.dtype == b.dtype == jnp.bfloat16 and resolve_precision("auto", a.dtype) == "bf16":
+        return bf16_einsum(spec, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                       scale: float) -> jax.Array:
@@ -21,9 +33,8 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, h // hkv, dh)
     # Scores and softmax in float32: bf16 logits lose the small differences softmax amplifies.
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = _dot("btkgd,bskd->bkgts", qg, k) * scale
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = _dot("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)

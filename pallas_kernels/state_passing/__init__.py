@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backends import interpreting, kernel_interpret, needs_interpreter
-from pallas_kernels.precision import HIGHEST as PRECISION
+from pallas_kernels.precision import matmul
 from pallas_kernels.state_passing import fused as _fused
 from pallas_kernels.state_passing import pallas as _pallas
 
@@ -56,9 +56,7 @@ def _dot(spec: str, a, b):
     """einsum with b cast to a's dtype, accumulated in float32: float32 operands at HIGHEST,
     bf16 operands on the bf16 path (the fused kernel's rule: a state enters a matmul as a copy
     in the operands' dtype, and the product is added to the float32 state)."""
-    precision = PRECISION if a.dtype == F32 else None
-    return jnp.einsum(spec, a, b.astype(a.dtype), precision=precision,
-                      preferred_element_type=F32)
+    return matmul(spec, a, b, a.dtype)
 
 
 def state_passing_xla(w, u, kd, decay, s0):
