@@ -46,11 +46,11 @@ from pallas_kernels.common import (
     initial_state_f32,
     kernel_dtype,
     matmul,
-    solve_unit_lower,
     to_chunks,
     zero_padding,
 )
 from pallas_kernels.state_passing import chunk_outputs
+from pallas_kernels.triangular import solve_unit_lower
 
 
 def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
