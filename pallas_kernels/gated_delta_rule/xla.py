@@ -24,7 +24,7 @@ and, with A = tril(diag(beta) (Kc Kc^T * D), -1) (elementwise *):
     S_next = gamma_C S + (diag(exp(G_C - G)) Kc)^T X
 
 With g = 0 this is exactly the ungated form in delta_rule/xla.py. The unit lower-triangular
-system is solved by forward substitution (pallas_kernels.common.solve_unit_lower) for both
+system is solved through a blocked inverse (pallas_kernels.triangular.solve_unit_lower) for both
 right-hand sides at once; see that file for why.
 
 Numerics: G_t - G_j is positive for t < j and could be large (strong gates over a long chunk),
