@@ -1,7 +1,9 @@
-"""Time the linear-family ops: token-by-token reference vs chunked XLA, forward and
-forward+backward, side by side in one run (ratios are what to read; this machine is noisy).
+"""Time the linear-family ops: token-by-token reference (scan) vs chunked XLA, forward and
+forward+backward, side by side in one run, in interleaved rounds (ratios are what to read; this
+machine is noisy), with each compiled program's temp memory. xla/scan below 1 means the
+chunked form is faster.
 
-    python benchmarks/ops.py                       # B=1 H=4 K=V=64, T in 512 2048 8192
+    python benchmarks/ops.py                       # B=2 H=4 K=V=64, T in 512 2048 8192
     python benchmarks/ops.py --T 512 --repeats 2   # quicker
     python benchmarks/ops.py --ops gated_delta_rule gla --T 2048 8192 --B 4
 
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -25,8 +29,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import time_jax  # noqa: E402
 
 from pallas_kernels.delta_rule import delta_rule  # noqa: E402
 from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
@@ -69,34 +71,57 @@ OPS = {
 }
 
 
-HEADER = ("| op | T | ref fwd ms | xla fwd ms | fwd speed-up | ref fwd+bwd ms | "
-          "xla fwd+bwd ms | fwd+bwd speed-up |\n|---|---|---|---|---|---|---|---|")
+HEADER = ("| op | T | scan fwd ms | xla fwd ms | xla/scan fwd | xla fwd temp MB | "
+          "scan fwd+bwd ms | xla fwd+bwd ms | xla/scan fwd+bwd | xla fwd+bwd temp MB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def measure(op: str, backend: str, args: dict, repeats: int, chunk_size: int):
+def _compiled(fn, args):
+    """fn jitted and compiled for args, and its compiled temp bytes (XLA's memory analysis)."""
+    compiled = jax.jit(fn).lower(args).compile()
+    return compiled, compiled.memory_analysis().temp_size_in_bytes
+
+
+def measure(op: str, args: dict, repeats: int, chunk_size: int) -> dict:
+    """Median seconds of the reference (token scan) and xla (chunked) forms, forward and
+    forward+backward, timed in interleaved rounds (one call of each per round, so a slow
+    stretch of this shared machine hits every form alike), and each program's temp bytes."""
     call = OPS[op]
+    progs = {}
+    for backend in ("reference", "xla"):
+        def forward(a, backend=backend):
+            return call(a, backend=backend, chunk_size=chunk_size)[0]
 
-    def forward(a):
-        return call(a, backend=backend, chunk_size=chunk_size)[0]
+        def loss(a, forward=forward):
+            return jnp.sum(forward(a).astype(jnp.float32) ** 2)
 
-    def loss(a):
-        return jnp.sum(forward(a).astype(jnp.float32) ** 2)
-
-    fwd = jax.jit(forward)
-    fwd_bwd = jax.jit(jax.grad(loss))
-    return time_jax(fwd, args, repeats=repeats), time_jax(fwd_bwd, args, repeats=repeats)
+        progs[(backend, "fwd")] = _compiled(forward, args)
+        progs[(backend, "fwd_bwd")] = _compiled(jax.grad(loss), args)
+    for compiled, _ in progs.values():
+        jax.block_until_ready(compiled(args))          # warm-up
+    times = {key: [] for key in progs}
+    for _ in range(repeats):
+        for key, (compiled, _) in progs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(args))
+            times[key].append(time.perf_counter() - start)
+    out = {}
+    for (backend, mode), (_, temp) in progs.items():
+        out[f"{backend}_{mode}_s"] = statistics.median(times[(backend, mode)])
+        out[f"{backend}_{mode}_temp_bytes"] = int(temp)
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     p.add_argument("--T", nargs="+", type=int, default=[512, 2048, 8192])
-    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--B", type=int, default=2)
     p.add_argument("--H", type=int, default=4)
     p.add_argument("--D", type=int, default=64, help="K = V head dim")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--chunk_size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--rows_json", help=argparse.SUPPRESS)   # internal: one op per process
     a = p.parse_args(argv)
@@ -104,7 +129,7 @@ def main(argv=None) -> int:
     if a.rows_json is None:
         print(f"device {jax.devices()[0].device_kind} ({platform.machine()}),"
               f" B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, "
-              f"median of {a.repeats}\n{HEADER}", flush=True)
+              f"median of {a.repeats} interleaved rounds\n{HEADER}", flush=True)
         if len(a.ops) > 1:
             return run_isolated(a, argv)
 
@@ -113,15 +138,17 @@ def main(argv=None) -> int:
     for op in a.ops:
         for t in a.T:
             args = _inputs(op, a.B, t, a.H, a.D, jnp.dtype(a.dtype))
-            ref_f, ref_fb = measure(op, "reference", args, a.repeats, a.chunk_size)
-            xla_f, xla_fb = measure(op, "xla", args, a.repeats, a.chunk_size)
-            row = {"op": op, "T": t, "B": a.B, "H": a.H, "D": a.D, "dtype": a.dtype,
-                   "reference_fwd_s": ref_f, "xla_fwd_s": xla_f,
-                   "reference_fwd_bwd_s": ref_fb, "xla_fwd_bwd_s": xla_fb}
+            got = measure(op, args, a.repeats, a.chunk_size)
+            row = {"op": op, "T": t, "B": a.B, "H": a.H, "D": a.D, "dtype": a.dtype, **got}
             rows.append(row)
-            line = (f"| {op} | {t} | {ref_f * 1e3:.1f} | {xla_f * 1e3:.1f} | "
-                    f"{ref_f / xla_f:.1f}x | {ref_fb * 1e3:.1f} | {xla_fb * 1e3:.1f} | "
-                    f"{ref_fb / xla_fb:.1f}x |")
+            line = (f"| {op} | {t} | {got['reference_fwd_s'] * 1e3:.1f} | "
+                    f"{got['xla_fwd_s'] * 1e3:.1f} | "
+                    f"{got['xla_fwd_s'] / got['reference_fwd_s']:.2f} | "
+                    f"{got['xla_fwd_temp_bytes'] / 2**20:.0f} | "
+                    f"{got['reference_fwd_bwd_s'] * 1e3:.1f} | "
+                    f"{got['xla_fwd_bwd_s'] * 1e3:.1f} | "
+                    f"{got['xla_fwd_bwd_s'] / got['reference_fwd_bwd_s']:.2f} | "
+                    f"{got['xla_fwd_bwd_temp_bytes'] / 2**20:.0f} |")
             lines.append(line)
             print(line, flush=True)
 
@@ -174,10 +201,16 @@ def save(a, argv, rows, lines) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ops_{jax.devices()[0].platform}"
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-    (out / f"{stem}.md").write_text(
+    # A "## Notes" section written by hand below the table (peer comparisons measured with
+    # scripts outside the repo) survives a rerun.
+    md = out / f"{stem}.md"
+    notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""
+    md.write_text(
         f"B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, median of {a.repeats} "
+        "interleaved rounds; xla/scan < 1: the chunked form is faster; temp: compiled temp "
+        "bytes of the xla program "
         f"(`python benchmarks/ops.py {' '.join(argv)}`)\n\n"
-        + HEADER + "\n" + "\n".join(lines) + "\n")
+        + HEADER + "\n" + "\n".join(lines) + "\n" + (f"\n## Notes{notes}" if notes else ""))
     print(f"saved {out / stem}.md and .json")
 
 

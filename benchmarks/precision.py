@@ -37,7 +37,7 @@ from flax import nnx  # noqa: E402
 
 # Named scopes whose matmuls stay float32 at HIGHEST on purpose (pallas_kernels/precision.py):
 # the delta rules' unit-lower triangular solve, whose rows depend on the rows before them.
-EXCEPTIONS = ("triangular_solve",)
+EXCEPTIONS = ("triangular_solve",)   # pallas_kernels/triangular.SCOPE
 
 _DOT = re.compile(r"stablehlo\.dot_general .*?contracting_dims = \[([\d, ]*)\] x \[[\d, ]*\]"
                   r"(?:, precision = \[(\w+), (\w+)\])?.*? : \(tensor<([^>]*)>, tensor<([^>]*)>\)"

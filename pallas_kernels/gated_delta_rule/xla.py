@@ -24,7 +24,7 @@ and, with A = tril(diag(beta) (Kc Kc^T * D), -1) (elementwise *):
     S_next = gamma_C S + (diag(exp(G_C - G)) Kc)^T X
 
 With g = 0 this is exactly the ungated form in delta_rule/xla.py. The unit lower-triangular
-system is solved by forward substitution (pallas_kernels.common.solve_unit_lower) for both
+system is solved through a blocked inverse (pallas_kernels.triangular.solve_unit_lower) for both
 right-hand sides at once; see that file for why.
 
 Numerics: G_t - G_j is positive for t < j and could be large (strong gates over a long chunk),
@@ -44,12 +44,12 @@ from pallas_kernels.common import (
     ChunkMasks,
     from_chunks,
     initial_state_f32,
-    solve_unit_lower,
     to_chunks,
     zero_padding,
 )
 from pallas_kernels.precision import matmul, operand_dtype
 from pallas_kernels.state_passing import chunk_outputs
+from pallas_kernels.triangular import solve_unit_lower
 
 
 def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
