@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import load_config
+from models.config_check import load_config
 from models.lm import build_model, packing_mixers
 from tests.parity import relative_error
 from tests.test_packed_ops import DOCS, B, T, segment_ids
