@@ -135,7 +135,7 @@ def load_model(args):
         from training.checkpoint import restore_for_inference
 
         return restore_for_inference(args.run_dir, args.step)
-    from configs.schema import load_config
+    from models.config_check import load_config
     from models.lm import build_model
 
     cfg = load_config(args.config, args.overrides)

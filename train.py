@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    from configs.schema import ConfigError, load_config
+    from configs.schema import ConfigError
     from data import DataError
+    from models.config_check import load_config
     from models.sharding import MeshError
     from training.checkpoint import CheckpointError
     from training.distributed import maybe_initialize

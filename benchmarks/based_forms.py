@@ -31,8 +31,8 @@ if str(ROOT / "benchmarks") not in sys.path:
 
 from common import save_results, settings_of  # noqa: E402
 
-from configs import load_config  # noqa: E402
 from layers.based import Based, BasedArgs  # noqa: E402
+from models.config_check import load_config  # noqa: E402
 
 FORMS = {"quadratic": 2 ** 31 - 1, "features": 0}   # -> BasedArgs.quadratic_max_len
 

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from configs import load_config  # noqa: E402
 from layers.registry import build_mixer  # noqa: E402
+from models.config_check import load_config  # noqa: E402
 
 
 def entries(d_model: int, n_heads: int) -> dict[str, tuple[str, dict]]:

@@ -175,10 +175,10 @@ def run_one(a, variant: str, seed: int) -> dict:
     """Train one (variant, seed) with recall.py's settings in this process, probe it."""
     import recall
 
-    from configs import load_config
     from data.pipeline import make_eval_batches
     from layers.mla import MLAArgs
     from layers.registry import MIXERS, MixerSpec
+    from models.config_check import load_config
     from training.checkpoint import restore_for_inference
     from training.loop import train
 

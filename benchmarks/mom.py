@@ -31,9 +31,9 @@ if str(ROOT / "benchmarks") not in sys.path:
 
 from common import time_jax  # noqa: E402
 
-from configs import load_config  # noqa: E402
 from layers.delta_net import DeltaNet, DeltaNetArgs  # noqa: E402
 from layers.mom import MoM, MoMArgs, packed_length  # noqa: E402
+from models.config_check import load_config  # noqa: E402
 
 HEADER = ("| layer | M | k | op slots / T | fwd ms | fwd+bwd ms | fwd vs GDN | fwd+bwd vs GDN |"
           "\n|---|---|---|---|---|---|---|---|")

@@ -173,7 +173,7 @@ def run_one(a, spec: str) -> dict:
     import jax
     from flax import nnx
 
-    from configs import load_config
+    from models.config_check import load_config
     from training.checkpoint import restore_for_inference
     from training.loop import train
 

@@ -42,7 +42,7 @@ def short_documents(path: Path, n_docs: int, seed: int = 0) -> Path:
 
 
 def one_run(text: Path, run_dir: Path, packing: bool, a) -> float:
-    from configs import load_config
+    from models.config_check import load_config
     from training.loop import train
 
     over = ["data.kind=bytes", f"data.path={text}", f"data.packing={str(packing).lower()}",

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from common import ROOT, save_results  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import load_config  # noqa: E402
+from models.config_check import load_config  # noqa: E402
 from models.lm import build_model  # noqa: E402
 
 

@@ -160,7 +160,7 @@ def run_one(a, spec: str, width: int, lr: float | None = None, seed: int = 0) ->
     import jax
     from flax import nnx
 
-    from configs import load_config
+    from models.config_check import load_config
     from models.lm import build_model
     from training.loop import train
 

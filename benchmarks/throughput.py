@@ -92,7 +92,7 @@ def peak_tflops(device_kind: str, platform_name: str, given: float | None) -> fl
 
 def model_config(a, family: str, d_model: int):
     """The validated ModelConfig of one family at width d_model (ConfigError if impossible)."""
-    from configs import load_config
+    from models.config_check import load_config
 
     name, overrides = _decode().families(d_model, a.n_heads, a.window)[family]
     args = [f"model.d_model={d_model}", f"model.n_heads={a.n_heads}",
@@ -198,7 +198,7 @@ def run_family(a, family: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from configs import load_config
+    from models.config_check import load_config
     from models.lm import build_model
     from training.loop import make_train_step
     from training.optim import make_optimizer

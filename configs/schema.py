@@ -1,10 +1,14 @@
-"""Typed, frozen run configuration, loaded from YAML with dotted command-line overrides.
+"""Typed, frozen run configuration: its sections, YAML reading, dotted command-line overrides.
 
-`load_config("configs/X.yaml", ["model.d_model=128"])` merges base.yaml <- X.yaml <- overrides,
-checks every key and type, runs the cross-field checks (heads dividing the width, windows within
-max_len, ...) and returns a frozen `Config`. Every problem raises `ConfigError` with one line
-that names the key, what was given and what is allowed; the CLIs print that line and exit 2,
-before anything is compiled.
+`read_config_tree("configs/X.yaml", ["model.d_model=128"])` merges base.yaml <- X.yaml <-
+overrides into a raw tree; `build_dataclass(Config, tree, "")` checks every key and type and
+returns a frozen `Config`. The cross-field checks are in configs/checks.py; the mixer settings
+(`model.mixers`, `model.mixer_args`) are checked against the mixer registry by
+models/config_check.py, whose `load_config` runs all of it. Every problem raises `ConfigError`
+with one line that names the key, what was given and what is allowed.
+
+This package imports nothing of layers/, models/ or jax: reading a config is cheap, and the
+model code may depend on it without a cycle.
 """
 
 from __future__ import annotations
@@ -337,133 +341,14 @@ def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def validate(cfg: Config) -> Config:
-    """Cross-field checks; returns cfg with model.mixer_args resolved into typed Args objects."""
-    from layers.registry import MIXERS, resolve_mixer_args  # late import: layers need jax
-
-    m = cfg.model
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len", "n_kv_heads",
-                "head_dim", "d_ff"):
-        _positive(f"model.{key}", getattr(m, key))
-    _positive("model.init_std", m.init_std)
-    if m.head_dim is None and m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model} "
-            "(pick n_heads dividing d_model, or set model.head_dim)")
-    if m.n_heads % m.resolved_kv_heads:
-        raise ConfigError(
-            f"model.n_kv_heads={m.resolved_kv_heads} must divide model.n_heads={m.n_heads}")
-    for i, name in enumerate(m.mixers):
-        if name not in MIXERS:
-            close = difflib.get_close_matches(name, list(MIXERS), n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"model.mixers[{i}]: unknown mixer '{name}'{hint} "
-                              f"(available: {', '.join(sorted(MIXERS))})")
-    mixer_args = resolve_mixer_args(m)
-    m = dataclasses.replace(m, mixer_args=mixer_args)
-
-    d = cfg.data
-    for key in ("seq_len", "batch_size", "num_kv_pairs"):
-        _positive(f"data.{key}", getattr(d, key))
-    if not 0.0 < d.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
-    if d.seq_len > m.max_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}")
-    if d.kind == "mqar":
-        if 4 * d.num_kv_pairs > d.seq_len:
-            raise ConfigError(
-                f"data.num_kv_pairs={d.num_kv_pairs} needs data.seq_len >= "
-                f"{4 * d.num_kv_pairs} (pairs take 2 tokens each and need as many query slots)")
-        if m.vocab_size < 2 * d.num_kv_pairs + 2:
-            raise ConfigError(
-                f"model.vocab_size={m.vocab_size} is too small for MQAR with "
-                f"{d.num_kv_pairs} pairs (need >= {2 * d.num_kv_pairs + 2})")
-    elif d.kind == "needle":
-        _positive("data.needle_key_len", d.needle_key_len)
-        _positive("data.needle_value_len", d.needle_value_len)
-        _positive("data.needle_distractors", d.needle_distractors, allow_zero=True)
-        need = (d.needle_distractors + 2) * (d.needle_key_len + d.needle_value_len) - 1
-        if d.seq_len < need:
-            raise ConfigError(
-                f"data.seq_len={d.seq_len} is too short for the needle task with "
-                f"data.needle_key_len={d.needle_key_len}, data.needle_value_len="
-                f"{d.needle_value_len} and data.needle_distractors={d.needle_distractors} "
-                f"(need >= {need}: needles, query and answer)")
-        if m.vocab_size < 4:
-            raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for the needle "
-                              "task (need >= 4: filler, key and value ranges)")
-    else:
-        if d.path is None:
-            raise ConfigError(f"data.path is required for data.kind={d.kind!r}")
-        if d.kind == "bytes" and m.vocab_size < 256:
-            raise ConfigError(f"data.kind='bytes' needs model.vocab_size >= 256, "
-                              f"got {m.vocab_size}")
-    if d.packing:
-        from models.lm import packing_mixers  # late import, as above
-
-        if d.kind not in ("bytes", "tokens"):
-            raise ConfigError(f"data.packing needs data.kind 'bytes' or 'tokens' (documents "
-                              f"in files); got {d.kind!r}")
-        can = packing_mixers()
-        bad = sorted({name for name in m.mixers if name not in can})
-        if bad:
-            raise ConfigError(f"data.packing: mixer(s) {', '.join(bad)} do not keep packed "
-                              f"documents apart yet; mixers that do: {', '.join(can)}")
-    if d.eos_id is not None:
-        if d.kind != "tokens" or not d.packing:
-            raise ConfigError("data.eos_id separates documents of data.kind='tokens' with "
-                              "data.packing=true; leave it null otherwise")
-        if not 0 <= d.eos_id < m.vocab_size:
-            raise ConfigError(f"data.eos_id={d.eos_id} must be in [0, model.vocab_size="
-                              f"{m.vocab_size})")
-
-    t = cfg.train
-    for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                "keep_checkpoints", "grad_accum_steps"):
-        _positive(f"train.{key}", getattr(t, key))
-    if d.batch_size % t.grad_accum_steps:
-        raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
-                          f"data.batch_size={d.batch_size} (each micro-batch takes "
-                          "batch_size / grad_accum_steps rows)")
-    if t.early_stop_acc is not None and not 0 < t.early_stop_acc <= 1:
-        raise ConfigError(f"train.early_stop_acc must be in (0, 1] or null, got "
-                          f"{t.early_stop_acc}")
-    o = cfg.optim
-    _positive("optim.lr", o.lr)
-    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    _positive("optim.grad_clip", o.grad_clip)
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    if not cfg.run_dir:
-        raise ConfigError("run_dir must be a non-empty path")
-    sizes = cfg.mesh.sizes()
-    if any(n == 0 or n < -1 for n in sizes):
-        raise ConfigError(f"mesh sizes must be >= 1 or -1 (the rest), got data={sizes[0]}, "
-                          f"fsdp={sizes[1]}, tensor={sizes[2]}")
-    if sizes.count(-1) > 1:
-        raise ConfigError(f"at most one mesh axis can be -1 (the rest), got data={sizes[0]}, "
-                          f"fsdp={sizes[1]}, tensor={sizes[2]}")
-    return dataclasses.replace(cfg, model=m)
-
-
-def config_from_dict(raw: dict) -> Config:
-    return validate(build_dataclass(Config, raw, ""))
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """base.yaml <- `path` <- dotted `overrides`, validated. Raises ConfigError."""
+def read_config_tree(path: str | Path | None = None,
+                     overrides: list[str] | None = None) -> dict:
+    """base.yaml <- `path` <- dotted `overrides`, merged into one raw tree (nothing checked
+    beyond YAML syntax and the override form). Raises ConfigError."""
     raw = _read_yaml(BASE_CONFIG)
     if path is not None:
         raw = _merge(raw, _read_yaml(Path(path)))
-    raw = _merge(raw, parse_overrides(list(overrides or [])))
-    return config_from_dict(raw)
+    return _merge(raw, parse_overrides(list(overrides or [])))
 
 
 def save_config(cfg: Config, path) -> None:

@@ -1,18 +1,20 @@
 """Mixer registry: the names used in `model.mixers` -> mixer classes and default settings.
 
-A mixer class provides `Args` (a frozen dataclass of its settings), `check_config(model_cfg,
-args, name) -> list[str]`, `init_cache(batch_size, max_len, dtype)` and
-`__call__(x, *, positions, cache) -> (y, cache)`; a mixer that takes packed documents also
-accepts `segment_ids=` there (models/lm.packing_mixers lists them). Register a new family by
-adding a line here and its defaults under `model.mixer_args` in configs/base.yaml. A mixer may
-also define `aux_loss(x, segment_ids=None) -> float32 scalar` (x: its input; padding of packed
-rows left out): a weighted term the LM adds to the training loss (MoM's router balance).
+Every registered class is a `Mixer` (the Protocol below; tests/test_registry.py checks each
+one's signatures). A mixer may also be a `MixerWithAuxLoss`: a weighted term the LM adds to
+the training loss (MoM's router balance). Register a new family by adding a line here and its
+defaults under `model.mixer_args` in configs/base.yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import jax
+
+from configs.schema import ConfigError, ModelConfig, build_dataclass, to_plain
 from layers.attention import Attention, AttentionArgs
 from layers.based import Based, BasedArgs
 from layers.cca import CCA, CCAArgs
@@ -25,9 +27,40 @@ from layers.titans import TitansArgs, TitansMemory
 from layers.titans_variants import TitansMAC, TitansMACArgs, TitansMAG, TitansMAGArgs
 
 
+class Mixer(Protocol):
+    """A token mixer: [B, T, D] -> [B, T, D], causal, with a decode cache.
+
+    Args: a frozen dataclass of its settings (model.mixer_args.<name>).
+    check_config: problems with (model config, args), one line each naming `name`'s keys;
+    empty when fine. A staticmethod: it runs before anything is built.
+    init_cache: an empty decode cache for batch_size sequences of up to max_len tokens.
+    __call__: x [B, T, D] at `positions` [B, T] -> (y [B, T, D], the updated cache; None when
+    called without one). segment_ids: None, or [B, T] ids of packed documents (0 = padding;
+    cache-free calls only); every mixer keeps documents apart (no state crosses a start).
+    """
+
+    Args: ClassVar[type]
+
+    @staticmethod
+    def check_config(model_cfg: ModelConfig, args: Any, name: str) -> list[str]: ...
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = ...) -> Any: ...
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, cache: Any = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, Any]: ...
+
+
+@runtime_checkable
+class MixerWithAuxLoss(Mixer, Protocol):
+    """A mixer with an auxiliary training loss: aux_loss(x, segment_ids) -> float32 scalar,
+    already weighted by its config (x: the mixer's input; padding of packed rows left out)."""
+
+    def aux_loss(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class MixerSpec:
-    cls: type
+    cls: type[Mixer]
     defaults: object   # an Args instance: what a name means before any config touches it
 
 
@@ -56,29 +89,20 @@ MIXERS: dict[str, MixerSpec] = {
 }
 
 
-def resolve_mixer_args(model_cfg) -> dict:
-    """model.mixer_args (raw dicts) -> {name: Args} for every registered or configured mixer.
+def resolve_mixer_args(model_cfg: ModelConfig) -> dict:
+    """model.mixers and model.mixer_args (raw dicts) -> {name: Args} for every registered
+    mixer, checked.
 
     Raises ConfigError for an unknown mixer name, an unknown setting, a wrong type, or a
     setting the mixer rejects (check_config).
     """
-    from configs.schema import ConfigError, build_dataclass, to_plain
-
+    _check_mixer_names(model_cfg.mixers)
     raw = model_cfg.mixer_args or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"model.mixer_args: expected a mapping, got {raw!r}")
-    out = {}
-    for name, spec in MIXERS.items():
-        given = raw.get(name, {})
-        if given is None:
-            given = {}
-        if dataclasses.is_dataclass(given):
-            given = to_plain(given)
-        merged = {**to_plain(spec.defaults), **given}
-        out[name] = build_dataclass(type(spec.defaults), merged, f"model.mixer_args.{name}.")
+    out = {name: _build_args(name, spec, raw.get(name)) for name, spec in MIXERS.items()}
     for name in raw:
         if name not in MIXERS:
-            import difflib
             close = difflib.get_close_matches(str(name), list(MIXERS), n=1, cutoff=0.4)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key 'model.mixer_args.{name}'{hint} "
@@ -90,6 +114,26 @@ def resolve_mixer_args(model_cfg) -> dict:
     return out
 
 
-def build_mixer(model_cfg, name: str, *, rngs):
+def _check_mixer_names(mixers) -> None:
+    for i, name in enumerate(mixers):
+        if name not in MIXERS:
+            close = difflib.get_close_matches(name, list(MIXERS), n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"model.mixers[{i}]: unknown mixer '{name}'{hint} "
+                              f"(available: {', '.join(sorted(MIXERS))})")
+
+
+def _build_args(name: str, spec: MixerSpec, given):
+    """The registry's defaults for `name` overridden by `given` (a raw mapping, an Args
+    object, or None), as a checked Args object."""
+    if given is None:
+        given = {}
+    if dataclasses.is_dataclass(given):
+        given = to_plain(given)
+    merged = {**to_plain(spec.defaults), **given}
+    return build_dataclass(type(spec.defaults), merged, f"model.mixer_args.{name}.")
+
+
+def build_mixer(model_cfg: ModelConfig, name: str, *, rngs) -> Mixer:
     spec = MIXERS[name]
     return spec.cls(model_cfg, model_cfg.args_for(name), rngs=rngs)

@@ -10,8 +10,6 @@ Shape legend: B batch, T tokens, D model width, V vocabulary.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 
 import jax
@@ -21,7 +19,7 @@ from flax import nnx, struct
 from layers.cache import refuse_segments_with_cache, tree_nbytes
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
-from layers.registry import build_mixer
+from layers.registry import MixerWithAuxLoss, build_mixer
 from models.sharding import constrain
 from pallas_kernels.common import document_positions
 
@@ -55,19 +53,6 @@ class ModelCache:
         return tree_nbytes(self.layers)
 
 
-@functools.cache
-def takes_segment_ids(mixer_cls) -> bool:
-    """Whether a mixer class's __call__ accepts segment_ids (packed documents)."""
-    return "segment_ids" in inspect.signature(mixer_cls.__call__).parameters
-
-
-def packing_mixers() -> list[str]:
-    """The registered mixer names whose layers keep packed documents apart."""
-    from layers.registry import MIXERS
-
-    return sorted(name for name, spec in MIXERS.items() if takes_segment_ids(spec.cls))
-
-
 class Block(nnx.Module):
     def __init__(self, cfg, mixer_name: str, *, rngs: nnx.Rngs):
         self.mixer_name = mixer_name
@@ -82,20 +67,12 @@ class Block(nnx.Module):
         """-> (x, cache, aux): aux is the mixer's auxiliary training loss (float32 scalar) when
         it has one (`mixer.aux_loss(mixer_input)`, e.g. MoM's router balance), else None."""
         h = self.mixer_norm(x)
-        if segment_ids is None:
-            y, cache = self.mixer(h, positions=positions, cache=cache)
-        else:
-            if not takes_segment_ids(type(self.mixer)):
-                raise ValueError(f"mixer {self.mixer_name!r} does not take segment_ids (packed "
-                                 f"documents) yet; mixers that do: "
-                                 f"{', '.join(packing_mixers())}")
-            y, cache = self.mixer(h, positions=positions, cache=cache, segment_ids=segment_ids)
+        y, cache = self.mixer(h, positions=positions, cache=cache, segment_ids=segment_ids)
         # Recomputes what it needs (MoM: the router); under jit XLA shares it with the mixer's
-        # own computation, and drops it where unused (decode).
+        # own computation, and drops it where unused (decode). Packed rows: real tokens only.
         aux = None
-        if hasattr(self.mixer, "aux_loss"):     # packed rows: over real tokens only
-            aux = (self.mixer.aux_loss(h) if segment_ids is None
-                   else self.mixer.aux_loss(h, segment_ids=segment_ids))
+        if isinstance(self.mixer, MixerWithAuxLoss):
+            aux = self.mixer.aux_loss(h, segment_ids=segment_ids)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache, aux

@@ -22,7 +22,7 @@ maybe_initialize()
 
 import jax  # noqa: E402
 
-from configs import load_config  # noqa: E402
+from models.config_check import load_config  # noqa: E402
 from tests.sharding_worker import OVERRIDES  # noqa: E402
 from training.loop import train  # noqa: E402
 

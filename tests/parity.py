@@ -1,7 +1,10 @@
-"""The decode-parity check every mixer must pass (DESIGN.md, "the mixer contract").
+"""The decode-parity check every mixer must pass: its decode cache holds exactly what the
+tokens so far determine, so however the sequence is fed in, the outputs are the same:
 
 full forward over T tokens == prefill of P tokens then T - P single-token steps
                            == prefill in chunks of size C (the last chunk may be shorter).
+
+Equal up to each dtype's summation-order / rounding tolerance (PARITY_TOL).
 """
 
 from __future__ import annotations

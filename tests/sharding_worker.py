@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 
-from configs import load_config  # noqa: E402
+from models.config_check import load_config  # noqa: E402
 from training.loop import train  # noqa: E402
 
 STEPS = 3

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import load_config
 from layers.attention import Attention, AttentionArgs, attention_mask, softmax_attention
+from models.config_check import load_config
 from pallas_kernels.attention import attention_reference
 from tests.parity import PARITY_TOL, assert_decode_parity, decode_paths, relative_error
 

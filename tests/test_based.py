@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.based import Based, BasedArgs, taylor_feature_map, taylor_kernel_attention
 from layers.gated_conv import GatedConv, GatedConvArgs
+from models.config_check import load_config
 from tests.parity import PARITY_TOL, assert_decode_parity, relative_error
 
 # chunk_size 8 < T = 20: the chunked op crosses chunk boundaries inside one call. SMALL's full

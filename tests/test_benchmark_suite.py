@@ -199,8 +199,8 @@ def test_mla_ablation_baseline_is_mla_and_variants_train(tmp_path):
     import mla_ablation
     from flax import nnx
 
-    from configs import load_config
     from layers.mla import MLA, MLAArgs
+    from models.config_check import load_config
 
     cfg = load_config(None, ["model.d_model=32", "model.n_heads=4", "model.max_len=64",
                              "model.dtype=float32"]).model

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.attention import Attention, AttentionArgs
 from layers.cache import tree_nbytes
 from layers.cca import CCA, CCAArgs
 from models import build_model
+from models.config_check import load_config
 from tests.parity import assert_decode_parity, relative_error
 
 # T = 17 below; per setting a (prefill, chunk) pair: prefills shorter than the conv tail

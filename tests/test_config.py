@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs import Config, ConfigError, load_config, save_config
+from configs import Config, ConfigError, parse_config, read_config_tree, save_config
 from configs.schema import BASE_CONFIG, to_plain
 from layers.registry import MIXERS
+from models.config_check import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,29 @@ def test_bad_input_is_one_clear_line(override, pattern):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file 'configs/nope.yaml' does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_configs_imports_no_model_code():
+    """Reading a config needs no layers, models, kernels or jax: the model side imports configs/,
+    never the other way round (no import cycle, and a config check starts in a blink)."""
+    code = ("import sys, configs, configs.checks, configs.schema; "
+            "print(' '.join(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('layers', 'models', 'pallas_kernels', 'jax'))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+def test_config_checks_without_the_registry():
+    """configs.parse_config runs the config-only checks; the mixer settings stay raw until the
+    model side (models.config_check) resolves them."""
+    raw = read_config_tree("configs/quickstart.yaml", ["model.mixer_args.swa.window=32"])
+    cfg = parse_config(raw)
+    assert cfg.model.mixer_args["swa"]["window"] == 32
+    with pytest.raises(ConfigError, match="data.seq_len=512 exceeds model.max_len=256"):
+        parse_config(read_config_tree("configs/quickstart.yaml", ["data.seq_len=512"]))
+    assert config_from_dict(raw).model.args_for("swa").window == 32
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.delta_net import DeltaNet, DeltaNetArgs, recurrent_step
+from models.config_check import load_config
 from pallas_kernels.gated_delta_rule import gated_delta_rule_reference
 from tests.parity import assert_decode_parity, relative_error
 

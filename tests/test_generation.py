@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import generate as cli
-from configs.schema import load_config
+from models.config_check import load_config
 from models.generation import cache_capacity, generate, sample_next
 from models.lm import build_model
 

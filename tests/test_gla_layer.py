@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.gla import GLA, GLAArgs
+from models.config_check import load_config
 from tests.parity import assert_decode_parity
 
 # d_model 32, 2 heads: K = 8, V = 16 per head; chunk_size 8 < T = 20 crosses chunk boundaries.

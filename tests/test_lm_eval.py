@@ -24,10 +24,10 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from configs.schema import load_config  # noqa: E402
 from data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
 from evals import lm_eval as cli  # noqa: E402
 from evals.lm_eval_adapter import BYTE_PREFIX, AdapterError, MnemaxLM  # noqa: E402
+from models.config_check import load_config  # noqa: E402
 from models.generation import generate  # noqa: E402
 from models.lm import build_model  # noqa: E402
 

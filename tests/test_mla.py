@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.mla import MLA, MLAArgs
 from layers.rope import apply_rope
 from models import build_model
+from models.config_check import load_config
 from pallas_kernels.attention import attention_reference
 from tests.parity import assert_decode_parity, decode_paths, relative_error
 

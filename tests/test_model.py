@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import load_config
 from models import build_model, lm_loss
+from models.config_check import load_config
 from tests.parity import PARITY_TOL, relative_error
 
 BASE = ["model.d_model=32", "model.n_heads=4", "model.n_layers=3", "model.vocab_size=64",

@@ -12,9 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.mom import MoM, MoMArgs, packed_length, plan_dispatch
 from models import build_model
+from models.config_check import load_config
 from tests.parity import assert_decode_parity
 from training.loop import make_train_step
 

@@ -9,9 +9,10 @@ import grain
 import numpy as np
 import pytest
 
-from configs.schema import CONFIG_DIR, ConfigError, DataConfig, load_config
+from configs.schema import CONFIG_DIR, ConfigError, DataConfig
 from data import DataError, describe, make_eval_batches, make_train_iterator
 from data.needle import TRAIN_SPLIT, NeedleSource, needle_start, token_ranges
+from models.config_check import load_config
 
 NEEDLE_YAML = CONFIG_DIR / "needle.yaml"
 

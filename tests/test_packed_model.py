@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import load_config
-from models.lm import build_model, packing_mixers
+from layers.registry import MIXERS
+from models.config_check import load_config
+from models.lm import build_model
 from tests.parity import relative_error
 from tests.test_packed_ops import DOCS, B, T, segment_ids
 
@@ -85,7 +86,7 @@ def check_packed(mixers, dtype="float32", extra=()):
         assert relative_error(got, want) < TOL[dtype], (mixers, jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("mixer", packing_mixers())
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_packed_mixer_equals_each_document_alone(mixer):
     check_packed([mixer])
 
@@ -102,20 +103,10 @@ def test_packed_hybrid_in_bf16():
     check_packed(["gated_deltanet", "swa"], dtype="bfloat16")
 
 
-def test_every_mixer_takes_segment_ids():
-    from layers.registry import MIXERS
-    assert packing_mixers() == sorted(MIXERS)
-
-
-def test_unsupported_mixer_and_cache_are_refused(monkeypatch):
-    import models.lm
+def test_segment_ids_with_a_cache_are_refused():
+    """Packed rows are for the cache-free call; a decode cache runs one sequence per row."""
     tokens, _, seg = data()
     model = tiny(["attn"])
-    # A mixer without segment_ids (none is registered today) is named, not silently leaked.
-    monkeypatch.setattr(models.lm, "takes_segment_ids", lambda cls: False)
-    with pytest.raises(ValueError, match="mixer 'attn' does not take segment_ids"):
-        model(tokens, segment_ids=seg)
-    monkeypatch.undo()
     with pytest.raises(ValueError, match="segment_ids are for the cache-free call"):
         model(tokens, segment_ids=seg, cache=model.init_cache(B, 64))
 

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from configs.schema import DataConfig
 from data.pipeline import make_eval_batches
 from data.stream import WindowSource
 from data.text import open_stream
+from models.config_check import load_config
 
 
 def test_bytes_windows_mark_files_as_documents(tmp_path):
@@ -52,16 +53,6 @@ def test_token_windows_split_at_eos_and_files(tmp_path):
 def test_packing_config_errors(over, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/quickstart.yaml", over)
-
-
-def test_packing_refuses_a_mixer_without_segment_ids(monkeypatch):
-    """Every registered mixer takes segment_ids today; a new one that does not is named."""
-    import models.lm
-    monkeypatch.setattr(models.lm, "packing_mixers", lambda: ["attn"])
-    with pytest.raises(ConfigError, match="mixer\\(s\\) mom do not keep packed documents"):
-        load_config("configs/quickstart.yaml", ["data.kind=bytes", "data.path=x",
-                                                "model.vocab_size=256", "data.packing=true",
-                                                "model.mixers=[mom]"])
 
 
 def packing_bench():

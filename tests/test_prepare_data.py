@@ -143,8 +143,8 @@ def test_bpe_round_trip_partition_and_meta(bpe, docs):
 
 
 def test_printed_overrides_load_through_the_pipeline(bpe):
-    from configs.schema import load_config
     from data import make_eval_batches, make_train_iterator
+    from models.config_check import load_config
 
     out, stdout = bpe
     o = overrides(stdout)

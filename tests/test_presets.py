@@ -13,7 +13,7 @@ import jax
 import pytest
 from flax import nnx
 
-from configs import load_config
+from models.config_check import load_config
 from models.lm import build_model
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"

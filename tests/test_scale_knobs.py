@@ -12,8 +12,8 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from configs import load_config
 from configs.schema import ConfigError
+from models.config_check import load_config
 from models.lm import REMAT_POLICIES, build_model, lm_loss
 from training.checkpoint import Checkpointer
 from training.loop import evaluate, make_train_step, train

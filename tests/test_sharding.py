@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import load_config
+from models.config_check import load_config
 from models.sharding import (
     MeshError,
     make_mesh,

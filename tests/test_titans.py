@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.titans import TitansArgs, TitansMemory
 from models import build_model
+from models.config_check import load_config
 from tests.parity import assert_decode_parity
 
 # Memory chunk 8 with T = 20: a pass crosses memory chunks and ends mid-chunk; the persistent

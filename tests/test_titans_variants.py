@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ConfigError, load_config
+from configs import ConfigError
 from layers.rope import apply_rope
 from layers.titans_variants import TitansMAC, TitansMACArgs, TitansMAG, TitansMAGArgs
+from models.config_check import load_config
 from pallas_kernels.titans import titans_memory
 from tests.parity import assert_decode_parity
 

@@ -5,7 +5,6 @@ import random
 
 import pytest
 
-from configs import load_config
 from data import DataError
 from data.tokenizer import (
     ByteTokenizer,
@@ -13,6 +12,7 @@ from data.tokenizer import (
     save_to_run_dir,
     tokenizer_for_run,
 )
+from models.config_check import load_config
 
 WORDS = ("the cat dog sat ran on under a big small red mat hat sun moon and then "
          "she he said café naïve über").split()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import load_config
+from models.config_check import load_config
 from training.checkpoint import CheckpointError, restore_for_inference
 from training.loop import train
 

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs.schema import Config, ConfigError, config_from_dict, to_plain
+from configs.schema import Config, ConfigError, to_plain
+from models.config_check import config_from_dict
 from training.paths import run_path
 
 logging.getLogger("absl").setLevel(logging.ERROR)

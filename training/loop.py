@@ -13,8 +13,10 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from configs.schema import Config, save_config
 from models.lm import build_model, lm_loss_sums
@@ -298,8 +301,34 @@ def _eval_bytes(batches, tokenizer) -> list[int] | None:
 
 def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
            tokenizer) -> dict:
-    from data import describe
+    graphdef, optimizer, params, opt_state, shardings = _initial_state(cfg, mesh)
+    start_step, params, opt_state, data_state = _resume_newest(
+        cfg, run_dir, ckpt, train_iter, params, opt_state, shardings)
+    _write_run_files(cfg, run_dir)
+    logger = _Logger(cfg, run_dir, start_step)
+    data_summary = _announce_start(cfg, run_dir, logger, params, start_step, data_state)
+    train_step, eval_step = make_train_step(graphdef, optimizer,
+                                            (*shardings, batch_sharding(mesh)),
+                                            remat=cfg.train.remat,
+                                            grad_accum_steps=cfg.train.grad_accum_steps)
+    batch_bytes = _eval_bytes(eval_batches, tokenizer)
+    eval_batches = [shard_batch(b, mesh) for b in eval_batches]
+    run = _Run(cfg=cfg, mesh=mesh, train_iter=train_iter, train_step=train_step,
+               evaluate=lambda params: evaluate(eval_step, params, eval_batches, batch_bytes),
+               logger=logger, ckpt=ckpt, data_summary=data_summary)
+    with _sigterm_flag() as flag:
+        try:
+            return _step_loop(run, params, opt_state, start_step,
+                              stop_requested=partial(_stop_requested, flag, stop_at_step))
+        finally:
+            ckpt.wait()
+            logger.close()
 
+
+def _initial_state(cfg, mesh):
+    """-> (graphdef, optimizer, params, opt_state, (params shardings, opt_state shardings)):
+    a fresh model's parameters and optimizer state, placed sharded on the mesh (FSDP / tensor
+    rules in models/sharding.py); the initial values are built on the host and placed once."""
     model = build_model(cfg.model, seed=cfg.train.seed)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
@@ -309,31 +338,38 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
     if warmup != cfg.optim.warmup_steps:
         print(f"note: optim.warmup_steps={cfg.optim.warmup_steps} >= train.steps="
               f"{cfg.train.steps}; warming up over {warmup} steps instead", flush=True)
-    # Params and optimizer state live sharded on the mesh from here on (FSDP / tensor rules in
-    # models/sharding.py); the initial values are built on the host and placed once.
     p_sh = param_shardings(params, mesh, cfg.model.d_model)
     params = jax.device_put(params, p_sh)
     o_sh = follow_params(jax.eval_shape(optimizer.init, params), params, p_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(params)
+    return graphdef, optimizer, params, opt_state, (p_sh, o_sh)
 
+
+def _resume_newest(cfg, run_dir, ckpt, train_iter, params, opt_state, shardings):
+    """-> (start step, params, opt_state, data state or None): the newest readable checkpoint
+    of the run dir restored (the data iterator moved to its position), or the given state at
+    step 0. An unreadable newer checkpoint (a truncated file after a crash) is named in a
+    warning and left in place."""
     def resume(step: int):
         check_same_model(ckpt.read_config(step), cfg, f"run dir '{run_dir}'")
         # Restored straight into this run's shardings, whatever mesh wrote the checkpoint.
-        return ckpt.restore_train_state(step, params, opt_state, shardings=(p_sh, o_sh))
+        return ckpt.restore_train_state(step, params, opt_state, shardings=shardings)
 
-    # The newest checkpoint that can be read; an unreadable newer one (a truncated file after a
-    # crash) is named in a warning and left in place.
     found = ckpt.restore_newest_readable(resume)
-    start_step, data_state = 0, None
-    if found is not None:
-        start_step, (params, opt_state, data_state) = found
-        try:
-            train_iter.set_state(data_state["iterator"])
-        except Exception as e:  # a hand-edited or foreign data state
-            raise CheckpointError(f"checkpoint step {start_step} in '{run_dir}' has a "
-                                  f"data-iterator state this data pipeline cannot restore "
-                                  f"({type(e).__name__}: {e})") from None
+    if found is None:
+        return 0, params, opt_state, None
+    start_step, (params, opt_state, data_state) = found
+    try:
+        train_iter.set_state(data_state["iterator"])
+    except Exception as e:  # a hand-edited or foreign data state
+        raise CheckpointError(f"checkpoint step {start_step} in '{run_dir}' has a "
+                              f"data-iterator state this data pipeline cannot restore "
+                              f"({type(e).__name__}: {e})") from None
+    return start_step, params, opt_state, data_state
 
+
+def _write_run_files(cfg, run_dir) -> None:
+    """The run dir with its config.yaml and its own copy of the tokenizer (process 0)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -341,7 +377,13 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
             from data.tokenizer import save_to_run_dir
 
             save_to_run_dir(cfg.data.tokenizer, run_dir)
-    logger = _Logger(cfg, run_dir, start_step)
+
+
+def _announce_start(cfg, run_dir, logger, params, start_step, data_state) -> str:
+    """Logs what the run is (or resumes); warns when the data differ from the checkpoint's.
+    -> the data summary the checkpoints record."""
+    from data import describe
+
     data_summary = describe(cfg.data, cfg.model.vocab_size)
     if data_state is not None and data_state.get("source") != data_summary:
         # The iterator state is an index into the data: on other data it resumes elsewhere.
@@ -351,58 +393,103 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
     logger.message(f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
                    f"{n_params / 1e6:.3f}M params, mixers {list(cfg.model.layer_mixers())}, "
                    f"data {data_summary}, run dir {run_dir}")
+    return data_summary
 
-    train_step, eval_step = make_train_step(graphdef, optimizer,
-                                            (p_sh, o_sh, batch_sharding(mesh)),
-                                            remat=cfg.train.remat,
-                                            grad_accum_steps=cfg.train.grad_accum_steps)
-    batch_bytes = _eval_bytes(eval_batches, tokenizer)
-    eval_batches = [shard_batch(b, mesh) for b in eval_batches]
-    lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    t, last_metrics = cfg.train, {}
-    step = start_step
-    clock, clock_step = time.perf_counter(), start_step
-    with _sigterm_flag() as flag:
-        try:
-            while step < t.steps:
-                batch = shard_batch(next(train_iter), mesh)
-                params, opt_state, m = train_step(params, opt_state, batch)
-                step += 1
-                stop = flag["stop"] or (stop_at_step is not None and step >= stop_at_step)
-                if jax.process_count() > 1:
-                    # A SIGTERM reaches the hosts at different times: stop together (one small
-                    # host all-gather per step), or one host would wait forever in a collective.
-                    stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-                if step % t.log_every == 0 or step == t.steps or stop:
-                    m = {k: float(v) for k, v in m.items()}
-                    now = time.perf_counter()
-                    tps = tokens_per_step * (step - clock_step) / max(now - clock, 1e-9)
-                    clock, clock_step = now, step
-                    last_metrics = {"step": step, **m, "lr": float(lr_at(step - 1)),
-                                    "tokens_per_s": tps}
-                    logger.write(last_metrics)
-                    logger.progress(step, f"loss {m['loss']:.4f} acc {m['acc']:.3f} "
-                                          f"{tps:,.0f} tok/s")
-                if step % t.eval_every == 0 or step == t.steps:
-                    ev = evaluate(eval_step, params, eval_batches, batch_bytes)
-                    last_metrics = {**last_metrics, **ev}
-                    logger.write({"step": step, **ev})
-                    bpb = f" bpb {ev['eval_bpb']:.4f}" if "eval_bpb" in ev else ""
-                    logger.message(f"step {step}: eval loss {ev['eval_loss']:.4f} "
-                                   f"ppl {ev['eval_ppl']:.2f}{bpb} acc {ev['eval_acc']:.3f}")
-                    clock = time.perf_counter()  # eval time is not training throughput
-                    if t.early_stop_acc is not None and ev["eval_acc"] >= t.early_stop_acc:
-                        logger.message(f"step {step}: eval acc {ev['eval_acc']:.3f} >= "
-                                       f"train.early_stop_acc={t.early_stop_acc:g}")
-                        stop = True
-                if step % t.checkpoint_every == 0 or step == t.steps or stop:
-                    ckpt.save(step, params, opt_state,
-                              {"iterator": train_iter.get_state(), "source": data_summary}, cfg)
-                if stop:
-                    logger.message(f"stopping at step {step} (checkpoint saved)")
-                    break
-        finally:
-            ckpt.wait()
-            logger.close()
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the step loop works with, fixed for the run."""
+
+    cfg: Config
+    mesh: Mesh
+    train_iter: Any                     # data/pipeline.py: next(), get_state(), set_state()
+    train_step: Callable                # (params, opt_state, batch) -> (params, opt_state, m)
+    evaluate: Callable[[Any], dict]     # params -> eval metrics (evaluate's dict)
+    logger: _Logger
+    ckpt: Checkpointer
+    data_summary: str
+
+
+class _Throughput:
+    """Training tokens per second since the last report; eval time is left out."""
+
+    def __init__(self, tokens_per_step: int, step: int):
+        self.tokens_per_step = tokens_per_step
+        self.clock, self.step = time.perf_counter(), step
+
+    def report(self, step: int) -> float:
+        now = time.perf_counter()
+        tps = self.tokens_per_step * (step - self.step) / max(now - self.clock, 1e-9)
+        self.clock, self.step = now, step
+        return tps
+
+    def skip_pause(self) -> None:
+        """Restart the clock (not the step count) after time spent off training."""
+        self.clock = time.perf_counter()
+
+
+def _stop_requested(flag: dict, stop_at_step: int | None, step: int) -> bool:
+    """SIGTERM arrived (on any host), or the test's stop_at_step is reached."""
+    stop = flag["stop"] or (stop_at_step is not None and step >= stop_at_step)
+    if jax.process_count() > 1:
+        # A SIGTERM reaches the hosts at different times: stop together (one small host
+        # all-gather per step), or one host would wait forever in a collective.
+        stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+    return stop
+
+
+def _step_loop(run: _Run, params, opt_state, start_step: int, stop_requested) -> dict:
+    """Steps from start_step to train.steps (or an earlier stop): logs, evals and checkpoints
+    on their schedules; -> the last logged metrics with the final step."""
+    t = run.cfg.train
+    lr_at = learning_rate_schedule(run.cfg.optim, t.steps)
+    meter = _Throughput(run.cfg.data.batch_size * run.cfg.data.seq_len, start_step)
+    step, last_metrics = start_step, {}
+    while step < t.steps:
+        batch = shard_batch(next(run.train_iter), run.mesh)
+        params, opt_state, m = run.train_step(params, opt_state, batch)
+        step += 1
+        stop = stop_requested(step)
+        if step % t.log_every == 0 or step == t.steps or stop:
+            last_metrics = _log_train(run.logger, step, m, float(lr_at(step - 1)),
+                                      meter.report(step))
+        if step % t.eval_every == 0 or step == t.steps:
+            ev = run.evaluate(params)
+            last_metrics = {**last_metrics, **ev}
+            _log_eval(run.logger, step, ev)
+            meter.skip_pause()
+            if _reached_early_stop(run.logger, step, ev, t.early_stop_acc):
+                stop = True
+        if step % t.checkpoint_every == 0 or step == t.steps or stop:
+            run.ckpt.save(step, params, opt_state,
+                          {"iterator": run.train_iter.get_state(), "source": run.data_summary},
+                          run.cfg)
+        if stop:
+            run.logger.message(f"stopping at step {step} (checkpoint saved)")
+            break
     return {"step": step, **last_metrics}
+
+
+def _log_train(logger: _Logger, step: int, m: dict, lr: float, tps: float) -> dict:
+    """Writes and shows the step's training metrics; -> the record written."""
+    m = {k: float(v) for k, v in m.items()}
+    record = {"step": step, **m, "lr": lr, "tokens_per_s": tps}
+    logger.write(record)
+    logger.progress(step, f"loss {m['loss']:.4f} acc {m['acc']:.3f} {tps:,.0f} tok/s")
+    return record
+
+
+def _log_eval(logger: _Logger, step: int, ev: dict) -> None:
+    logger.write({"step": step, **ev})
+    bpb = f" bpb {ev['eval_bpb']:.4f}" if "eval_bpb" in ev else ""
+    logger.message(f"step {step}: eval loss {ev['eval_loss']:.4f} "
+                   f"ppl {ev['eval_ppl']:.2f}{bpb} acc {ev['eval_acc']:.3f}")
+
+
+def _reached_early_stop(logger: _Logger, step: int, ev: dict, early_stop_acc) -> bool:
+    """Whether the eval accuracy reached train.early_stop_acc (said in the log when it did)."""
+    if early_stop_acc is None or ev["eval_acc"] < early_stop_acc:
+        return False
+    logger.message(f"step {step}: eval acc {ev['eval_acc']:.3f} >= "
+                   f"train.early_stop_acc={early_stop_acc:g}")
+    return True
