@@ -104,7 +104,7 @@ def lowered_train_step(mixer: str, *, seq_len: int = 128, batch: int = 2, d_mode
                        platform: str = "gpu", extra: tuple[str, ...] = ()) -> str:
     """The lowered text of a bf16 2-layer `mixer` model's jitted train step, lowered for
     `platform` ("gpu" -> cuda, "tpu") from this machine with its auto choices."""
-    from configs import load_config
+    from models.config_check import load_config
     from models.lm import build_model
     from pallas_kernels.backends import lowering_for
     from training.loop import make_train_step

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import (
-    PRECISION,
     ChunkMasks,
     default_scale,
     from_chunks,
@@ -64,7 +63,7 @@ def _exp_masked(x, mask):
     return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def _gla_intra(qs, ks, vs, g_cum, sub, count=None):
+def _gla_intra(qs, ks, vs, g_cum, sub, count=None, dtype=jnp.float32):
     """Intra-chunk output sum_{j<=i} (sum_d q_id k_jd exp(G_id - G_jd)) v_j.
 
     Args:
@@ -75,6 +74,8 @@ def _gla_intra(qs, ks, vs, g_cum, sub, count=None):
         sub: sub-chunk size c (divides C).
         count: optional [B, 1, N, C] in-chunk document-start counts (common.ChunkMasks.count):
             pairs in different documents are dropped.
+        dtype: matmul operand dtype (precision.operand_dtype); the decay factors are formed
+            in float32 and enter the score matmuls multiplied into the queries.
 
     Returns:
         [B, H, N, C, V] float32.
@@ -87,8 +88,8 @@ def _gla_intra(qs, ks, vs, g_cum, sub, count=None):
     # Diagonal sub-blocks: pairwise decay, causal inside the sub-chunk.
     causal = np.tril(np.ones((sub, sub), bool))[:, :, None]               # [c(i), c(j), 1]
     diff = g4[..., :, None, :] - g4[..., None, :, :]                        # [..., S, c, c, K]
-    a_diag = jnp.einsum("bhnsik,bhnsjk,bhnsijk->bhnsij", q4, k4, _exp_masked(diff, causal),
-                        precision=PRECISION)
+    a_diag = matmul("bhnsijk,bhnsjk->bhnsij", q4[..., :, None, :] * _exp_masked(diff, causal),
+                    k4, dtype)
     if count is not None:
         c4 = count.reshape(b, 1, n, s, sub)
         a_diag = jnp.where(c4[..., :, None] == c4[..., None, :], a_diag, 0.0)
@@ -101,17 +102,16 @@ def _gla_intra(qs, ks, vs, g_cum, sub, count=None):
     later = (np.arange(s)[:, None] > np.arange(s)[None, :])[:, :, None]   # a > b
     bridge = _exp_masked(prev[..., :, None, :] - ref[..., None, :, :], later)  # [..., a, b, K]
     # einsum letters: x = query sub-chunk a, y = key sub-chunk b (z is the batch axis).
-    a_off = jnp.einsum("zhnxik,zhnxyk,zhnyjk->zhnxyij", q_ref, bridge, k_ref,
-                       precision=PRECISION)
+    a_off = matmul("zhnxyik,zhnyjk->zhnxyij", q_ref[..., :, None, :, :] * bridge[..., None, :],
+                   k_ref, dtype)
     if count is not None:
         same = c4[:, :, :, :, None, :, None] == c4[:, :, :, None, :, None, :]  # [.., a, b, i, j]
         a_off = jnp.where(same, a_off, 0.0)
 
     # Scores stay in [a, b, i, j] block layout and multiply v per block, rather than being
-    # transposed into a [C, C] matrix: fewer copies, and it sidesteps an XLA:CPU crash (jaxlib
-    # 0.10.2, YNN transpose fusion, segfault in the gradient when N == 1).
-    o = jnp.einsum("zhnxyij,zhnyjv->zhnxiv", a_off, v4, precision=PRECISION)
-    o = o + jnp.einsum("zhnxij,zhnxjv->zhnxiv", a_diag, v4, precision=PRECISION)
+    # transposed into a [C, C] matrix: fewer copies.
+    o = matmul("zhnxyij,zhnyjv->zhnxiv", a_off, v4, dtype)
+    o = o + matmul("zhnxij,zhnxjv->zhnxiv", a_diag, v4, dtype)
     return o.reshape(b, h, n, cs, vs.shape[-1])
 
 
@@ -172,7 +172,8 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
                                backend=state_impl)
 
     sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
-    o = o + _gla_intra(qc, kc, vc, g_cum, sub, None if masks is None else masks.count)
+    o = o + _gla_intra(qc, kc, vc, g_cum, sub, None if masks is None else masks.count,
+                       operand_dtype(precision))
     return _finish(o, s_final, t, q.dtype, output_final_state)
 
 
