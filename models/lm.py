@@ -10,6 +10,7 @@ Shape legend: B batch, T tokens, D model width, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -21,6 +22,7 @@ from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import MixerWithAuxLoss, build_mixer
 from models.sharding import constrain
+from pallas_kernels.backends import forward_only
 from pallas_kernels.common import document_positions
 
 RESIDUAL = ("batch", None, None)     # logical axes of the residual stream [B, T, D]
@@ -137,18 +139,22 @@ class LM(nnx.Module):
         # (models/sharding.py; a no-op without one).
         x = constrain(self.embed(tokens), RESIDUAL)
         new_layers, aux = [], []
-        for i, block in enumerate(self.blocks):
-            if remat != "none":
-                x, layer_cache, layer_aux = _remat_block(block, x, positions, segment_ids,
-                                                         REMAT_POLICIES[remat])
-            else:
-                x, layer_cache, layer_aux = block(
-                    x, positions=positions, cache=None if cache is None else cache.layers[i],
-                    segment_ids=segment_ids)
-            x = constrain(x, RESIDUAL)
-            new_layers.append(layer_cache)
-            if layer_aux is not None:
-                aux.append(layer_aux)
+        # A call with a cache (prefill, decode) is never differentiated: "auto" backends may
+        # take their forward-only choice (pallas_kernels/backends.AUTO_FORWARD).
+        with forward_only() if cache is not None else contextlib.nullcontext():
+            for i, block in enumerate(self.blocks):
+                if remat != "none":
+                    x, layer_cache, layer_aux = _remat_block(block, x, positions, segment_ids,
+                                                             REMAT_POLICIES[remat])
+                else:
+                    x, layer_cache, layer_aux = block(
+                        x, positions=positions,
+                        cache=None if cache is None else cache.layers[i],
+                        segment_ids=segment_ids)
+                x = constrain(x, RESIDUAL)
+                new_layers.append(layer_cache)
+                if layer_aux is not None:
+                    aux.append(layer_aux)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         if cache is not None:

@@ -40,6 +40,7 @@ AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash"]
 TitansBackend = Literal["auto", "reference", "xla"]
 
 _CHUNKED = tuple(b for b in get_args(LinearBackend) if b != "auto")
+_LINEAR_OPS = ("linear_attention", "gla", "simple_gla", "delta_rule", "gated_delta_rule")
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "attention": tuple(b for b in get_args(AttentionBackend) if b != "auto"),
     "linear_attention": _CHUNKED,
@@ -63,12 +64,10 @@ class AutoChoice:
     basis: str
 
 
-_XLA_DEFAULT = "the portable chunked form; no kernel of ours has run on this platform yet"
+_CHUNKED_ON_CPU = "measured (benchmarks/ops.py): chunked fwd+bwd beats the token scan's"
 _UNMEASURED_KERNEL = ("our Pallas kernel is lowered in CI but has not run on a device, so the "
                       "XLA form stays the default")
-# On this CPU the token scan beats the chunked form where the state is small and the chunk
-# work large: benchmarks/ops.py measures both side by side (benchmarks/results/ops_cpu.md).
-_CPU_SCAN = "measured on CPU: benchmarks/ops.py, token scan vs chunked, forward and backward"
+_SCAN_ON_CPU = "measured (benchmarks/ops.py): the token scan's forward beats chunked"
 
 AUTO: dict[str, dict[str, AutoChoice]] = {
     "attention": {
@@ -76,11 +75,18 @@ AUTO: dict[str, dict[str, AutoChoice]] = {
         "gpu": AutoChoice("xla", "our flash kernel is lowered in CI but has not run on a GPU"),
         "tpu": AutoChoice("splash", "jax's own TPU kernel; not measured by us"),
     },
-    **{op: {"cpu": AutoChoice("xla", _XLA_DEFAULT), "gpu": AutoChoice("xla", _UNMEASURED_KERNEL),
+    **{op: {"cpu": AutoChoice("xla", _CHUNKED_ON_CPU),
+            "gpu": AutoChoice("xla", _UNMEASURED_KERNEL),
             "tpu": AutoChoice("xla", _UNMEASURED_KERNEL)}
-       for op in ("linear_attention", "gla", "simple_gla", "delta_rule", "gated_delta_rule")},
+       for op in _LINEAR_OPS},
     "titans_memory": {p: AutoChoice("xla", "the chunked form; Titans has no kernel yet")
                       for p in PLATFORMS},
+}
+
+# Where a call that is never differentiated (inside `forward_only()`: prefill, evaluation) is
+# better served by another backend than training is; missing entries fall back to AUTO.
+AUTO_FORWARD: dict[str, dict[str, AutoChoice]] = {
+    op: {"cpu": AutoChoice("reference", _SCAN_ON_CPU)} for op in _LINEAR_OPS
 }
 
 
@@ -126,6 +132,14 @@ def lowering_for(platform: str):
     return _setting("platform", platform)
 
 
+def forward_only():
+    """Inside this block "auto" may pick a backend that is faster without a backward pass
+    (AUTO_FORWARD): for calls that are never differentiated, such as a decode cache's prefill
+    or an evaluation step. Enter it inside the traced function, so that a jitted training
+    step never sees it."""
+    return _setting("forward_only", True)
+
+
 def interpret_kernels(enabled: bool = True):
     """Inside this block a Pallas kernel whose platform is not this machine's runs in the
     Pallas interpreter (slow; how the CPU tests check the kernels' numbers). On the kernel's
@@ -140,9 +154,13 @@ def needs_interpreter(backend: str) -> bool:
     return kernel_platform is not None and kernel_platform != target_platform()
 
 
-def auto_backend(op: str, platform: str | None = None) -> str:
-    """The backend "auto" means for `op` on `platform` (default: the target platform)."""
+def auto_backend(op: str, platform: str | None = None, forward: bool | None = None) -> str:
+    """The backend "auto" means for `op` on `platform` (default: the target platform), for a
+    forward-only call if `forward` (default: inside `forward_only()`)."""
     platform = platform or target_platform()
+    forward = getattr(_STATE, "forward_only", False) if forward is None else forward
+    if forward and platform in AUTO_FORWARD.get(op, {}):
+        return AUTO_FORWARD[op][platform].backend
     return AUTO[op].get(platform, AUTO[op]["cpu"]).backend
 
 
@@ -177,10 +195,14 @@ def kernel_interpret(backend: str) -> bool:
 
 
 def backend_table() -> str:
-    """The AUTO table as Markdown rows (op, platform, choice, basis): README and benchmarks."""
-    rows = ["| op | platform | auto | why |", "|---|---|---|---|"]
+    """The AUTO and AUTO_FORWARD tables as Markdown rows: README and benchmarks."""
+    rows = ["| op | platform | backends | auto | auto, forward only | why |",
+            "|---|---|---|---|---|---|"]
     for op, by_platform in AUTO.items():
         for platform in PLATFORMS:
             choice = by_platform[platform]
-            rows.append(f"| {op} | {platform} | {choice.backend} | {choice.basis} |")
+            fwd = AUTO_FORWARD.get(op, {}).get(platform, choice)
+            why = choice.basis if fwd is choice else f"{choice.basis}; {fwd.basis}"
+            rows.append(f"| {op} | {platform} | {', '.join(OP_BACKENDS[op])} | "
+                        f"{choice.backend} | {fwd.backend} | {why} |")
     return "\n".join(rows)

@@ -37,6 +37,7 @@ from models.sharding import (
     shard_batch,
     use_mesh,
 )
+from pallas_kernels.backends import forward_only
 from training.checkpoint import Checkpointer, CheckpointError, check_same_model
 from training.optim import effective_warmup, learning_rate_schedule, make_optimizer
 from training.paths import append_line, is_remote, run_path
@@ -117,8 +118,9 @@ def make_train_step(graphdef, optimizer, shardings=None, *, remat: str = "none",
 
     @partial(jax.jit, **eval_jit)
     def eval_step(params, batch):
-        logits, _ = nnx.merge(graphdef, params)(batch["inputs"],
-                                                segment_ids=batch.get("segment_ids"))
+        with forward_only():   # never differentiated: "auto" may take its forward-only choice
+            logits, _ = nnx.merge(graphdef, params)(batch["inputs"],
+                                                    segment_ids=batch.get("segment_ids"))
         return lm_loss_sums(logits, batch["targets"], batch["loss_mask"])
 
     return train_step, eval_step
