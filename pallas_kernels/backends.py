@@ -114,7 +114,14 @@ def _setting(name: str, value) -> Iterator[None]:
         setattr(_STATE, name, previous)
 
 
-def lowering_for(platform: str):
+# The GPU a `lowering_for("gpu")` block lowers for: Triton lowering reads the target's compute
+# capability from the device, and a CPU has none, so the block names one (the lent machines'
+# H100; an H200 is the same sm_90 target).
+LOWERING_GPU = "NVIDIA H100"
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str, device_kind: str | None = None) -> Iterator[None]:
     """Inside this block the ops build their kernels for `platform` ("gpu" or "tpu") instead
     of refusing them on a CPU: for lowering a function for a device this machine lacks,
 
@@ -122,14 +129,23 @@ def lowering_for(platform: str):
             jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
     which runs the Pallas -> Triton / Mosaic lowering with its resource checks (shared memory,
-    VMEM, block shapes) without executing anything. "auto" resolves as on that platform.
+    VMEM, block shapes) without executing anything. "auto" resolves as on that platform. For
+    "gpu" the block also enters an abstract mesh whose device is `device_kind` (default
+    LOWERING_GPU): jax's Triton lowering takes the target GPU from there when none is attached.
 
     Raises:
         ValueError: a platform other than "gpu" or "tpu".
     """
     if platform not in ("gpu", "tpu"):
         raise ValueError(f"lowering_for: platform must be 'gpu' or 'tpu'; got {platform!r}")
-    return _setting("platform", platform)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_setting("platform", platform))
+        if platform == "gpu" and jax.default_backend() != "gpu":
+            device = jax.sharding.AbstractDevice(device_kind=device_kind or LOWERING_GPU,
+                                                 num_cores=None, platform="gpu")
+            mesh = jax.sharding.AbstractMesh((1,), ("lowering",), abstract_device=device)
+            stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+        yield
 
 
 def forward_only():
