@@ -19,10 +19,7 @@ Pallas backends run off their platform only with interpret=True (the CPU tests).
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from pallas_kernels.attention.reference import attention_reference, packed_visibility
+from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.xla import softmax_attention
 from pallas_kernels.common import (
     check_segment_ids,
@@ -30,22 +27,13 @@ from pallas_kernels.common import (
     target_platform,
     zero_padding,
 )
+from pallas_kernels.masks import packed_visibility, visibility_mask
 
-__all__ = ["BACKENDS", "attention", "attention_reference", "softmax_attention", "visibility_mask"]
+__all__ = ["BACKENDS", "attention", "attention_reference", "softmax_attention"]
 
 BACKENDS = ("xla", "flash", "splash", "reference")
 # Platform each Pallas backend compiles for; elsewhere it needs interpret=True.
 _KERNEL_PLATFORM = {"flash": "gpu", "splash": "tpu"}
-
-
-def visibility_mask(seq_len: int, window: int | None, n_sinks: int) -> jax.Array:
-    """[T, T] bool: query t (rows) sees key j (columns)."""
-    t = jnp.arange(seq_len)[:, None]
-    j = jnp.arange(seq_len)[None, :]
-    visible = j <= t
-    if window is not None:
-        visible &= (t - j < window) | (j < n_sinks)
-    return visible
 
 
 def _check(q, k, v, window, n_sinks) -> None:
@@ -85,8 +73,8 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         interpret: run a Pallas backend in the Pallas interpreter (CPU tests).
         segment_ids: optional [B, T] int ids of packed documents (0 = padding): a query sees
             only keys of its own document, windows and sinks count in-document positions
-            (reference.packed_visibility). Every backend; "flash" and "splash" not together
-            with sinks (their sink blocks are the row's first).
+            (pallas_kernels/masks.packed_visibility). Every backend; "flash" and "splash"
+            not together with sinks (their sink blocks are the row's first).
 
     Returns:
         [B, T, H, Dh] in q's dtype.
