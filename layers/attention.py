@@ -20,7 +20,6 @@ Caches:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.projections import output_projection, projection
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention as attention_op
 from pallas_kernels.attention.xla import softmax_attention  # noqa: F401 (re-exported)
@@ -165,14 +165,9 @@ class Attention(nnx.Module):
         # One-token steps on a ring write first and attend in place (below); False keeps them
         # on the chunk path, as they were: only for benchmarks/decode.py's before/after.
         self.ring_step_in_place = True
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.qkv = nnx.Linear(cfg.d_model, qkv_out, kernel_init=init, **lin)
-        self.out = nnx.Linear(self.n_heads * self.head_dim, cfg.d_model, kernel_init=out_init,
-                              **lin)
+        self.qkv = projection(cfg, cfg.d_model, qkv_out, rngs=rngs)
+        self.out = output_projection(cfg, self.n_heads * self.head_dim, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: AttentionArgs, name: str) -> list[str]:

@@ -40,7 +40,6 @@ identity, tested in tests/test_based.py):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import jax
@@ -48,9 +47,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
-from pallas_kernels.attention.reference import packed_visibility
+from layers.projections import output_projection, projection
 from pallas_kernels.common import PRECISION, zero_padding
 from pallas_kernels.linear_attention import EPS, linear_attention
+from pallas_kernels.masks import packed_visibility
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 
@@ -132,12 +132,8 @@ class Based(nnx.Module):
         self.backend = args.backend
         self.dtype = jnp.dtype(cfg.dtype)
         h, fd = self.n_heads, self.feature_dim
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.qkv = nnx.Linear(cfg.d_model, h * (2 * fd + self.head_v), kernel_init=init, **lin)
-        self.out = nnx.Linear(h * self.head_v, cfg.d_model, kernel_init=out_init, **lin)
+        self.qkv = projection(cfg, cfg.d_model, h * (2 * fd + self.head_v), rngs=rngs)
+        self.out = output_projection(cfg, h * self.head_v, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: BasedArgs, name: str) -> list[str]:

@@ -64,9 +64,10 @@ from layers.attention import (
 )
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache
+from layers.projections import output_projection, projection
 from layers.rope import apply_rope
-from pallas_kernels.attention.reference import packed_visibility
 from pallas_kernels.common import document_positions
+from pallas_kernels.masks import packed_visibility
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +121,8 @@ class CCA(nnx.Module):
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers), as attention.
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
         # One matmul for W_q, W_k and both value halves [W_v1, W_v2] (step 1 and step 4).
-        self.qkv = nnx.Linear(d, (h + 2 * hkv) * dh, kernel_init=init, **lin)
+        self.qkv = projection(cfg, d, (h + 2 * hkv) * dh, rngs=rngs)
         e = (h + hkv) * dh
         k0, k1 = jax.random.split(rngs.params())
         # PyTorch Conv1d init, uniform(+-1/sqrt(fan_in)): fan-in W (depthwise), W * Dh (grouped).
@@ -137,7 +134,7 @@ class CCA(nnx.Module):
         # Biases 1-D: training/optim.py decays every parameter of 2 or more dims.
         self.conv2_bias = nnx.Param(jnp.zeros((e,), jnp.float32))
         self.log_temp = nnx.Param(jnp.zeros((hkv,), jnp.float32))   # tau: temperature exp(tau)
-        self.out = nnx.Linear(h * dh, d, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, h * dh, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: CCAArgs, name: str) -> list[str]:

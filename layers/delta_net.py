@@ -29,6 +29,7 @@ not depend on max_len.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -39,6 +40,7 @@ from flax import nnx, struct
 from layers.cache import CacheBytes
 from layers.conv import ConvCache, ShortConv
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 
@@ -126,28 +128,22 @@ class DeltaNet(nnx.Module):
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers), as attention.
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.k_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.v_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
-        self.b_proj = nnx.Linear(d, h, kernel_init=init, **lin)
+        proj = functools.partial(projection, cfg, d, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = proj(h * kd), proj(h * kd), proj(h * vd)
+        self.b_proj = proj(h)
         conv = dict(dtype=self.dtype, rngs=rngs)
         self.q_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.k_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.v_conv = ShortConv(h * vd, args.conv_width, **conv)
         if self.gated:
-            self.a_proj = nnx.Linear(d, h, kernel_init=init, **lin)
-            self.g_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
+            self.a_proj, self.g_proj = proj(h), proj(h * vd)
             a_log, dt_bias = decay_init(rngs.params(), (h,))
             self.A_log, self.dt_bias = nnx.Param(a_log), nnx.Param(dt_bias)
         else:
             self.a_proj = self.g_proj = self.A_log = self.dt_bias = None
         # One RMSNorm over V shared by the heads, as in flash-linear-attention's layers.
         self.o_norm = RMSNorm(vd, eps=cfg.norm_eps)
-        self.out = nnx.Linear(h * vd, d, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, h * vd, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: DeltaNetArgs, name: str) -> list[str]:

@@ -36,7 +36,7 @@ extension (and its softmax-scale correction) is not implemented.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Literal
 
 import jax
@@ -46,8 +46,9 @@ from flax import nnx, struct
 from layers.attention import attention_mask, softmax_attention, window_errors, write_slots
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from layers.rope import apply_rope
-from pallas_kernels.attention.reference import packed_visibility
+from pallas_kernels.masks import packed_visibility
 
 ABSORB_MODES = ("decode", "always", "never")
 
@@ -113,25 +114,20 @@ class MLA(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
         h, r = self.n_heads, self.kv_lora_rank
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style, as in attention.py: residual-branch outputs scaled by 1/sqrt(2 n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
-                   rngs=rngs)
+        proj = functools.partial(projection, cfg, rngs=rngs)
         q_out = h * (self.nope_dim + self.rope_dim)
         if self.q_lora_rank:
-            self.wq_a = nnx.Linear(cfg.d_model, self.q_lora_rank, **lin)          # W_dq
+            self.wq_a = proj(cfg.d_model, self.q_lora_rank)                      # W_dq
             self.q_norm = RMSNorm(self.q_lora_rank, eps=cfg.norm_eps)
-            self.wq_b = nnx.Linear(self.q_lora_rank, q_out, **lin)                # W_uq
+            self.wq_b = proj(self.q_lora_rank, q_out)                            # W_uq
         else:
-            self.wq = nnx.Linear(cfg.d_model, q_out, **lin)
-        self.wkv_a = nnx.Linear(cfg.d_model, r + self.rope_dim, **lin)           # W_dkv
+            self.wq = proj(cfg.d_model, q_out)
+        self.wkv_a = proj(cfg.d_model, r + self.rope_dim)                        # W_dkv
         self.kv_norm = RMSNorm(r, eps=cfg.norm_eps)
         # W_ukv kept as [R, H, N + V] so both forms slice per-head W_uk / W_uv from one tensor.
-        self.wkv_b = nnx.Param(init(rngs.params(), (r, h, self.nope_dim + self.v_dim),
-                                    jnp.float32))
-        self.out = nnx.Linear(h * self.v_dim, cfg.d_model, use_bias=False, dtype=self.dtype,
-                              param_dtype=jnp.float32, kernel_init=out_init, rngs=rngs)
+        self.wkv_b = nnx.Param(nnx.initializers.normal(cfg.init_std)(
+            rngs.params(), (r, h, self.nope_dim + self.v_dim), jnp.float32))
+        self.out = output_projection(cfg, h * self.v_dim, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: MLAArgs, name: str) -> list[str]:

@@ -72,6 +72,7 @@ the three conv tails (float32); its size does not depend on max_len.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -83,6 +84,7 @@ from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
 from layers.delta_net import l2_normalize
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from pallas_kernels.titans import TitansState, memory_read, titans_memory, titans_step
 
 
@@ -135,24 +137,18 @@ class TitansMemory(nnx.Module):
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers), as attention.
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.k_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.v_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
+        proj = functools.partial(projection, cfg, d, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = proj(h * kd), proj(h * kd), proj(h * kd)
         conv = dict(dtype=self.dtype, rngs=rngs)
         self.q_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.k_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.v_conv = ShortConv(h * kd, args.conv_width, **conv)
         # theta, eta, alpha logits for every head from one map: [D, 3 H] plus a bias per gate.
-        self.gate_proj = nnx.Linear(d, 3 * h, kernel_init=init, use_bias=False,
-                                    dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        self.gate_proj = proj(3 * h, dtype=jnp.float32)
         self.gate_bias = nnx.Param(jnp.repeat(jnp.asarray(GATE_BIAS, jnp.float32), h))
-        self.g_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
+        self.g_proj = proj(h * kd)
         self.o_norm = RMSNorm(kd, eps=cfg.norm_eps)
-        self.out = nnx.Linear(h * kd, d, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, h * kd, rngs=rngs)
         # M_0: one MLP per head, K -> E -> ... -> K.
         hidden = int(kd * args.memory_expand)
         dims = [kd] + [hidden] * (args.memory_depth - 1) + [kd]

@@ -74,7 +74,6 @@ TitansCache; both are constant in max_len.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import jax
@@ -85,10 +84,11 @@ from layers.attention import Attention, AttentionArgs, KVCache, softmax_attentio
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache
 from layers.norm import RMSNorm
+from layers.projections import output_projection
 from layers.rope import apply_rope
 from layers.titans import TitansArgs, TitansCache, TitansMemory
-from pallas_kernels.attention.reference import packed_visibility
 from pallas_kernels.common import document_layout, document_positions
+from pallas_kernels.masks import packed_visibility
 from pallas_kernels.titans import TitansState
 
 
@@ -147,9 +147,7 @@ class _OutputGate(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.y_norm = RMSNorm(d, eps=cfg.norm_eps)
         self.m_norm = RMSNorm(d, eps=cfg.norm_eps)
-        self.out = nnx.Linear(d, d, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                              kernel_init=nnx.initializers.normal(
-                                  cfg.init_std / math.sqrt(2 * cfg.n_layers)), rngs=rngs)
+        self.out = output_projection(cfg, d, rngs=rngs)
 
     def __call__(self, y: jax.Array, m: jax.Array) -> jax.Array:
         gate = jax.nn.sigmoid(self.m_norm(m).astype(jnp.float32))
