@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.attention import attention_mask, softmax_attention, window_errors, write_slots
+from layers.attention import attention_mask, cached_keys, softmax_attention, window_errors
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
@@ -217,22 +217,11 @@ class MLA(nnx.Module):
         c_kv, k_rope = self._latents(x, positions)
         if cache is None:
             c_all, r_all, k_pos = c_kv, k_rope, positions
-        elif cache.window is None or t == 1:
-            if t > cache.c_kv.shape[1]:
-                raise ValueError(f"{t} tokens do not fit an MLA cache of "
-                                 f"{cache.c_kv.shape[1]} slots")
-            # As attention.py: write first, then attend over the cache in place (a full cache,
-            # or one token into a ring, whose overwritten slot its window no longer reaches).
-            cache = write_slots(cache, positions, c_kv=c_kv, k_rope=k_rope)
-            c_all, r_all = cache.c_kv.astype(c_kv.dtype), cache.k_rope.astype(k_rope.dtype)
-            k_pos = cache.pos
         else:
-            # As attention.py: attend over the ring before this chunk plus the chunk, then
-            # write the chunk, so a ring smaller than the chunk loses no key a query needs.
-            c_all = jnp.concatenate([cache.c_kv.astype(c_kv.dtype), c_kv], axis=1)
-            r_all = jnp.concatenate([cache.k_rope.astype(k_rope.dtype), k_rope], axis=1)
-            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
-            cache = write_slots(cache, positions, c_kv=c_kv, k_rope=k_rope)
+            # The cached latents play the keys' part (layers/attention.cached_keys).
+            seen, k_pos, cache = cached_keys(cache, positions, what="an MLA cache", c_kv=c_kv,
+                                             k_rope=k_rope)
+            c_all, r_all = seen["c_kv"], seen["k_rope"]
         mask = (attention_mask(positions, k_pos, self.window, self.n_sinks)
                 if segment_ids is None else packed_visibility(segment_ids, self.window,
                                                               self.n_sinks))
