@@ -58,12 +58,13 @@ from flax import nnx, struct
 from layers.attention import (
     KVCache,
     attention_mask,
+    read_then_write,
     softmax_attention,
     window_errors,
-    write_cache,
 )
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache
+from layers.delta_rule import l2_normalize
 from layers.projections import output_projection, projection
 from layers.rope import apply_rope
 from pallas_kernels.common import document_positions
@@ -88,12 +89,6 @@ class CCACache(CacheBytes):
     kv: KVCache
     qk_conv: ConvCache
     v_prev: jax.Array
-
-
-def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
-    """x [..., Dh] -> x / sqrt(sum x^2 + eps) in float32 (bf16 squares lose small vectors)."""
-    x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 def _geometry(cfg, args: CCAArgs) -> tuple[int, int, int]:
@@ -270,12 +265,11 @@ class CCA(nnx.Module):
             kv = cache.kv
             if kv.window is None and t > kv.k.shape[1]:
                 raise ValueError(f"{t} tokens do not fit a KV cache of {kv.k.shape[1]} slots")
-            # As Attention: attend over the old cache plus the chunk, then write the chunk.
-            keys = jnp.concatenate([kv.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([kv.v.astype(v.dtype), v], axis=1)
-            k_pos = jnp.concatenate([kv.pos, positions], axis=1)
+            # Attend over the old cache plus the chunk, then write the chunk.
+            seen, k_pos, kv = read_then_write(kv, positions, k=k, v=v)
+            keys, values = seen["k"], seen["v"]
             cache = cache.replace(
-                kv=write_cache(kv, k, v, positions),
+                kv=kv,
                 qk_conv=cache.qk_conv.replace(tail=tail.astype(cache.qk_conv.tail.dtype)),
                 v_prev=v_del[:, t].astype(cache.v_prev.dtype))
         if segment_ids is None:

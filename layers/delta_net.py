@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Literal
 
 import jax
@@ -39,6 +38,7 @@ from flax import nnx, struct
 
 from layers.cache import CacheBytes
 from layers.conv import ConvCache, ShortConv
+from layers.delta_rule import decay_init, l2_normalize, log_decay, recurrent_step
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from pallas_kernels.delta_rule import delta_rule
@@ -65,48 +65,6 @@ class DeltaNetCache(CacheBytes):
     q_conv: ConvCache
     k_conv: ConvCache
     v_conv: ConvCache
-
-
-def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
-    """x [..., K] -> x / sqrt(sum x^2 + eps), in float32 (bf16 squares lose the small keys)."""
-    x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
-
-
-def recurrent_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
-                   g: jax.Array | None, scale: float) -> tuple[jax.Array, jax.Array]:
-    """One token of the (gated) delta rule, in float32.
-
-    Args:
-        state: [B, H, K, V] float32 memory before the token.
-        q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H] log decay or None (no gate).
-        scale: query scale.
-
-    Returns:
-        (o [B, H, V] float32, new state [B, H, K, V] float32).
-    """
-    f32 = lambda a: a.astype(jnp.float32)
-    q, k, v, beta = f32(q), f32(k), f32(v), f32(beta)
-    hi = jax.lax.Precision.HIGHEST   # match the ops, which run float32 matmuls at full precision
-    if g is not None:
-        state = jnp.exp(f32(g))[..., None, None] * state          # S' = exp(g) S
-    pred = jnp.einsum("bhk,bhkv->bhv", k, state, precision=hi)     # S'^T k: what memory recalls
-    state = state + jnp.einsum("bhk,bhv->bhkv", beta[..., None] * k, v - pred, precision=hi)
-    o = jnp.einsum("bhk,bhkv->bhv", q * scale, state, precision=hi)
-    return o, state
-
-
-def decay_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Mamba2 / Gated DeltaNet init of the decay parameters (A_log, dt_bias), each `shape`:
-    A = exp(A_log) ~ uniform(1, 16) per head, and dt_bias the inverse softplus of
-    dt ~ log-uniform[1e-3, 1e-1], so that at init the decay exp(-A softplus(dt_bias)) spans
-    slow and fast heads (from ~0.999 to ~0.2)."""
-    key_a, key_dt = jax.random.split(key)
-    a = jax.random.uniform(key_a, shape, jnp.float32, 1.0, 16.0)
-    u = jax.random.uniform(key_dt, shape, jnp.float32)
-    dt = jnp.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
-    dt = jnp.maximum(dt, 1e-4)
-    return jnp.log(a), dt + jnp.log(-jnp.expm1(-dt))   # softplus^-1(dt)
 
 
 class DeltaNet(nnx.Module):
@@ -181,8 +139,8 @@ class DeltaNet(nnx.Module):
     def _decay(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> g [B, T, H] float32: log decay -exp(A_log) softplus(x W_a + dt_bias)
         (<= 0), as Mamba2's discretised A dt."""
-        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
-        return -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
+        return log_decay(self.a_proj(x).astype(jnp.float32), self.A_log[...],
+                         self.dt_bias[...])
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
                  cache: DeltaNetCache | None = None, segment_ids: jax.Array | None = None

@@ -79,7 +79,8 @@ from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
-from layers.delta_net import DeltaNet, decay_init, l2_normalize, recurrent_step
+from layers.delta_net import DeltaNet
+from layers.delta_rule import decay_init, l2_normalize, log_decay, recurrent_step
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from pallas_kernels.gated_delta_rule import gated_delta_rule
@@ -273,7 +274,7 @@ class MoM(nnx.Module):
         ba = jnp.einsum("...ld,...de->...le", x.astype(self.dtype), w_ba).astype(jnp.float32)
         beta = jax.nn.sigmoid(ba[..., :h])
         # Mamba2 decay as in Gated DeltaNet, per memory: -exp(A_log) softplus(x W_a + dt_bias).
-        g = -jnp.exp(a_log[..., None, :]) * jax.nn.softplus(ba[..., h:] + dt_bias[..., None, :])
+        g = log_decay(ba[..., h:], a_log[..., None, :], dt_bias[..., None, :])
         return k, v, beta, g
 
     def _op(self, q, k, v, g, beta, initial_state=None, segment_ids=None):

@@ -82,7 +82,7 @@ from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
-from layers.delta_net import l2_normalize
+from layers.delta_rule import l2_normalize
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from pallas_kernels.titans import TitansState, memory_read, titans_memory, titans_step
