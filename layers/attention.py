@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors, rope_errors
 from layers.projections import output_projection, projection
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention as attention_op
@@ -223,18 +224,15 @@ class Attention(nnx.Module):
     @staticmethod
     def check_config(cfg, args: AttentionArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
         n_heads = args.n_heads or cfg.n_heads
         n_kv = args.n_kv_heads or (cfg.resolved_kv_heads if args.n_heads is None else n_heads)
-        if n_heads <= 0 or n_kv <= 0:
-            errs.append(f"{p}: n_heads and n_kv_heads must be > 0")
-        elif n_heads % n_kv:
-            errs.append(f"{p}.n_kv_heads={n_kv} must divide n_heads={n_heads}")
-        if args.n_heads is not None and cfg.head_dim is None and cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model}")
-        if args.rope and cfg.resolved_head_dim % 2:
-            errs.append(f"{p}: RoPE needs an even head_dim, got {cfg.resolved_head_dim}")
+        # Heads of its own split d_model, unless the model fixes head_dim.
+        own_split = args.n_heads is not None and cfg.head_dim is None
+        errs = head_errors(p, n_heads, n_kv_heads=n_kv,
+                           width=cfg.d_model if own_split else None)
+        if args.rope:
+            errs += rope_errors(p, cfg.resolved_head_dim)
         errs += window_errors(p, args.window, args.n_sinks, cfg.max_len)
         return errs
 

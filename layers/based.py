@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
+from layers.checks import head_errors
 from layers.projections import output_projection, projection
 from pallas_kernels.common import PRECISION, zero_padding
 from pallas_kernels.linear_attention import EPS, linear_attention
@@ -138,13 +139,8 @@ class Based(nnx.Module):
     @staticmethod
     def check_config(cfg, args: BasedArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
-        if n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
-        elif cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model}")
+        errs = head_errors(p, args.n_heads or cfg.n_heads, width=cfg.d_model)
         if args.feature_dim <= 0:
             errs.append(f"{p}.feature_dim must be > 0, got {args.feature_dim}")
         if args.chunk_size <= 0:

@@ -63,6 +63,7 @@ from layers.attention import (
     window_errors,
 )
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors, min_errors, rope_errors
 from layers.conv import ConvCache
 from layers.delta_rule import l2_normalize
 from layers.projections import output_projection, projection
@@ -136,28 +137,24 @@ class CCA(nnx.Module):
         """Problems with these settings, one line each (empty when fine)."""
         p = f"model.mixer_args.{name}"
         h, hkv, _ = _geometry(cfg, args)
-        if h <= 0 or hkv <= 0:
-            return [f"{p}: n_heads and n_kv_heads must be > 0"]
+        if errs := head_errors(p, h, n_kv_heads=hkv):
+            return errs
         if args.compression < 1:
             return [f"{p}.compression must be >= 1, got {args.compression}"]
         if cfg.d_model % args.compression:
             return [f"{p}.compression={args.compression} does not divide "
                     f"model.d_model={cfg.d_model} (the latent width is d_model / compression)"]
         latent = cfg.d_model // args.compression
-        errs = []
-        if latent % h:
-            errs.append(f"{p}.n_heads={h} does not divide the latent width "
-                        f"model.d_model / {p}.compression = {latent}")
-        elif h % hkv:
-            errs.append(f"{p}.n_kv_heads={hkv} must divide n_heads={h}")
-        elif args.rope and (latent // h) % 2:
-            errs.append(f"{p}: RoPE needs an even head dim, got d_model / compression / n_heads"
-                        f" = {latent // h} (change compression or n_heads, or set rope: false)")
-        elif (hkv * latent // h) % 2:
+        errs = head_errors(p, h, n_kv_heads=hkv, width=latent,
+                           width_name=f"the latent width model.d_model / {p}.compression = "
+                                      f"{latent}")
+        if not errs and args.rope:
+            errs = rope_errors(p, latent // h, "d_model / compression / n_heads",
+                               " (change compression or n_heads, or set rope: false)")
+        if not errs and (hkv * latent // h) % 2:
             errs.append(f"{p}: the value shift halves the latent value width n_kv_heads * "
                         f"head_dim = {hkv * latent // h}, which must be even")
-        if args.conv_width < 1:
-            errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
+        errs += min_errors(p, args, "conv_width")
         errs += window_errors(p, args.window, 0, cfg.max_len)
         return errs
 

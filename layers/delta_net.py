@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
+from layers.checks import head_errors, min_errors
 from layers.conv import ConvCache, ShortConv
 from layers.delta_rule import decay_init, l2_normalize, log_decay, recurrent_step
 from layers.norm import RMSNorm
@@ -106,26 +107,14 @@ class DeltaNet(nnx.Module):
     @staticmethod
     def check_config(cfg, args: DeltaNetArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
         n_heads = args.n_heads or cfg.n_heads
-        if args.n_heads is not None and args.n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0 or null, got {args.n_heads}")
-        elif args.head_dim is None and cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model} "
-                        f"(or set {p}.head_dim)")
-        if args.head_dim is not None and args.head_dim <= 0:
-            errs.append(f"{p}.head_dim must be > 0 or null, got {args.head_dim}")
-        elif n_heads > 0:
-            kd = args.head_dim or cfg.d_model // n_heads
-            if kd >= 1 and int(kd * args.expand_v) < 1:
-                errs.append(f"{p}.expand_v={args.expand_v} gives a value dim < 1 "
-                            f"(key dim {kd})")
-        if args.conv_width < 1:
-            errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
-        if args.chunk_size < 1:
-            errs.append(f"{p}.chunk_size must be >= 1, got {args.chunk_size}")
-        return errs
+        errs = head_errors(p, n_heads, head_dim=args.head_dim, width=cfg.d_model, null_ok=True,
+                           hint=f" (or set {p}.head_dim)")
+        kd = args.head_dim or cfg.d_model // max(n_heads, 1)
+        if not errs and kd >= 1 and int(kd * args.expand_v) < 1:
+            errs.append(f"{p}.expand_v={args.expand_v} gives a value dim < 1 (key dim {kd})")
+        return errs + min_errors(p, args, "conv_width", "chunk_size")
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> DeltaNetCache:
         # max_len is unused: the memory is a fixed [K, V] matrix per head.

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.checks import min_errors
 from layers.conv import ConvCache, ShortConv
 from layers.projections import output_projection, projection
 
@@ -49,13 +50,7 @@ class GatedConv(nnx.Module):
     @staticmethod
     def check_config(cfg, args: GatedConvArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        p = f"model.mixer_args.{name}"
-        errs = []
-        if args.width < 1:
-            errs.append(f"{p}.width must be >= 1, got {args.width}")
-        if args.expand < 1:
-            errs.append(f"{p}.expand must be >= 1, got {args.expand}")
-        return errs
+        return min_errors(f"model.mixer_args.{name}", args, "width", "expand")
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> ConvCache:
         del max_len   # the filter only ever looks W - 1 tokens back

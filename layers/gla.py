@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
+from layers.checks import head_errors
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from pallas_kernels.common import PRECISION
@@ -85,13 +86,11 @@ class GLA(nnx.Module):
     @staticmethod
     def check_config(cfg, args: GLAArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
         n_heads = args.n_heads or cfg.n_heads
         key_dim, value_dim = _widths(cfg.d_model, args)
-        if n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
-        else:
+        errs = head_errors(p, n_heads)
+        if not errs:
             if key_dim <= 0 or key_dim % n_heads:
                 errs.append(f"{p}.expand_k={args.expand_k}: model.d_model * expand_k = "
                             f"{key_dim} must be a positive multiple of n_heads={n_heads}")

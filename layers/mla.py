@@ -45,6 +45,7 @@ from flax import nnx, struct
 
 from layers.attention import attention_mask, cached_keys, softmax_attention, window_errors
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from layers.rope import apply_rope
@@ -132,11 +133,8 @@ class MLA(nnx.Module):
     @staticmethod
     def check_config(cfg, args: MLAArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
-        if n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
+        errs = head_errors(p, args.n_heads or cfg.n_heads)
         if args.q_lora_rank is not None and args.q_lora_rank < 0:
             errs.append(f"{p}.q_lora_rank must be >= 0 or null (0/null: no low-rank query "
                         f"path), got {args.q_lora_rank}")

@@ -81,6 +81,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors, min_errors
 from layers.conv import ConvCache, ShortConv
 from layers.delta_rule import l2_normalize
 from layers.norm import RMSNorm
@@ -164,16 +165,10 @@ class TitansMemory(nnx.Module):
     @staticmethod
     def check_config(cfg, args: TitansArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
         n_heads = args.n_heads or cfg.n_heads
-        if args.n_heads is not None and args.n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0 or null, got {args.n_heads}")
-        elif args.head_dim is None and cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model} "
-                        f"(or set {p}.head_dim)")
-        if args.head_dim is not None and args.head_dim <= 0:
-            errs.append(f"{p}.head_dim must be > 0 or null, got {args.head_dim}")
+        errs = head_errors(p, n_heads, head_dim=args.head_dim, width=cfg.d_model, null_ok=True,
+                           hint=f" (or set {p}.head_dim)")
         if args.memory_depth < 1:
             errs.append(f"{p}.memory_depth must be >= 1 (1 = matrix memory), "
                         f"got {args.memory_depth}")
@@ -182,12 +177,8 @@ class TitansMemory(nnx.Module):
             if kd >= 1 and int(kd * args.memory_expand) < 1:
                 errs.append(f"{p}.memory_expand={args.memory_expand} gives a hidden width < 1 "
                             f"(head dim {kd})")
-        if args.n_persistent < 0:
-            errs.append(f"{p}.n_persistent must be >= 0, got {args.n_persistent}")
-        if args.conv_width < 1:
-            errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
-        if args.chunk_size < 1:
-            errs.append(f"{p}.chunk_size must be >= 1, got {args.chunk_size}")
+        errs += min_errors(p, args, "n_persistent", low=0)
+        errs += min_errors(p, args, "conv_width", "chunk_size")
         if not args.theta_max > 0:
             errs.append(f"{p}.theta_max must be > 0, got {args.theta_max}")
         if args.grad_clip is not None and not args.grad_clip > 0:
