@@ -137,8 +137,6 @@ class CCA(nnx.Module):
         """Problems with these settings, one line each (empty when fine)."""
         p = f"model.mixer_args.{name}"
         h, hkv, _ = _geometry(cfg, args)
-        if errs := head_errors(p, h, n_kv_heads=hkv):
-            return errs
         if args.compression < 1:
             return [f"{p}.compression must be >= 1, got {args.compression}"]
         if cfg.d_model % args.compression:

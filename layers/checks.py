@@ -27,11 +27,11 @@ def head_errors(p: str, n_heads: int, *, n_kv_heads: int | None = None,
         errs.append(f"{p}.head_dim must be {allowed}, got {head_dim}")
     if errs:
         return errs
-    if n_kv_heads is not None and n_heads % n_kv_heads:
-        errs.append(f"{p}.n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
     if width is not None and head_dim is None and width % n_heads:
         errs.append(f"{p}.n_heads={n_heads} does not divide "
                     f"{width_name or f'model.d_model={width}'}{hint}")
+    if n_kv_heads is not None and n_heads % n_kv_heads:
+        errs.append(f"{p}.n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
     return errs
 
 

@@ -166,7 +166,8 @@ class TitansMemory(nnx.Module):
     def check_config(cfg, args: TitansArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
+        # An explicit 0 is an error here, not "use model.n_heads" (null is that).
+        n_heads = cfg.n_heads if args.n_heads is None else args.n_heads
         errs = head_errors(p, n_heads, head_dim=args.head_dim, width=cfg.d_model, null_ok=True,
                            hint=f" (or set {p}.head_dim)")
         if args.memory_depth < 1:
