@@ -71,7 +71,7 @@ def variant_class(name: str):
     from layers.mla import MLA
     from layers.norm import RMSNorm
     from layers.rope import apply_rope
-    from pallas_kernels.attention.reference import packed_visibility
+    from pallas_kernels.masks import packed_visibility
 
     if name not in VARIANTS or name == "attention":
         raise ValueError(f"no MLA class for variant '{name}' (MLA variants: "

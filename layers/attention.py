@@ -20,13 +20,14 @@ Caches:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors, rope_errors
+from layers.projections import output_projection, projection
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention as attention_op
 from pallas_kernels.attention.xla import softmax_attention  # noqa: F401 (re-exported)
@@ -89,40 +90,45 @@ def window_errors(prefix: str, window: int | None, n_sinks: int, max_len: int) -
     return errs
 
 
-def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array, *,
-                one_token_in_place: bool = True) -> KVCache:
+def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
     """Write T new tokens (k/v [B, T, Hkv, Dh], positions [B, T]) at index cache.length."""
-    return write_slots(cache, positions, _one_token_in_place=one_token_in_place, k=k, v=v)
+    return write_slots(cache, positions, k=k, v=v)
 
 
-def write_slots(cache, positions: jax.Array, *, _one_token_in_place: bool = True,
-                **new: jax.Array):
+def _write_at(cache, slot, t: int, new: dict):
+    """The T tokens of `new` (field -> [B, T, ...]) into slots slot..slot+T-1 of every field."""
+    upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        buf, x.astype(buf.dtype), slot, axis=1)
+    return cache.replace(**{name: upd(getattr(cache, name), x) for name, x in new.items()},
+                         length=cache.length + t)
+
+
+def write_slots(cache, positions: jax.Array, **new: jax.Array):
     """Write T new tokens at index cache.length into the named per-slot fields of a cache.
 
     `cache` has `pos`, `length`, `window` and `n_sinks` like KVCache (MLACache does too);
     `new` maps field names to [B, T, ...] arrays, e.g. k=..., v=... for KVCache.
-    _one_token_in_place=False: a single token into a ring takes the chunk path (only
-    benchmarks/decode.py, to time the step as it was).
     """
+    start, t = cache.length, positions.shape[1]
+    if cache.window is None:
+        return _write_at(cache, start, t, {**new, "pos": positions})
+    if t == 1:
+        # One token (a decode step): it goes to one slot, its index's own (sinks keep indices
+        # < n_sinks, ring slot n_sinks + (j - n_sinks) mod window for the rest), written in
+        # place like the full cache. write_ring_chunk rebuilds every slot of the ring (a
+        # gather and a select over all of it) for each token.
+        n_sinks, window = cache.n_sinks, cache.window
+        slot = jnp.where(start < n_sinks, start, n_sinks + jnp.mod(start - n_sinks, window))
+        return _write_at(cache, slot, 1, {**new, "pos": positions})
+    return write_ring_chunk(cache, positions, **new)
+
+
+def write_ring_chunk(cache, positions: jax.Array, **new: jax.Array):
+    """write_slots for a ring cache (cache.window set), any T: every slot rebuilt."""
     start = cache.length
     t = positions.shape[1]
     new = {**new, "pos": positions}
-    if cache.window is None:
-        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            buf, new.astype(buf.dtype), start, axis=1)
-        return cache.replace(**{name: upd(getattr(cache, name), x) for name, x in new.items()},
-                             length=start + t)
     n_sinks, window = cache.n_sinks, cache.window
-    if t == 1 and _one_token_in_place:
-        # One token (a decode step): it goes to one slot, its index's own (sinks keep indices
-        # < n_sinks, ring slot n_sinks + (j - n_sinks) mod window for the rest), written in
-        # place like the full cache. The general path below rebuilds every slot of the ring
-        # (a gather and a select over all of it) for each token.
-        slot = jnp.where(start < n_sinks, start, n_sinks + jnp.mod(start - n_sinks, window))
-        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            buf, new.astype(buf.dtype), slot, axis=1)
-        return cache.replace(**{name: upd(getattr(cache, name), x) for name, x in new.items()},
-                             length=start + 1)
     # Ring buffer: slot s must hold the newest index j <= end that maps to it; take it from the
     # new chunk when j >= start, else keep the old slot.
     end = start + t - 1
@@ -140,6 +146,55 @@ def write_slots(cache, positions: jax.Array, *, _one_token_in_place: bool = True
 
     return cache.replace(**{name: select(getattr(cache, name), x) for name, x in new.items()},
                          length=start + t)
+
+
+def read_then_write(cache, positions: jax.Array, **new: jax.Array):
+    """Keys for T new tokens over a cache: what the cache held before them plus the tokens
+    themselves, then the tokens written (write_slots).
+
+    Returns ({field: [B, S + T, ...] in the new arrays' dtypes}, key positions [B, S + T],
+    the new cache). Needed for a chunk into a ring: a ring smaller than the chunk would
+    otherwise drop keys that the chunk's early queries still need.
+    """
+    seen = {name: jnp.concatenate([getattr(cache, name).astype(x.dtype), x], axis=1)
+            for name, x in new.items()}
+    k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+    return seen, k_pos, write_slots(cache, positions, **new)
+
+
+def write_then_read(cache, positions: jax.Array, **new: jax.Array):
+    """The tokens written first (write_slots), then every slot of the cache as keys: same
+    returns as read_then_write, with S slots. Right for a full cache (a slot for every token;
+    empty slots have position -1 and are masked) and for one token into a ring (the slot it
+    takes held index length - window, which its window no longer reaches). Concatenating
+    instead would copy the whole cache every decode step (MHA at 16k tokens: 32 MiB per layer
+    per token)."""
+    cache = write_slots(cache, positions, **new)
+    seen = {name: getattr(cache, name).astype(x.dtype) for name, x in new.items()}
+    return seen, cache.pos, cache
+
+
+def cached_keys(cache, positions: jax.Array, *, what: str = "a KV cache", **new: jax.Array):
+    """What T new tokens attend over with a cache (write_then_read or read_then_write, see
+    there), and the new cache. `what` names the cache in the error for a chunk that does not
+    fit a full cache."""
+    t = positions.shape[1]
+    if cache.window is None and t > cache.pos.shape[1]:
+        raise ValueError(f"{t} tokens do not fit {what} of {cache.pos.shape[1]} slots")
+    if cache.window is None or t == 1:
+        return write_then_read(cache, positions, **new)
+    return read_then_write(cache, positions, **new)
+
+
+def concat_keys(cache, positions: jax.Array, **new: jax.Array):
+    """cached_keys' slower form for a ring: every call, one token too, attends over the ring
+    plus the new tokens and then rebuilds every slot (write_ring_chunk). The same outputs and
+    caches; the baseline that benchmarks/decode.py times (swa_concat) and tests compare the
+    in-place step with (both swap it in for cached_keys)."""
+    if cache.window is None:
+        return cached_keys(cache, positions, **new)
+    seen, k_pos, _ = read_then_write(cache, positions, **new)
+    return seen, k_pos, write_ring_chunk(cache, positions, **new)
 
 
 class Attention(nnx.Module):
@@ -162,33 +217,22 @@ class Attention(nnx.Module):
         self.use_rope = args.rope
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
-        # One-token steps on a ring write first and attend in place (below); False keeps them
-        # on the chunk path, as they were: only for benchmarks/decode.py's before/after.
-        self.ring_step_in_place = True
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.qkv = nnx.Linear(cfg.d_model, qkv_out, kernel_init=init, **lin)
-        self.out = nnx.Linear(self.n_heads * self.head_dim, cfg.d_model, kernel_init=out_init,
-                              **lin)
+        self.qkv = projection(cfg, cfg.d_model, qkv_out, rngs=rngs)
+        self.out = output_projection(cfg, self.n_heads * self.head_dim, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: AttentionArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
         n_heads = args.n_heads or cfg.n_heads
         n_kv = args.n_kv_heads or (cfg.resolved_kv_heads if args.n_heads is None else n_heads)
-        if n_heads <= 0 or n_kv <= 0:
-            errs.append(f"{p}: n_heads and n_kv_heads must be > 0")
-        elif n_heads % n_kv:
-            errs.append(f"{p}.n_kv_heads={n_kv} must divide n_heads={n_heads}")
-        if args.n_heads is not None and cfg.head_dim is None and cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model}")
-        if args.rope and cfg.resolved_head_dim % 2:
-            errs.append(f"{p}: RoPE needs an even head_dim, got {cfg.resolved_head_dim}")
+        # Heads of its own split d_model, unless the model fixes head_dim.
+        own_split = args.n_heads is not None and cfg.head_dim is None
+        errs = head_errors(p, n_heads, n_kv_heads=n_kv,
+                           width=cfg.d_model if own_split else None)
+        if args.rope:
+            errs += rope_errors(p, cfg.resolved_head_dim)
         errs += window_errors(p, args.window, args.n_sinks, cfg.max_len)
         return errs
 
@@ -205,6 +249,19 @@ class Attention(nnx.Module):
                        length=jnp.zeros((), jnp.int32), window=self.window,
                        n_sinks=self.n_sinks)
 
+    def project(self, x: jax.Array, positions: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] at RoPE positions [B, T] -> q [B, T, H, Dh], k, v [B, T, Hkv, Dh]
+        (q and k rotated when the layer uses RoPE)."""
+        b, t, _ = x.shape
+        h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = jnp.split(self.qkv(x), [h * dh, (h + hkv) * dh], axis=-1)
+        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
+        if self.use_rope:
+            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions,
+                                                                         self.rope_theta)
+        return q, k, v
+
     def __call__(self, x: jax.Array, *, positions: jax.Array,
                  cache: KVCache | None = None, segment_ids: jax.Array | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
@@ -213,42 +270,13 @@ class Attention(nnx.Module):
         and sinks count them), as the LM passes them."""
         refuse_segments_with_cache("attention", segment_ids, cache)
         b, t, _ = x.shape
-        h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = jnp.split(self.qkv(x), [h * dh, (h + hkv) * dh], axis=-1)
-        q = q.reshape(b, t, h, dh)
-        k = k.reshape(b, t, hkv, dh)
-        v = v.reshape(b, t, hkv, dh)
-        if self.use_rope:
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, positions, self.rope_theta)
+        dh = self.head_dim
+        q, k, v = self.project(x, positions)
         if cache is None:
             keys, values, k_pos = k, v, positions
-        elif cache.window is None:
-            if t > cache.k.shape[1]:
-                raise ValueError(f"{t} tokens do not fit a KV cache of {cache.k.shape[1]} slots")
-            # A full cache has a slot for every token: write the chunk, then attend over the
-            # cache in place (empty slots have position -1 and are masked). Concatenating
-            # instead would copy the whole cache every decode step (MHA at 16k tokens: 32 MiB
-            # per layer per token).
-            cache = write_cache(cache, k, v, positions)
-            keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
-        elif t == 1 and self.ring_step_in_place:
-            # Ring, one token (decode): write first, then attend over the ring in place, as the
-            # full cache does. The slot the token takes held index length - window, which its
-            # window no longer reaches (q - k < window), so it loses nothing; concatenating
-            # ring and token instead copied the whole ring every step (batch 16: ~40x the
-            # batch-1 step time on CPU, benchmarks/decode.py).
-            cache = write_cache(cache, k, v, positions)
-            keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
         else:
-            # Ring, a chunk: attend over what the cache held before this chunk plus the chunk
-            # itself, then write the chunk: a ring smaller than the chunk would otherwise drop
-            # keys that the chunk's early queries still need.
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
-            cache = write_cache(cache, k, v, positions,
-                                one_token_in_place=self.ring_step_in_place)
+            kv, k_pos, cache = cached_keys(cache, positions, k=k, v=v)
+            keys, values = kv["k"], kv["v"]
         if cache is None and (resolve_backend("attention", self.backend) != "xla"
                               or segment_ids is not None):
             o = attention_op(q, k, v, window=self.window, n_sinks=self.n_sinks,
@@ -256,4 +284,4 @@ class Attention(nnx.Module):
         else:
             mask = attention_mask(positions, k_pos, self.window, self.n_sinks)
             o = softmax_attention(q, keys, values, mask, dh ** -0.5)
-        return self.out(o.reshape(b, t, h * dh)), cache
+        return self.out(o.reshape(b, t, -1)), cache

@@ -40,17 +40,18 @@ identity, tested in tests/test_based.py):
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
-from pallas_kernels.attention.reference import packed_visibility
+from layers.checks import head_errors
+from layers.projections import output_projection, projection
 from pallas_kernels.backends import LinearBackend
 from pallas_kernels.common import PRECISION, zero_padding
 from pallas_kernels.linear_attention import EPS, linear_attention
+from pallas_kernels.masks import packed_visibility
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,23 +132,14 @@ class Based(nnx.Module):
         self.precision = cfg.precision
         self.dtype = jnp.dtype(cfg.dtype)
         h, fd = self.n_heads, self.feature_dim
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.qkv = nnx.Linear(cfg.d_model, h * (2 * fd + self.head_v), kernel_init=init, **lin)
-        self.out = nnx.Linear(h * self.head_v, cfg.d_model, kernel_init=out_init, **lin)
+        self.qkv = projection(cfg, cfg.d_model, h * (2 * fd + self.head_v), rngs=rngs)
+        self.out = output_projection(cfg, h * self.head_v, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: BasedArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
-        if n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
-        elif cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model}")
+        errs = head_errors(p, args.n_heads or cfg.n_heads, width=cfg.d_model)
         if args.feature_dim <= 0:
             errs.append(f"{p}.feature_dim must be > 0, got {args.feature_dim}")
         if args.chunk_size <= 0:

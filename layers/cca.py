@@ -58,15 +58,18 @@ from flax import nnx, struct
 from layers.attention import (
     KVCache,
     attention_mask,
+    read_then_write,
     softmax_attention,
     window_errors,
-    write_cache,
 )
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors, min_errors, rope_errors
 from layers.conv import ConvCache
+from layers.delta_rule import l2_normalize
+from layers.projections import output_projection, projection
 from layers.rope import apply_rope
-from pallas_kernels.attention.reference import packed_visibility
 from pallas_kernels.common import document_positions
+from pallas_kernels.masks import packed_visibility
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +90,6 @@ class CCACache(CacheBytes):
     kv: KVCache
     qk_conv: ConvCache
     v_prev: jax.Array
-
-
-def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
-    """x [..., Dh] -> x / sqrt(sum x^2 + eps) in float32 (bf16 squares lose small vectors)."""
-    x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 def _geometry(cfg, args: CCAArgs) -> tuple[int, int, int]:
@@ -120,12 +117,8 @@ class CCA(nnx.Module):
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers), as attention.
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
         # One matmul for W_q, W_k and both value halves [W_v1, W_v2] (step 1 and step 4).
-        self.qkv = nnx.Linear(d, (h + 2 * hkv) * dh, kernel_init=init, **lin)
+        self.qkv = projection(cfg, d, (h + 2 * hkv) * dh, rngs=rngs)
         e = (h + hkv) * dh
         k0, k1 = jax.random.split(rngs.params())
         # PyTorch Conv1d init, uniform(+-1/sqrt(fan_in)): fan-in W (depthwise), W * Dh (grouped).
@@ -137,35 +130,29 @@ class CCA(nnx.Module):
         # Biases 1-D: training/optim.py decays every parameter of 2 or more dims.
         self.conv2_bias = nnx.Param(jnp.zeros((e,), jnp.float32))
         self.log_temp = nnx.Param(jnp.zeros((hkv,), jnp.float32))   # tau: temperature exp(tau)
-        self.out = nnx.Linear(h * dh, d, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, h * dh, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: CCAArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
         p = f"model.mixer_args.{name}"
         h, hkv, _ = _geometry(cfg, args)
-        if h <= 0 or hkv <= 0:
-            return [f"{p}: n_heads and n_kv_heads must be > 0"]
         if args.compression < 1:
             return [f"{p}.compression must be >= 1, got {args.compression}"]
         if cfg.d_model % args.compression:
             return [f"{p}.compression={args.compression} does not divide "
                     f"model.d_model={cfg.d_model} (the latent width is d_model / compression)"]
         latent = cfg.d_model // args.compression
-        errs = []
-        if latent % h:
-            errs.append(f"{p}.n_heads={h} does not divide the latent width "
-                        f"model.d_model / {p}.compression = {latent}")
-        elif h % hkv:
-            errs.append(f"{p}.n_kv_heads={hkv} must divide n_heads={h}")
-        elif args.rope and (latent // h) % 2:
-            errs.append(f"{p}: RoPE needs an even head dim, got d_model / compression / n_heads"
-                        f" = {latent // h} (change compression or n_heads, or set rope: false)")
-        elif (hkv * latent // h) % 2:
+        errs = head_errors(p, h, n_kv_heads=hkv, width=latent,
+                           width_name=f"the latent width model.d_model / {p}.compression = "
+                                      f"{latent}")
+        if not errs and args.rope:
+            errs = rope_errors(p, latent // h, "d_model / compression / n_heads",
+                               " (change compression or n_heads, or set rope: false)")
+        if not errs and (hkv * latent // h) % 2:
             errs.append(f"{p}: the value shift halves the latent value width n_kv_heads * "
                         f"head_dim = {hkv * latent // h}, which must be even")
-        if args.conv_width < 1:
-            errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
+        errs += min_errors(p, args, "conv_width")
         errs += window_errors(p, args.window, 0, cfg.max_len)
         return errs
 
@@ -273,12 +260,11 @@ class CCA(nnx.Module):
             kv = cache.kv
             if kv.window is None and t > kv.k.shape[1]:
                 raise ValueError(f"{t} tokens do not fit a KV cache of {kv.k.shape[1]} slots")
-            # As Attention: attend over the old cache plus the chunk, then write the chunk.
-            keys = jnp.concatenate([kv.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([kv.v.astype(v.dtype), v], axis=1)
-            k_pos = jnp.concatenate([kv.pos, positions], axis=1)
+            # Attend over the old cache plus the chunk, then write the chunk.
+            seen, k_pos, kv = read_then_write(kv, positions, k=k, v=v)
+            keys, values = seen["k"], seen["v"]
             cache = cache.replace(
-                kv=write_cache(kv, k, v, positions),
+                kv=kv,
                 qk_conv=cache.qk_conv.replace(tail=tail.astype(cache.qk_conv.tail.dtype)),
                 v_prev=v_del[:, t].astype(cache.v_prev.dtype))
         if segment_ids is None:

@@ -29,15 +29,18 @@ not depend on max_len.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
+from layers.checks import head_errors, min_errors
 from layers.conv import ConvCache, ShortConv
+from layers.delta_rule import decay_init, l2_normalize, log_decay, recurrent_step
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from pallas_kernels.backends import LinearBackend
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
@@ -65,48 +68,6 @@ class DeltaNetCache(CacheBytes):
     v_conv: ConvCache
 
 
-def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
-    """x [..., K] -> x / sqrt(sum x^2 + eps), in float32 (bf16 squares lose the small keys)."""
-    x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
-
-
-def recurrent_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
-                   g: jax.Array | None, scale: float) -> tuple[jax.Array, jax.Array]:
-    """One token of the (gated) delta rule, in float32.
-
-    Args:
-        state: [B, H, K, V] float32 memory before the token.
-        q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H] log decay or None (no gate).
-        scale: query scale.
-
-    Returns:
-        (o [B, H, V] float32, new state [B, H, K, V] float32).
-    """
-    f32 = lambda a: a.astype(jnp.float32)
-    q, k, v, beta = f32(q), f32(k), f32(v), f32(beta)
-    hi = jax.lax.Precision.HIGHEST   # match the ops, which run float32 matmuls at full precision
-    if g is not None:
-        state = jnp.exp(f32(g))[..., None, None] * state          # S' = exp(g) S
-    pred = jnp.einsum("bhk,bhkv->bhv", k, state, precision=hi)     # S'^T k: what memory recalls
-    state = state + jnp.einsum("bhk,bhv->bhkv", beta[..., None] * k, v - pred, precision=hi)
-    o = jnp.einsum("bhk,bhkv->bhv", q * scale, state, precision=hi)
-    return o, state
-
-
-def decay_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Mamba2 / Gated DeltaNet init of the decay parameters (A_log, dt_bias), each `shape`:
-    A = exp(A_log) ~ uniform(1, 16) per head, and dt_bias the inverse softplus of
-    dt ~ log-uniform[1e-3, 1e-1], so that at init the decay exp(-A softplus(dt_bias)) spans
-    slow and fast heads (from ~0.999 to ~0.2)."""
-    key_a, key_dt = jax.random.split(key)
-    a = jax.random.uniform(key_a, shape, jnp.float32, 1.0, 16.0)
-    u = jax.random.uniform(key_dt, shape, jnp.float32)
-    dt = jnp.exp(u * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
-    dt = jnp.maximum(dt, 1e-4)
-    return jnp.log(a), dt + jnp.log(-jnp.expm1(-dt))   # softplus^-1(dt)
-
-
 class DeltaNet(nnx.Module):
     """DeltaNet / Gated DeltaNet mixer (`args.gated`).
 
@@ -127,52 +88,35 @@ class DeltaNet(nnx.Module):
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers), as attention.
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.k_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.v_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
-        self.b_proj = nnx.Linear(d, h, kernel_init=init, **lin)
+        proj = functools.partial(projection, cfg, d, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = proj(h * kd), proj(h * kd), proj(h * vd)
+        self.b_proj = proj(h)
         conv = dict(dtype=self.dtype, rngs=rngs)
         self.q_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.k_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.v_conv = ShortConv(h * vd, args.conv_width, **conv)
         if self.gated:
-            self.a_proj = nnx.Linear(d, h, kernel_init=init, **lin)
-            self.g_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
+            self.a_proj, self.g_proj = proj(h), proj(h * vd)
             a_log, dt_bias = decay_init(rngs.params(), (h,))
             self.A_log, self.dt_bias = nnx.Param(a_log), nnx.Param(dt_bias)
         else:
             self.a_proj = self.g_proj = self.A_log = self.dt_bias = None
         # One RMSNorm over V shared by the heads, as in flash-linear-attention's layers.
         self.o_norm = RMSNorm(vd, eps=cfg.norm_eps)
-        self.out = nnx.Linear(h * vd, d, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, h * vd, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: DeltaNetArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
-        if args.n_heads is not None and args.n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0 or null, got {args.n_heads}")
-        elif args.head_dim is None and cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model} "
-                        f"(or set {p}.head_dim)")
-        if args.head_dim is not None and args.head_dim <= 0:
-            errs.append(f"{p}.head_dim must be > 0 or null, got {args.head_dim}")
-        elif n_heads > 0:
-            kd = args.head_dim or cfg.d_model // n_heads
-            if kd >= 1 and int(kd * args.expand_v) < 1:
-                errs.append(f"{p}.expand_v={args.expand_v} gives a value dim < 1 "
-                            f"(key dim {kd})")
-        if args.conv_width < 1:
-            errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
-        if args.chunk_size < 1:
-            errs.append(f"{p}.chunk_size must be >= 1, got {args.chunk_size}")
-        return errs
+        # An explicit 0 is an error here, not "use model.n_heads" (null is that).
+        n_heads = cfg.n_heads if args.n_heads is None else args.n_heads
+        errs = head_errors(p, n_heads, head_dim=args.head_dim, width=cfg.d_model, null_ok=True,
+                           hint=f" (or set {p}.head_dim)")
+        kd = args.head_dim or cfg.d_model // max(n_heads, 1)
+        if not errs and kd >= 1 and int(kd * args.expand_v) < 1:
+            errs.append(f"{p}.expand_v={args.expand_v} gives a value dim < 1 (key dim {kd})")
+        return errs + min_errors(p, args, "conv_width", "chunk_size")
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> DeltaNetCache:
         # max_len is unused: the memory is a fixed [K, V] matrix per head.
@@ -186,8 +130,8 @@ class DeltaNet(nnx.Module):
     def _decay(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> g [B, T, H] float32: log decay -exp(A_log) softplus(x W_a + dt_bias)
         (<= 0), as Mamba2's discretised A dt."""
-        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
-        return -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
+        return log_decay(self.a_proj(x).astype(jnp.float32), self.A_log[...],
+                         self.dt_bias[...])
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
                  cache: DeltaNetCache | None = None, segment_ids: jax.Array | None = None

@@ -17,13 +17,14 @@ Decode cache: the conv's last W - 1 inputs (layers/conv.py), independent of leng
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.checks import min_errors
 from layers.conv import ConvCache, ShortConv
+from layers.projections import output_projection, projection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,26 +41,16 @@ class GatedConv(nnx.Module):
     def __init__(self, cfg, args: GatedConvArgs, *, rngs: nnx.Rngs):
         self.hidden = cfg.d_model * args.expand
         self.dtype = jnp.dtype(cfg.dtype)
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.in_proj = nnx.Linear(cfg.d_model, 2 * self.hidden, kernel_init=init, **lin)
+        self.in_proj = projection(cfg, cfg.d_model, 2 * self.hidden, rngs=rngs)
         # A bias on the filter, like PyTorch's Conv1d default in the BaseConv reference code.
         self.conv = ShortConv(self.hidden, args.width, dtype=self.dtype, use_bias=True,
                               rngs=rngs)
-        self.out = nnx.Linear(self.hidden, cfg.d_model, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, self.hidden, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: GatedConvArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        p = f"model.mixer_args.{name}"
-        errs = []
-        if args.width < 1:
-            errs.append(f"{p}.width must be >= 1, got {args.width}")
-        if args.expand < 1:
-            errs.append(f"{p}.expand must be >= 1, got {args.expand}")
-        return errs
+        return min_errors(f"model.mixer_args.{name}", args, "width", "expand")
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> ConvCache:
         del max_len   # the filter only ever looks W - 1 tokens back

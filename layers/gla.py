@@ -21,14 +21,15 @@ Decode state per head: S [K, V] float32, independent of length.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes
+from layers.checks import head_errors
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from pallas_kernels.backends import LinearBackend
 from pallas_kernels.common import PRECISION
 from pallas_kernels.gla import gla
@@ -72,33 +73,23 @@ class GLA(nnx.Module):
         self.backend = args.backend
         self.precision = cfg.precision
         self.dtype = jnp.dtype(cfg.dtype)
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
         # q, k, v and the output-gate projection r in one matmul.
-        self.proj = nnx.Linear(cfg.d_model, 2 * key_dim + 2 * value_dim, use_bias=False,
-                               kernel_init=init, **lin)
-        self.gk_down = nnx.Linear(cfg.d_model, args.gate_low_rank, use_bias=False,
-                                  kernel_init=init, **lin)
+        self.proj = projection(cfg, cfg.d_model, 2 * key_dim + 2 * value_dim, rngs=rngs)
+        self.gk_down = projection(cfg, cfg.d_model, args.gate_low_rank, rngs=rngs)
         # Bias 0: alpha = sigmoid(0)^(1/16) ~ 0.958 at init, a memory of ~24 tokens.
-        self.gk_up = nnx.Linear(args.gate_low_rank, key_dim, use_bias=True, kernel_init=init,
-                                **lin)
+        self.gk_up = projection(cfg, args.gate_low_rank, key_dim, use_bias=True, rngs=rngs)
         # One RMSNorm over V shared by all heads (as in the reference GLA code).
         self.norm = RMSNorm(self.head_v, eps=cfg.norm_eps)
-        self.out = nnx.Linear(value_dim, cfg.d_model, use_bias=False, kernel_init=out_init,
-                              **lin)
+        self.out = output_projection(cfg, value_dim, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: GLAArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
         n_heads = args.n_heads or cfg.n_heads
         key_dim, value_dim = _widths(cfg.d_model, args)
-        if n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
-        else:
+        errs = head_errors(p, n_heads)
+        if not errs:
             if key_dim <= 0 or key_dim % n_heads:
                 errs.append(f"{p}.expand_k={args.expand_k}: model.d_model * expand_k = "
                             f"{key_dim} must be a positive multiple of n_heads={n_heads}")

@@ -36,18 +36,20 @@ extension (and its softmax-scale correction) is not implemented.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.attention import attention_mask, softmax_attention, window_errors, write_slots
+from layers.attention import attention_mask, cached_keys, softmax_attention, window_errors
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from layers.rope import apply_rope
-from pallas_kernels.attention.reference import packed_visibility
+from pallas_kernels.masks import packed_visibility
 
 ABSORB_MODES = ("decode", "always", "never")
 
@@ -113,34 +115,26 @@ class MLA(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
         h, r = self.n_heads, self.kv_lora_rank
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style, as in attention.py: residual-branch outputs scaled by 1/sqrt(2 n_layers).
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
-                   rngs=rngs)
+        proj = functools.partial(projection, cfg, rngs=rngs)
         q_out = h * (self.nope_dim + self.rope_dim)
         if self.q_lora_rank:
-            self.wq_a = nnx.Linear(cfg.d_model, self.q_lora_rank, **lin)          # W_dq
+            self.wq_a = proj(cfg.d_model, self.q_lora_rank)                      # W_dq
             self.q_norm = RMSNorm(self.q_lora_rank, eps=cfg.norm_eps)
-            self.wq_b = nnx.Linear(self.q_lora_rank, q_out, **lin)                # W_uq
+            self.wq_b = proj(self.q_lora_rank, q_out)                            # W_uq
         else:
-            self.wq = nnx.Linear(cfg.d_model, q_out, **lin)
-        self.wkv_a = nnx.Linear(cfg.d_model, r + self.rope_dim, **lin)           # W_dkv
+            self.wq = proj(cfg.d_model, q_out)
+        self.wkv_a = proj(cfg.d_model, r + self.rope_dim)                        # W_dkv
         self.kv_norm = RMSNorm(r, eps=cfg.norm_eps)
         # W_ukv kept as [R, H, N + V] so both forms slice per-head W_uk / W_uv from one tensor.
-        self.wkv_b = nnx.Param(init(rngs.params(), (r, h, self.nope_dim + self.v_dim),
-                                    jnp.float32))
-        self.out = nnx.Linear(h * self.v_dim, cfg.d_model, use_bias=False, dtype=self.dtype,
-                              param_dtype=jnp.float32, kernel_init=out_init, rngs=rngs)
+        self.wkv_b = nnx.Param(nnx.initializers.normal(cfg.init_std)(
+            rngs.params(), (r, h, self.nope_dim + self.v_dim), jnp.float32))
+        self.out = output_projection(cfg, h * self.v_dim, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: MLAArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
-        if n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0, got {n_heads}")
+        errs = head_errors(p, args.n_heads or cfg.n_heads)
         if args.q_lora_rank is not None and args.q_lora_rank < 0:
             errs.append(f"{p}.q_lora_rank must be >= 0 or null (0/null: no low-rank query "
                         f"path), got {args.q_lora_rank}")
@@ -221,22 +215,11 @@ class MLA(nnx.Module):
         c_kv, k_rope = self._latents(x, positions)
         if cache is None:
             c_all, r_all, k_pos = c_kv, k_rope, positions
-        elif cache.window is None or t == 1:
-            if t > cache.c_kv.shape[1]:
-                raise ValueError(f"{t} tokens do not fit an MLA cache of "
-                                 f"{cache.c_kv.shape[1]} slots")
-            # As attention.py: write first, then attend over the cache in place (a full cache,
-            # or one token into a ring, whose overwritten slot its window no longer reaches).
-            cache = write_slots(cache, positions, c_kv=c_kv, k_rope=k_rope)
-            c_all, r_all = cache.c_kv.astype(c_kv.dtype), cache.k_rope.astype(k_rope.dtype)
-            k_pos = cache.pos
         else:
-            # As attention.py: attend over the ring before this chunk plus the chunk, then
-            # write the chunk, so a ring smaller than the chunk loses no key a query needs.
-            c_all = jnp.concatenate([cache.c_kv.astype(c_kv.dtype), c_kv], axis=1)
-            r_all = jnp.concatenate([cache.k_rope.astype(k_rope.dtype), k_rope], axis=1)
-            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
-            cache = write_slots(cache, positions, c_kv=c_kv, k_rope=k_rope)
+            # The cached latents play the keys' part (layers/attention.cached_keys).
+            seen, k_pos, cache = cached_keys(cache, positions, what="an MLA cache", c_kv=c_kv,
+                                             k_rope=k_rope)
+            c_all, r_all = seen["c_kv"], seen["k_rope"]
         mask = (attention_mask(positions, k_pos, self.window, self.n_sinks)
                 if segment_ids is None else packed_visibility(segment_ids, self.window,
                                                               self.n_sinks))

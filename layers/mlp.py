@@ -9,16 +9,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.projections import dense
+
 
 class SwiGLU(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, *, dtype, init_std: float, out_std: float,
                  rngs: nnx.Rngs):
-        init = nnx.initializers.normal(init_std)
-        self.gate_up = nnx.Linear(d_model, 2 * d_ff, use_bias=False, dtype=dtype,
-                                  param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
-        self.down = nnx.Linear(d_ff, d_model, use_bias=False, dtype=dtype,
-                               param_dtype=jnp.float32,
-                               kernel_init=nnx.initializers.normal(out_std), rngs=rngs)
+        self.gate_up = dense(d_model, 2 * d_ff, std=init_std, dtype=dtype, rngs=rngs)
+        self.down = dense(d_ff, d_model, std=out_std, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = jnp.split(self.gate_up(x), 2, axis=-1)

@@ -71,7 +71,6 @@ q and x; its size does not depend on max_len.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -80,8 +79,10 @@ from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache, ShortConv
-from layers.delta_net import DeltaNet, decay_init, l2_normalize, recurrent_step
+from layers.delta_net import DeltaNet
+from layers.delta_rule import decay_init, l2_normalize, log_decay, recurrent_step
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from pallas_kernels.backends import LinearBackend
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 
@@ -180,9 +181,7 @@ class MoM(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
         init = nnx.initializers.normal(cfg.init_std)
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
+        self.q_proj = projection(cfg, d, h * kd, rngs=rngs)
         self.q_conv = ShortConv(h * kd, args.conv_width, dtype=self.dtype, rngs=rngs)
         self.x_conv = ShortConv(d, args.conv_width, dtype=self.dtype, rngs=rngs)
         self.router = nnx.Param(init(rngs.params(), (d, m), jnp.float32))
@@ -191,9 +190,9 @@ class MoM(nnx.Module):
         self.w_ba = nnx.Param(init(rngs.params(), (mt, d, 2 * h), jnp.float32))
         a_log, dt_bias = decay_init(rngs.params(), (mt, h))
         self.A_log, self.dt_bias = nnx.Param(a_log), nnx.Param(dt_bias)
-        self.g_proj = nnx.Linear(d, h * vd, kernel_init=init, **lin)
+        self.g_proj = projection(cfg, d, h * vd, rngs=rngs)
         self.o_norm = RMSNorm(vd, eps=cfg.norm_eps)
-        self.out = nnx.Linear(h * vd, d, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, h * vd, rngs=rngs)
 
     @staticmethod
     def check_config(cfg, args: MoMArgs, name: str) -> list[str]:
@@ -277,7 +276,7 @@ class MoM(nnx.Module):
         ba = jnp.einsum("...ld,...de->...le", x.astype(self.dtype), w_ba).astype(jnp.float32)
         beta = jax.nn.sigmoid(ba[..., :h])
         # Mamba2 decay as in Gated DeltaNet, per memory: -exp(A_log) softplus(x W_a + dt_bias).
-        g = -jnp.exp(a_log[..., None, :]) * jax.nn.softplus(ba[..., h:] + dt_bias[..., None, :])
+        g = log_decay(ba[..., h:], a_log[..., None, :], dt_bias[..., None, :])
         return k, v, beta, g
 
     def _op(self, q, k, v, g, beta, initial_state=None, segment_ids=None):

@@ -72,6 +72,7 @@ the three conv tails (float32); its size does not depend on max_len.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -79,9 +80,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from layers.checks import head_errors, min_errors
 from layers.conv import ConvCache, ShortConv
-from layers.delta_net import l2_normalize
+from layers.delta_rule import l2_normalize
 from layers.norm import RMSNorm
+from layers.projections import output_projection, projection
 from pallas_kernels.backends import TitansBackend
 from pallas_kernels.titans import TitansState, memory_read, titans_memory, titans_step
 
@@ -135,24 +138,18 @@ class TitansMemory(nnx.Module):
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
         d = cfg.d_model
-        init = nnx.initializers.normal(cfg.init_std)
-        # GPT-2 style: residual-branch outputs scaled down by sqrt(2 * n_layers), as attention.
-        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        lin = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.k_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
-        self.v_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
+        proj = functools.partial(projection, cfg, d, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = proj(h * kd), proj(h * kd), proj(h * kd)
         conv = dict(dtype=self.dtype, rngs=rngs)
         self.q_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.k_conv = ShortConv(h * kd, args.conv_width, **conv)
         self.v_conv = ShortConv(h * kd, args.conv_width, **conv)
         # theta, eta, alpha logits for every head from one map: [D, 3 H] plus a bias per gate.
-        self.gate_proj = nnx.Linear(d, 3 * h, kernel_init=init, use_bias=False,
-                                    dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        self.gate_proj = proj(3 * h, dtype=jnp.float32)
         self.gate_bias = nnx.Param(jnp.repeat(jnp.asarray(GATE_BIAS, jnp.float32), h))
-        self.g_proj = nnx.Linear(d, h * kd, kernel_init=init, **lin)
+        self.g_proj = proj(h * kd)
         self.o_norm = RMSNorm(kd, eps=cfg.norm_eps)
-        self.out = nnx.Linear(h * kd, d, kernel_init=out_init, **lin)
+        self.out = output_projection(cfg, h * kd, rngs=rngs)
         # M_0: one MLP per head, K -> E -> ... -> K.
         hidden = int(kd * args.memory_expand)
         dims = [kd] + [hidden] * (args.memory_depth - 1) + [kd]
@@ -168,16 +165,11 @@ class TitansMemory(nnx.Module):
     @staticmethod
     def check_config(cfg, args: TitansArgs, name: str) -> list[str]:
         """Problems with these settings, one line each (empty when fine)."""
-        errs = []
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
-        if args.n_heads is not None and args.n_heads <= 0:
-            errs.append(f"{p}.n_heads must be > 0 or null, got {args.n_heads}")
-        elif args.head_dim is None and cfg.d_model % n_heads:
-            errs.append(f"{p}.n_heads={n_heads} does not divide model.d_model={cfg.d_model} "
-                        f"(or set {p}.head_dim)")
-        if args.head_dim is not None and args.head_dim <= 0:
-            errs.append(f"{p}.head_dim must be > 0 or null, got {args.head_dim}")
+        # An explicit 0 is an error here, not "use model.n_heads" (null is that).
+        n_heads = cfg.n_heads if args.n_heads is None else args.n_heads
+        errs = head_errors(p, n_heads, head_dim=args.head_dim, width=cfg.d_model, null_ok=True,
+                           hint=f" (or set {p}.head_dim)")
         if args.memory_depth < 1:
             errs.append(f"{p}.memory_depth must be >= 1 (1 = matrix memory), "
                         f"got {args.memory_depth}")
@@ -186,12 +178,8 @@ class TitansMemory(nnx.Module):
             if kd >= 1 and int(kd * args.memory_expand) < 1:
                 errs.append(f"{p}.memory_expand={args.memory_expand} gives a hidden width < 1 "
                             f"(head dim {kd})")
-        if args.n_persistent < 0:
-            errs.append(f"{p}.n_persistent must be >= 0, got {args.n_persistent}")
-        if args.conv_width < 1:
-            errs.append(f"{p}.conv_width must be >= 1, got {args.conv_width}")
-        if args.chunk_size < 1:
-            errs.append(f"{p}.chunk_size must be >= 1, got {args.chunk_size}")
+        errs += min_errors(p, args, "n_persistent", low=0)
+        errs += min_errors(p, args, "conv_width", "chunk_size")
         if not args.theta_max > 0:
             errs.append(f"{p}.theta_max must be > 0, got {args.theta_max}")
         if args.grad_clip is not None and not args.grad_clip > 0:

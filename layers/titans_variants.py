@@ -74,7 +74,6 @@ TitansCache; both are constant in max_len.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -84,25 +83,12 @@ from layers.attention import Attention, AttentionArgs, KVCache, softmax_attentio
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.conv import ConvCache
 from layers.norm import RMSNorm
-from layers.rope import apply_rope
+from layers.projections import output_projection
 from layers.titans import TitansArgs, TitansCache, TitansMemory
-from pallas_kernels.attention.reference import packed_visibility
 from pallas_kernels.backends import TitansBackend
 from pallas_kernels.common import document_layout, document_positions
+from pallas_kernels.masks import packed_visibility
 from pallas_kernels.titans import TitansState
-
-
-def project_qkv(a: Attention, u: jax.Array, pos: jax.Array):
-    """An Attention module's projections of u [B, T, D] at RoPE positions pos [B, T] ->
-    q [B, T, Ha, Dh], k, v [B, T, Hkv, Dh] (MAC's contexts and MAG's packed branch build their
-    own key sets and masks from these)."""
-    b, t, _ = u.shape
-    h, hkv, dh = a.n_heads, a.n_kv_heads, a.head_dim
-    q, k, v = jnp.split(a.qkv(u), [h * dh, (h + hkv) * dh], axis=-1)
-    q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
-    if a.use_rope:
-        q, k = apply_rope(q, pos, a.rope_theta), apply_rope(k, pos, a.rope_theta)
-    return q, k, v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +133,7 @@ class _OutputGate(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.y_norm = RMSNorm(d, eps=cfg.norm_eps)
         self.m_norm = RMSNorm(d, eps=cfg.norm_eps)
-        self.out = nnx.Linear(d, d, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                              kernel_init=nnx.initializers.normal(
-                                  cfg.init_std / math.sqrt(2 * cfg.n_layers)), rngs=rngs)
+        self.out = output_projection(cfg, d, rngs=rngs)
 
     def __call__(self, y: jax.Array, m: jax.Array) -> jax.Array:
         gate = jax.nn.sigmoid(self.m_norm(m).astype(jnp.float32))
@@ -218,16 +202,13 @@ class TitansMAC(nnx.Module):
 
     # -------------------------------------------------------------------------- pieces
 
-    def _project(self, u: jax.Array, pos: jax.Array):
-        return project_qkv(self.attn, u, pos)
-
     def _persistent_kv(self, b: int, dtype):
         """Keys / values [B, P, Hkv, Dh] of the persistent tokens (RoPE positions 0..P-1);
         recomputed from the params on every call, so a cache never holds stale ones."""
         p = self.n_persistent
         w = jnp.zeros((0, self.attn.d_model), dtype) if p == 0 else self.persistent[...]
         tokens = jnp.broadcast_to(w.astype(dtype), (b, *w.shape))
-        _, k, v = self._project(tokens, jnp.broadcast_to(jnp.arange(p), (b, p)))
+        _, k, v = self.attn.project(tokens, jnp.broadcast_to(jnp.arange(p), (b, p)))
         return k, v
 
     def _memory_query(self, x: jax.Array, conv: ConvCache | None):
@@ -241,7 +222,7 @@ class TitansMAC(nnx.Module):
         """h = R(M*(q^x), x) with `memory` (the weights at the segment start) -> its keys and
         values [B, T, Hkv, Dh] at RoPE positions pos [B, T]."""
         h = self.memory.readout(self.memory.retrieve(qx, memory), x)
-        _, k, v = self._project(h, pos)
+        _, k, v = self.attn.project(h, pos)
         return k, v
 
     def _attend(self, q, keys, values, mask):
@@ -308,7 +289,7 @@ class TitansMAC(nnx.Module):
         c, p = self.segment_length, self.n_persistent
         n = tp // c
         local = jnp.arange(n * c) % c
-        q, k, v = self._project(xp, jnp.broadcast_to(p + c + local, (b, n * c)))
+        q, k, v = self.attn.project(xp, jnp.broadcast_to(p + c + local, (b, n * c)))
         pk, pv = self._persistent_kv(b, xp.dtype)
         h_pos = jnp.broadcast_to(p + jnp.arange(c), (b, c))
         causal = jnp.tril(jnp.ones((c, c), bool))
@@ -389,7 +370,7 @@ class TitansMAC(nnx.Module):
         c, p = self.segment_length, self.n_persistent
         qx, x_conv = self._memory_query(x, cache.x_conv)
         local = (cache.length + jnp.arange(t)) % c
-        q, k, v = self._project(x, jnp.broadcast_to(p + c + local, (b, t)))
+        q, k, v = self.attn.project(x, jnp.broadcast_to(p + c + local, (b, t)))
         pk, pv = self._persistent_kv(b, x.dtype)
 
         def step(cache: MACCache, tok):
@@ -487,7 +468,7 @@ class TitansMAG(nnx.Module):
         z = jnp.concatenate([self._persistent(b, x.dtype), x], axis=1)
         pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)),
                                positions + p], axis=1)
-        q, k, v = project_qkv(a, z, pos)
+        q, k, v = a.project(z, pos)
         own = packed_visibility(segment_ids, a.window, 0)                 # [B, T, T]
         mask = jnp.concatenate([jnp.ones((b, t, p), bool), own], axis=-1)
         o = softmax_attention(q[:, p:], k, v, mask, a.head_dim ** -0.5)

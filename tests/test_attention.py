@@ -2,7 +2,6 @@
 settings and dtypes, and the ring-buffer cache's constant size."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from layers import attention
 from layers.attention import Attention, AttentionArgs, attention_mask, softmax_attention
 from models.config_check import load_config
 from pallas_kernels.attention import attention_reference
@@ -123,26 +123,30 @@ def test_full_cache_rejects_a_chunk_longer_than_itself():
         mixer(x, positions=jnp.arange(6)[None], cache=cache)
 
 
-def test_in_place_ring_step_equals_the_chunk_path():
+def test_in_place_ring_step_equals_the_chunk_path(monkeypatch):
     # A one-token step on a ring writes its slot in place and attends over the ring; the chunk
-    # path (ring ++ token, then every slot rebuilt) must give the same outputs and the same
-    # cache, step after step as the ring wraps, sinks included, at batch 3.
+    # path (ring ++ token, then every slot rebuilt: attention.concat_keys) must give the same
+    # outputs and the same cache, step after step as the ring wraps, sinks included, at batch 3.
     mixer = _mixer(AttentionArgs(window=4, n_sinks=2), "float32")
     x = jax.random.normal(jax.random.key(7), (3, 15, 32))
     graphdef, state = nnx.split(mixer)
 
-    @functools.partial(jax.jit, static_argnums=(4,))
-    def step(st, xt, pos, cache, in_place):
-        m = nnx.merge(graphdef, st)
-        m.ring_step_in_place = in_place
-        return m(xt, positions=pos, cache=cache)
+    def run():
+        # A fresh jit per path: cached_keys is looked up when the step is traced.
+        step = jax.jit(lambda st, xt, pos, c: nnx.merge(graphdef, st)(xt, positions=pos,
+                                                                      cache=c))
+        cache, outs, caches = mixer.init_cache(3, 8, jnp.float32), [], []
+        for t in range(15):
+            y, cache = step(state, x[:, t:t + 1], jnp.full((3, 1), t, jnp.int32), cache)
+            outs.append(y)
+            caches.append(cache)
+        return outs, caches
 
-    caches = {flag: mixer.init_cache(3, 8, jnp.float32) for flag in (True, False)}
-    for t in range(15):
-        pos = jnp.full((3, 1), t, jnp.int32)
-        outs = {}
-        for flag in (True, False):
-            outs[flag], caches[flag] = step(state, x[:, t:t + 1], pos, caches[flag], flag)
-        np.testing.assert_allclose(outs[True], outs[False], rtol=1e-6, atol=1e-6)
-        for a, b in zip(jax.tree.leaves(caches[True]), jax.tree.leaves(caches[False])):
+    in_place = run()
+    monkeypatch.setattr(attention, "cached_keys", attention.concat_keys)
+    chunked = run()
+    for y_in, y_ch in zip(in_place[0], chunked[0]):
+        np.testing.assert_allclose(y_in, y_ch, rtol=1e-6, atol=1e-6)
+    for c_in, c_ch in zip(in_place[1], chunked[1]):
+        for a, b in zip(jax.tree.leaves(c_in), jax.tree.leaves(c_ch)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from configs import ConfigError
-from layers.delta_net import DeltaNet, DeltaNetArgs, recurrent_step
+from layers.delta_net import DeltaNet, DeltaNetArgs
+from layers.delta_rule import recurrent_step
 from models.config_check import load_config
 from pallas_kernels.gated_delta_rule import gated_delta_rule_reference
 from tests.parity import assert_decode_parity, relative_error

@@ -19,25 +19,13 @@ Pallas backends run off their platform only inside backends.interpret_kernels() 
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from pallas_kernels.attention.reference import attention_reference, packed_visibility
+from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.xla import softmax_attention
 from pallas_kernels.backends import kernel_interpret, resolve_backend
 from pallas_kernels.common import check_segment_ids, zero_padding
+from pallas_kernels.masks import packed_visibility, visibility_mask
 
-__all__ = ["attention", "attention_reference", "softmax_attention", "visibility_mask"]
-
-
-def visibility_mask(seq_len: int, window: int | None, n_sinks: int) -> jax.Array:
-    """[T, T] bool: query t (rows) sees key j (columns)."""
-    t = jnp.arange(seq_len)[:, None]
-    j = jnp.arange(seq_len)[None, :]
-    visible = j <= t
-    if window is not None:
-        visible &= (t - j < window) | (j < n_sinks)
-    return visible
+__all__ = ["attention", "attention_reference", "softmax_attention"]
 
 
 def _check(q, k, v, window, n_sinks) -> None:
@@ -75,8 +63,8 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         backend: "auto", "xla", "flash", "splash" or "reference" (module docstring).
         segment_ids: optional [B, T] int ids of packed documents (0 = padding): a query sees
             only keys of its own document, windows and sinks count in-document positions
-            (reference.packed_visibility). Every backend; "flash" and "splash" not together
-            with sinks (their sink blocks are the row's first).
+            (pallas_kernels/masks.packed_visibility). Every backend; "flash" and "splash"
+            not together with sinks (their sink blocks are the row's first).
 
     Returns:
         [B, T, H, Dh] in q's dtype.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import document_positions
+from pallas_kernels.masks import packed_visibility
 
 
 def visibility(t: int, window: int | None, n_sinks: int) -> np.ndarray:
@@ -22,23 +22,10 @@ def visibility(t: int, window: int | None, n_sinks: int) -> np.ndarray:
     return m
 
 
-def packed_visibility(segment_ids, window: int | None, n_sinks: int):
-    """[B, T, T] bool for packed documents: query i sees key j iff both are in one document
-    and, with p the in-document positions, p_j <= p_i and (window is None or p_i - p_j <
-    window or p_j < n_sinks): the definition above applied to each document on its own
-    (sinks are each document's first tokens)."""
-    pos = document_positions(segment_ids)
-    pi, pj = pos[:, :, None], pos[:, None, :]
-    m = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (pj <= pi)
-    if window is not None:
-        m &= (pi - pj < window) | (pj < n_sinks)
-    return m
-
-
 def attention_reference(q, k, v, *, window: int | None = None, n_sinks: int = 0,
                         scale: float | None = None, segment_ids=None):
     """float32 reference; differentiable (jnp), so gradients can be checked against it.
-    segment_ids: optional [B, T] int packed-document ids (`packed_visibility`)."""
+    segment_ids: optional [B, T] int packed-document ids (masks.packed_visibility)."""
     b, t, h, dh = q.shape
     group = h // k.shape[2]
     scale = dh ** -0.5 if scale is None else scale
