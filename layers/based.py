@@ -49,9 +49,10 @@ from layers.cache import CacheBytes
 from layers.checks import head_errors
 from layers.projections import output_projection, projection
 from pallas_kernels.backends import LinearBackend
-from pallas_kernels.common import PRECISION, zero_padding
 from pallas_kernels.linear_attention import EPS, linear_attention
 from pallas_kernels.masks import packed_visibility
+from pallas_kernels.precision import HIGHEST
+from pallas_kernels.segments import zero_padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +102,13 @@ def taylor_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     # float32, as taylor_feature_map computes the features: the square doubles a rounding
     # error, and the sums run over up to T terms. EPS is the op's, so both forms normalize alike.
     s = jnp.einsum("bihf,bjhf->bhij", q.astype(jnp.float32), k.astype(jnp.float32),
-                   precision=PRECISION) * fd ** -0.5
+                   precision=HIGHEST) * fd ** -0.5
     t = q.shape[1]
     # Causal within each document (padding sees only padding, whose zeroed v gives o = 0).
     mask = (jnp.tril(jnp.ones((t, t), bool)) if segment_ids is None
             else packed_visibility(segment_ids, None, 0)[:, None])            # [B, 1, T, T]
     kern = jnp.where(mask, 1.0 + s + 0.5 * s * s, 0.0)                   # [B, H, T, T]
-    num = jnp.einsum("bhij,bjhv->bihv", kern, v.astype(jnp.float32), precision=PRECISION)
+    num = jnp.einsum("bhij,bjhv->bihv", kern, v.astype(jnp.float32), precision=HIGHEST)
     den = jnp.sum(kern, axis=-1).transpose(0, 2, 1)[..., None]           # [B, T, H, 1]
     return num / (den + EPS)
 
@@ -161,7 +162,7 @@ class Based(nnx.Module):
                  cache: BasedCache | None = None, segment_ids: jax.Array | None = None
                  ) -> tuple[jax.Array, BasedCache | None]:
         """segment_ids: optional [B, T] packed-document ids (cache-free call): the state and
-        its normalizer restart at every document start (pallas_kernels/common.py)."""
+        its normalizer restart at every document start (pallas_kernels/segments.py)."""
         del positions
         b, t, _ = x.shape
         h, fd, dv = self.n_heads, self.feature_dim, self.head_v
@@ -192,7 +193,7 @@ class Based(nnx.Module):
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
         s = cache.state + k[..., :, None] * v[..., None, :]
         z = cache.z + k
-        num = jnp.einsum("bhf,bhfv->bhv", q, s, precision=PRECISION)
+        num = jnp.einsum("bhf,bhfv->bhv", q, s, precision=HIGHEST)
         # Same EPS as the op, so the step and the chunked paths agree to rounding.
         o = num / (jnp.sum(q * z, axis=-1, keepdims=True) + EPS)
         return o.astype(self.dtype), cache.replace(state=s, z=z)

@@ -68,8 +68,8 @@ from layers.conv import ConvCache
 from layers.delta_rule import l2_normalize
 from layers.projections import output_projection, projection
 from layers.rope import apply_rope
-from pallas_kernels.common import document_positions
 from pallas_kernels.masks import packed_visibility
+from pallas_kernels.segments import document_positions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ y_t[c] = sum_{i < W} w[i, c] * x_{t - W + 1 + i}[c]  (+ bias[c]), with x_{<0} = 
 The decode cache holds the last W - 1 inputs, so prefill, chunked prefill and single-token
 steps all see the same window; its size does not depend on the sequence length.
 
-Packed documents (segment_ids, see pallas_kernels/common.py): tap i reads the token W - 1 - i
+Packed documents (segment_ids, see pallas_kernels/segments.py): tap i reads the token W - 1 - i
 steps back, and it is dropped when that token lies before the document's start (its lag
 exceeds the in-document position), so no document reads the previous one's tokens.
 """
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
-from pallas_kernels.common import document_positions
+from pallas_kernels.segments import document_positions
 
 
 @struct.dataclass

@@ -137,7 +137,7 @@ class DeltaNet(nnx.Module):
                  cache: DeltaNetCache | None = None, segment_ids: jax.Array | None = None
                  ) -> tuple[jax.Array, DeltaNetCache | None]:
         """segment_ids: optional [B, T] packed-document ids (cache-free call): the convs and
-        the recurrent state restart at every document start (pallas_kernels/common.py)."""
+        the recurrent state restart at every document start (pallas_kernels/segments.py)."""
         del positions
         b, t, _ = x.shape
         h, kd, vd = self.n_heads, self.key_dim, self.value_dim

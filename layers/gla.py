@@ -31,8 +31,8 @@ from layers.checks import head_errors
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from pallas_kernels.backends import LinearBackend
-from pallas_kernels.common import PRECISION
 from pallas_kernels.gla import gla
+from pallas_kernels.precision import HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +114,7 @@ class GLA(nnx.Module):
                  cache: GLACache | None = None, segment_ids: jax.Array | None = None
                  ) -> tuple[jax.Array, GLACache | None]:
         """segment_ids: optional [B, T] packed-document ids (cache-free call): the state
-        restarts at every document start (pallas_kernels/common.py)."""
+        restarts at every document start (pallas_kernels/segments.py)."""
         del positions
         b, t, _ = x.shape
         h, dk, dv = self.n_heads, self.head_k, self.head_v
@@ -142,5 +142,5 @@ class GLA(nnx.Module):
         """One token (q, k, gk [B, H, K], v [B, H, V]) on the cached state, in float32."""
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
         s = jnp.exp(gk)[..., None] * cache.state + k[..., :, None] * v[..., None, :]
-        o = jnp.einsum("bhk,bhkv->bhv", q * self.head_k ** -0.5, s, precision=PRECISION)
+        o = jnp.einsum("bhk,bhkv->bhv", q * self.head_k ** -0.5, s, precision=HIGHEST)
         return o.astype(self.dtype), cache.replace(state=s)

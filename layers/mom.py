@@ -57,7 +57,7 @@ keeps the masked reference an ordinary masked op (no per-bucket conv) and the ca
 tail, and costs D conv channels instead of Mt * H(K+V). The query keeps Gated DeltaNet's own
 conv; beta and the decay read x, as in Gated DeltaNet.
 
-Packed documents (segment_ids [B, T], cache-free call; pallas_kernels/common.py): the two convs
+Packed documents (segment_ids [B, T], cache-free call; pallas_kernels/segments.py): the two convs
 zero their taps across document starts, and every memory restarts from zero at each start,
 also when the start's own token is routed elsewhere (a document alone starts every memory from
 zero). The masked path hands the ids to the op; the packed path gives each stream slot its

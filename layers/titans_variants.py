@@ -86,8 +86,8 @@ from layers.norm import RMSNorm
 from layers.projections import output_projection
 from layers.titans import TitansArgs, TitansCache, TitansMemory
 from pallas_kernels.backends import TitansBackend
-from pallas_kernels.common import document_layout, document_positions
 from pallas_kernels.masks import packed_visibility
+from pallas_kernels.segments import document_layout, document_positions
 from pallas_kernels.titans import TitansState
 
 
@@ -324,7 +324,7 @@ class TitansMAC(nnx.Module):
         """Packed documents, x [B, T, D] -> out [B, T, D] (0 at padding): each document runs as
         alone, its segments and memory chunks counted from its own first token.
 
-        Fast path: the documents laid out segment-aligned (common.document_layout, twice the
+        Fast path: the documents laid out segment-aligned (segments.document_layout, twice the
         row's segments of room), the memory query convs told the documents, and the segment
         scan restarting the memory at each document. When a row's documents need more
         segments than that, or segment_length is not a multiple of the memory's chunk_size

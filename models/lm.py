@@ -23,7 +23,7 @@ from layers.norm import RMSNorm
 from layers.registry import MixerWithAuxLoss, build_mixer
 from models.sharding import constrain
 from pallas_kernels.backends import forward_only
-from pallas_kernels.common import document_positions
+from pallas_kernels.segments import document_positions
 
 RESIDUAL = ("batch", None, None)     # logical axes of the residual stream [B, T, D]
 
@@ -111,7 +111,7 @@ class LM(nnx.Module):
         already weighted by their configs; None when no layer has one).
 
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents
-        numbered from 1 in each row; pallas_kernels/common.py). Every layer then keeps its
+        numbered from 1 in each row; pallas_kernels/segments.py). Every layer then keeps its
         documents apart (attention masks, recurrent states and short convs restart at each
         document start), and positions default to in-document positions. Cache-free only:
         decoding runs one sequence per row.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import document_positions
+from pallas_kernels.segments import document_positions
 
 
 def visibility_mask(seq_len: int, window: int | None, n_sinks: int) -> jax.Array:

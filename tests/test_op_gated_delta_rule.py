@@ -177,7 +177,7 @@ def test_public_api_defaults_and_errors():
 
 
 def test_short_sequences_take_a_shorter_chunk_not_padding():
-    from pallas_kernels.common import fitted_chunk_size
+    from pallas_kernels.chunking import fitted_chunk_size
 
     # T below one chunk: the next power of two >= 16 (a legal Pallas block); else the chunk.
     assert [fitted_chunk_size(t, 64) for t in (1, 16, 17, 32, 33, 63, 64, 200)] == \

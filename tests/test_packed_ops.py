@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels.attention import attention
-from pallas_kernels.common import ChunkMasks, document_positions, document_starts
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
 from pallas_kernels.linear_attention import linear_attention
+from pallas_kernels.segments import ChunkMasks, document_positions, document_starts
 from tests.parity import relative_error
 from tests.test_op_pallas import make_inputs as op_inputs
 

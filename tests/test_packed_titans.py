@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.common import document_layout
+from pallas_kernels.segments import document_layout
 from pallas_kernels.titans import titans_memory
 from tests.test_packed_ops import DOCS, C, T, poison_padding, segment_ids
 from tests.test_titans_op import _close, _inputs

@@ -22,8 +22,8 @@ from __future__ import annotations
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.xla import softmax_attention
 from pallas_kernels.backends import kernel_interpret, resolve_backend
-from pallas_kernels.common import check_segment_ids, zero_padding
 from pallas_kernels.masks import packed_visibility, visibility_mask
+from pallas_kernels.segments import check_segment_ids, zero_padding
 
 __all__ = ["attention", "attention_reference", "softmax_attention"]
 

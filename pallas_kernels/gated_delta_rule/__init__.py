@@ -11,11 +11,13 @@ with no gate.
 
 from __future__ import annotations
 
+from pallas_kernels.arguments import check_delta_inputs
 from pallas_kernels.backends import resolve_backend
-from pallas_kernels.common import check_delta_inputs, check_segment_ids, fitted_chunk_size
+from pallas_kernels.chunking import fitted_chunk_size
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 from pallas_kernels.precision import resolve_precision
+from pallas_kernels.segments import check_segment_ids
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_xla"]
 
@@ -65,7 +67,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
     if int(chunk_size) < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1; got {chunk_size}")
-    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs,
                                 state_impl=impl,

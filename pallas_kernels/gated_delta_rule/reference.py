@@ -19,13 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import (
-    PRECISION,
-    document_starts,
-    initial_state_f32,
-    reset_at_starts,
-    zero_padding,
-)
+from pallas_kernels.arguments import initial_state_f32
+from pallas_kernels.precision import HIGHEST
+from pallas_kernels.segments import document_starts, reset_at_starts, zero_padding
 
 
 def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -42,7 +38,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
         initial_state: optional [B, H, K, V] starting state (zeros if None).
         output_final_state: whether to return the final state.
         segment_ids: optional [B, T] int packed-document ids: the state restarts from zero at
-            each document start; padding (0) is inert (pallas_kernels/common.py).
+            each document start; padding (0) is inert (pallas_kernels/segments.py).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
@@ -58,10 +54,10 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
     def step(s, x):
         q_t, k_t, v_t, g_t, b_t, start_t = x                        # [B, H, K|V], g/b [B, H]
         s = jnp.exp(g_t)[..., None, None] * reset_at_starts(s, start_t)
-        pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=PRECISION)
+        pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=HIGHEST)
         s = s + jnp.einsum("bhk,bhv->bhkv", b_t[..., None] * k_t, v_t - pred,
-                           precision=PRECISION)
-        return s, jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=PRECISION)
+                           precision=HIGHEST)
+        return s, jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=HIGHEST)
 
     s, o = jax.lax.scan(step, initial_state_f32(initial_state, q, v), xs)
     return jnp.swapaxes(o, 0, 1).astype(q.dtype), (s if output_final_state else None)

@@ -40,14 +40,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.common import (
-    ChunkMasks,
-    from_chunks,
-    initial_state_f32,
-    to_chunks,
-    zero_padding,
-)
+from pallas_kernels.arguments import initial_state_f32
+from pallas_kernels.chunking import from_chunks, to_chunks
 from pallas_kernels.precision import matmul, operand_dtype
+from pallas_kernels.segments import ChunkMasks, zero_padding
 from pallas_kernels.state_passing import chunk_outputs
 from pallas_kernels.triangular import solve_unit_lower
 
@@ -75,7 +71,7 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
         chunk_size: C, the number of steps handled in parallel per chunk (a Python int).
         state_impl: backend of the state sweep ("xla", "pallas_gpu" or "pallas_tpu").
         precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
-        segment_ids: optional [B, T] int packed-document ids (common.ChunkMasks): pairs across
+        segment_ids: optional [B, T] int packed-document ids (segments.ChunkMasks): pairs across
             a document start are masked out of A and of the scores, and the W / gq / kd rows
             and the chunk decay are masked as ChunkMasks describes.
 

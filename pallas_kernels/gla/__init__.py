@@ -7,10 +7,11 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 from __future__ import annotations
 
 from pallas_kernels.backends import resolve_backend
-from pallas_kernels.common import check_segment_ids, fitted_chunk_size
+from pallas_kernels.chunking import fitted_chunk_size
 from pallas_kernels.gla.reference import gla_reference, simple_gla_reference
 from pallas_kernels.gla.xla import gla_xla, simple_gla_xla
 from pallas_kernels.precision import resolve_precision
+from pallas_kernels.segments import check_segment_ids
 
 
 def _check(q, k, v, gate, gate_shape, name):
@@ -44,7 +45,7 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
             "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): the state restarts from zero at each document start, padding is inert, and
-            the final state is the last document's (pallas_kernels/common.py). Every backend.
+            the final state is the last document's (pallas_kernels/segments.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None when
@@ -60,7 +61,7 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
     impl = resolve_backend("gla", backend)
     if impl == "reference":
         return gla_reference(q, k, v, gk, **kwargs)
-    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return gla_xla(q, k, v, gk, chunk_size=chunk_size, **kwargs, state_impl=impl,
                    precision=resolve_precision(precision, q.dtype, impl))
@@ -89,7 +90,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
             "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): the state restarts from zero at each document start, padding is inert, and
-            the final state is the last document's (pallas_kernels/common.py). Every backend.
+            the final state is the last document's (pallas_kernels/segments.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None when
@@ -105,7 +106,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     impl = resolve_backend("simple_gla", backend)
     if impl == "reference":
         return simple_gla_reference(q, k, v, g, **kwargs)
-    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs, state_impl=impl,
                           precision=resolve_precision(precision, q.dtype, impl))

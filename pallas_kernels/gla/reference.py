@@ -21,20 +21,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import (
-    PRECISION,
-    default_scale,
-    document_starts,
-    reset_at_starts,
-    zero_padding,
-)
+from pallas_kernels.arguments import default_scale
+from pallas_kernels.precision import HIGHEST
+from pallas_kernels.segments import document_starts, reset_at_starts, zero_padding
 
 
 def _decayed_recurrence(q, k, v, log_decay, scale, initial_state, output_final_state,
                         segment_ids=None):
     """S_t = exp(log_decay_t)[:, None] * S_{t-1} + k_t v_t^T; log_decay [B, T, H, K or 1].
     With segment_ids the state restarts from zero at each document start and padding is
-    inert (pallas_kernels/common.py)."""
+    inert (pallas_kernels/segments.py)."""
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     scale = default_scale(k, scale)
@@ -49,7 +45,7 @@ def _decayed_recurrence(q, k, v, log_decay, scale, initial_state, output_final_s
         qt, kt, vt, gt, start_t = x                          # [B, H, K], ..., [B, H, K or 1]
         s = reset_at_starts(s, start_t)
         s = jnp.exp(gt)[..., None] * s + kt[..., :, None] * vt[..., None, :]
-        o = jnp.einsum("bhk,bhkv->bhv", qt * scale, s, precision=PRECISION)
+        o = jnp.einsum("bhk,bhkv->bhv", qt * scale, s, precision=HIGHEST)
         return s, o
 
     s, o = jax.lax.scan(step, s0, xs)
@@ -68,7 +64,7 @@ def gla_reference(q, k, v, gk, *, scale=None, initial_state=None, output_final_s
         scale: query scale; defaults to K ** -0.5.
         initial_state: S [B, H, K, V] before the first token, or None for zeros.
         output_final_state: also return the float32 state after the last token.
-        segment_ids: optional [B, T] int packed-document ids (pallas_kernels/common.py).
+        segment_ids: optional [B, T] int packed-document ids (pallas_kernels/segments.py).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
@@ -89,7 +85,7 @@ def simple_gla_reference(q, k, v, g, *, scale=None, initial_state=None,
         scale: query scale; defaults to K ** -0.5.
         initial_state: S [B, H, K, V] before the first token, or None for zeros.
         output_final_state: also return the float32 state after the last token.
-        segment_ids: optional [B, T] int packed-document ids (pallas_kernels/common.py).
+        segment_ids: optional [B, T] int packed-document ids (pallas_kernels/segments.py).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).

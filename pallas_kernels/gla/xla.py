@@ -37,14 +37,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import (
-    ChunkMasks,
-    default_scale,
-    from_chunks,
-    to_chunks,
-    zero_padding,
-)
+from pallas_kernels.arguments import default_scale
+from pallas_kernels.chunking import from_chunks, to_chunks
 from pallas_kernels.precision import matmul, operand_dtype
+from pallas_kernels.segments import ChunkMasks, zero_padding
 from pallas_kernels.state_passing import chunk_outputs
 
 # Sub-chunk size c for gla's diagonal blocks. The pairwise-decay tensor costs T * c * K exps
@@ -72,7 +68,7 @@ def _gla_intra(qs, ks, vs, g_cum, sub, count=None, dtype=jnp.float32):
         vs: [B, H, N, C, V] values.
         g_cum: [B, H, N, C, K] inclusive cumulative log decays within each chunk.
         sub: sub-chunk size c (divides C).
-        count: optional [B, 1, N, C] in-chunk document-start counts (common.ChunkMasks.count):
+        count: optional [B, 1, N, C] in-chunk document-start counts (segments.ChunkMasks.count):
             pairs in different documents are dropped.
         dtype: matmul operand dtype (precision.operand_dtype); the decay factors are formed
             in float32 and enter the score matmuls multiplied into the queries.
@@ -141,7 +137,7 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
         precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
-        segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks.
+        segment_ids: optional [B, T] int packed-document ids; masks as segments.ChunkMasks.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
@@ -196,7 +192,7 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
         precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
-        segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks.
+        segment_ids: optional [B, T] int packed-document ids; masks as segments.ChunkMasks.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).

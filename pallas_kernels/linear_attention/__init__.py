@@ -6,10 +6,11 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 from __future__ import annotations
 
 from pallas_kernels.backends import resolve_backend
-from pallas_kernels.common import check_segment_ids, fitted_chunk_size
+from pallas_kernels.chunking import fitted_chunk_size
 from pallas_kernels.linear_attention.reference import EPS, linear_attention_reference
 from pallas_kernels.linear_attention.xla import linear_attention_xla
 from pallas_kernels.precision import resolve_precision
+from pallas_kernels.segments import check_segment_ids
 
 
 def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None,
@@ -41,7 +42,7 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
             "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from
             1): S (and z) restart from zero at each document start, padding is inert, and the
-            final state is the last document's (pallas_kernels/common.py). Every backend.
+            final state is the last document's (pallas_kernels/segments.py). Every backend.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state or None when output_final_state is False).
@@ -57,7 +58,7 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
                   output_final_state=output_final_state, segment_ids=segment_ids)
     if backend == "reference":
         return linear_attention_reference(q, k, v, **kwargs)
-    # Shorter than one chunk: a shorter chunk, not padding (common.fitted_chunk_size).
+    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
     chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
     return linear_attention_xla(q, k, v, chunk_size=chunk_size, **kwargs,
                                 state_impl=backend,

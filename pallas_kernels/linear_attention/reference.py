@@ -20,13 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import (
-    PRECISION,
-    default_scale,
-    document_starts,
-    reset_at_starts,
-    zero_padding,
-)
+from pallas_kernels.arguments import default_scale
+from pallas_kernels.precision import HIGHEST
+from pallas_kernels.segments import document_starts, reset_at_starts, zero_padding
 
 # Added to the normalizer so that an all-zero feature row (e.g. ReLU features, or the first
 # token with an all-zero key) gives o = 0 instead of 0 / 0. Small enough to be invisible next
@@ -49,7 +45,7 @@ def linear_attention_reference(q, k, v, *, scale=None, normalize=False, initial_
             (S [B, H, K, V], z [B, H, K]) or None. None means zeros.
         output_final_state: also return the state after the last token.
         segment_ids: optional [B, T] int packed-document ids: S and z restart from zero at
-            each document start; padding (0) is inert (pallas_kernels/common.py).
+            each document start; padding (0) is inert (pallas_kernels/segments.py).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state), final_state as initial_state's format in
@@ -71,7 +67,7 @@ def linear_attention_reference(q, k, v, *, scale=None, normalize=False, initial_
         s = s + kt[..., :, None] * vt[..., None, :]
         z = z + kt
         qt = qt * scale
-        o = jnp.einsum("bhk,bhkv->bhv", qt, s, precision=PRECISION)
+        o = jnp.einsum("bhk,bhkv->bhv", qt, s, precision=HIGHEST)
         if normalize:
             o = o / (jnp.sum(qt * z, axis=-1, keepdims=True) + EPS)
         return (s, z), o

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.common import (
-    ChunkMasks,
-    default_scale,
-    from_chunks,
-    to_chunks,
-    zero_padding,
-)
+from pallas_kernels.arguments import default_scale
+from pallas_kernels.chunking import from_chunks, to_chunks
 from pallas_kernels.linear_attention.reference import EPS, split_state
 from pallas_kernels.precision import matmul, operand_dtype
+from pallas_kernels.segments import ChunkMasks, zero_padding
 from pallas_kernels.state_passing import chunk_outputs
 
 
@@ -51,7 +47,7 @@ def linear_attention_xla(q, k, v, *, scale=None, normalize=False, initial_state=
         state_impl: backend of the chunk-to-chunk state sweep (state_passing: "xla",
             "pallas_gpu" or "pallas_tpu"); the intra-chunk terms are XLA either way.
         precision: "highest" or "bf16" matmul operands (pallas_kernels/precision.py).
-        segment_ids: optional [B, T] int packed-document ids; masks as common.ChunkMasks (the
+        segment_ids: optional [B, T] int packed-document ids; masks as segments.ChunkMasks (the
             normalizer z restarts with S).
 
     Returns:

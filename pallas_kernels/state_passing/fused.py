@@ -25,7 +25,7 @@ Precision: matmul operands are the inputs' dtype (bfloat16 inputs go to the tens
 MXU as bfloat16), with S and x rounded to that dtype only where they enter a matmul;
 every product accumulates in float32 and the state itself is carried in float32, so the
 rounding of one read never feeds the next chunk's state. float32 inputs use HIGHEST
-precision (see common.PRECISION).
+precision (see precision.HIGHEST).
 """
 
 from __future__ import annotations

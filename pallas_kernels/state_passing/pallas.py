@@ -33,7 +33,7 @@ Two drivers share the per-chunk bodies (`_fwd_chunk`, `_bwd_chunk`):
 
 Both are checked on CPU in interpret mode (tests/test_state_passing.py) and lowered for their
 platform (tests/test_lowering.py). Matmuls take float32 inputs at HIGHEST precision: the state
-is a sum over the whole sequence (see common.PRECISION). These kernels run the backward of the
+is a sum over the whole sequence (see pallas_kernels/precision.py). These kernels run the backward of the
 ops (and the unfused forward); the ops' forward is the fused kernel of fused.py, which also
 takes bf16 inputs.
 
@@ -51,24 +51,24 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import PRECISION
+from pallas_kernels.precision import HIGHEST
 
 F32 = jnp.float32
 
 
 def _dot(a, b):
-    return jnp.dot(a, b, precision=PRECISION, preferred_element_type=F32)
+    return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=F32)
 
 
 def _dot_tn(a, b):
     """a^T b for a [M, P], b [M, Q] -> [P, Q]."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=PRECISION,
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=HIGHEST,
                                preferred_element_type=F32)
 
 
 def _dot_nt(a, b):
     """a b^T for a [M, P], b [Q, P] -> [M, Q]."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=PRECISION,
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=HIGHEST,
                                preferred_element_type=F32)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.backends import resolve_backend
-from pallas_kernels.common import check_segment_ids, zero_padding
+from pallas_kernels.segments import check_segment_ids, zero_padding
 from pallas_kernels.titans.reference import (
     TitansState,
     initial_state,

@@ -62,7 +62,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import PRECISION
+from pallas_kernels.precision import HIGHEST
 
 
 class TitansState(NamedTuple):
@@ -92,7 +92,7 @@ def memory_read(weights, x: jax.Array) -> jax.Array:
         [B, ..., H, V] float32.
     """
     for i, w in enumerate(weights):
-        x = jnp.einsum("b...hi,bhio->b...ho", x, w, precision=PRECISION)
+        x = jnp.einsum("b...hi,bhio->b...ho", x, w, precision=HIGHEST)
         if i < len(weights) - 1:
             x = jax.nn.silu(x)
     return x
@@ -201,7 +201,7 @@ def titans_memory_packed_reference(q, k, v, theta, eta, alpha, *, memory0, segme
     Returns:
         o [B, T, H, V] in q's dtype.
     """
-    from pallas_kernels.common import document_positions
+    from pallas_kernels.segments import document_positions
 
     real = segment_ids != 0
     opens = real & (document_positions(segment_ids) == 0)

@@ -52,7 +52,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import PRECISION, to_chunks
+from pallas_kernels.chunking import to_chunks
+from pallas_kernels.precision import HIGHEST
 from pallas_kernels.titans.reference import TitansState, clip_scale, initial_state
 
 # Clamps before the logs: alpha = 1 or eta = 0 exactly (a saturated float32 sigmoid) would give
@@ -63,7 +64,7 @@ ETA_MIN = 1e-30
 
 
 def _mm(spec, a, b):
-    return jnp.einsum(spec, a, b, precision=PRECISION)
+    return jnp.einsum(spec, a, b, precision=HIGHEST)
 
 
 def _silu_grad(z):
@@ -218,7 +219,7 @@ def titans_memory_packed_xla(q, k, v, theta, eta, alpha, *, memory0, segment_ids
 
     A row's shared chunk grid cannot hold that (a document starting inside a chunk would need
     gradients at weights from the middle of it), so the tokens are first laid out document by
-    document, each at chunk position chunk_offset (common.document_layout's prefix,
+    document, each at chunk position chunk_offset (segments.document_layout's prefix,
     `chunk_capacity` chunks per row); the chunk scan resets (M, S) to the starting state at
     every chunk that opens a document (whose gradients are then taken at chunk_start0), and
     the outputs are gathered back. Empty slots are inert steps (theta 0,
@@ -229,7 +230,7 @@ def titans_memory_packed_xla(q, k, v, theta, eta, alpha, *, memory0, segment_ids
     Args: as titans_memory_xla, plus segment_ids [B, T] int (0 = padding) and chunk_capacity
         (static int). Returns o [B, T, H, V] in q's dtype (0 at padding).
     """
-    from pallas_kernels.common import document_layout
+    from pallas_kernels.segments import document_layout
     from pallas_kernels.titans.reference import titans_memory_packed_reference
 
     b, t, h = q.shape[:3]

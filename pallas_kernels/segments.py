@@ -1,61 +1,24 @@
-"""Small helpers shared by the linear-family ops (linear_attention, gla, delta rules).
+"""Packed documents in the ops: one row holds several documents, told apart by segment ids.
 
-Shapes: B batch, T time, H heads, K key dim, V value dim, N number of chunks, C chunk size.
-Public tensors are [B, T, H, D]; the chunked XLA paths work on [B, H, N, C, D].
+Shapes: B batch, T time, N chunks (or blocks), C chunk size, S buffer slots.
+
+segment_ids [B, T] int32: 0 marks padding, documents are numbered from 1 within a row (splash
+attention's SegmentIds convention). The state restarts from zero at every document start (a
+token whose id differs from the previous token's and is not padding); the first document of a
+row continues from initial_state. Padding is made inert: its q, k, v, gates and betas are
+replaced by zeros with jnp.where (so NaN or Inf there never reaches a real token, in values
+or gradients), and a padding token is never a start, so trailing padding leaves the last
+document's state as the final state.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-# float32 matmuls at full precision: on GPU (TF32) and TPU (one bf16 pass) the default float32
-# matmul keeps ~10 or ~8 mantissa bits, and the recurrent state is a sum over all T tokens, so
-# the rounding would accumulate over the sequence instead of staying at one ulp per step.
-PRECISION = jax.lax.Precision.HIGHEST
-
-def default_scale(k: jax.Array, scale: float | None = None) -> float:
-    """Query scale: `scale` if given, else K ** -0.5 (K = k.shape[-1])."""
-    return k.shape[-1] ** -0.5 if scale is None else scale
-
-
-def check_delta_inputs(op: str, q, k, v, beta, g=None, initial_state=None) -> None:
-    """Raises ValueError on inconsistent shapes (q/k [B,T,H,K], v [B,T,H,V], beta/g [B,T,H])."""
-    if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(f"{op}: q and k must both be [B, T, H, K]; got {q.shape}, {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{op}: v must be [B, T, H, V] matching q; got {v.shape}")
-    if beta.shape != q.shape[:3]:
-        raise ValueError(f"{op}: beta must be [B, T, H] = {q.shape[:3]}; got {beta.shape}")
-    if g is not None and g.shape != q.shape[:3]:
-        raise ValueError(f"{op}: g must be [B, T, H] = {q.shape[:3]}; got {g.shape}")
-    b, _, h, dk = q.shape
-    want = (b, h, dk, v.shape[-1])
-    if initial_state is not None and initial_state.shape != want:
-        raise ValueError(f"{op}: initial_state must be [B, H, K, V] = {want}; "
-                         f"got {initial_state.shape}")
-
-
-def initial_state_f32(initial_state, q: jax.Array, v: jax.Array) -> jax.Array:
-    """The [B, H, K, V] float32 starting state (zeros when none is given)."""
-    if initial_state is None:
-        b, _, h, dk = q.shape
-        return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
-    return initial_state.astype(jnp.float32)
-
-
-# ----------------------------------------------------------------------------- packed documents
-#
-# segment_ids [B, T] int32: 0 marks padding, documents are numbered from 1 within a row (splash
-# attention's SegmentIds convention). The state restarts from zero at every document start (a
-# token whose id differs from the previous token's and is not padding); the first document of a
-# row continues from initial_state. Padding is made inert: its q, k, v, gates and betas are
-# replaced by zeros with jnp.where (so NaN or Inf there never reaches a real token, in values
-# or gradients), and a padding token is never a start, so trailing padding leaves the last
-# document's state as the final state.
+from pallas_kernels.chunking import pad_to_multiple
 
 
 def check_segment_ids(op: str, segment_ids, q) -> None:
@@ -166,56 +129,3 @@ def document_layout(segment_ids: jax.Array, block: int, n_blocks: int,
                                                              mode="drop")
     block_opens = jnp.zeros((b, n_blocks), bool).at[bi, first // block].set(opens, mode="drop")
     return DocumentLayout(slot, buf_seg, block_opens, jnp.all(used[:, -1] <= n_blocks))
-
-
-def pad_to_multiple(x: jax.Array, multiple: int, axis: int) -> jax.Array:
-    """Zero-pads `axis` of `x` at the end up to a multiple of `multiple` (no-op if already)."""
-    pad = (-x.shape[axis]) % multiple
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
-
-
-def fitted_chunk_size(t: int, chunk_size, smallest: int = 16):
-    """The chunk length a chunked op uses for T steps: chunk_size, or the smallest power of two
-    >= max(T, 16) when that is shorter. A sequence shorter than one chunk is otherwise
-    zero-padded to a whole chunk: at T = 32 with the default C = 64 half of every intra-chunk
-    matmul and of the C-step forward substitution is padding (the MQAR recall setting, train
-    steps timed side by side in one process on a 2-core CPU: Gated DeltaNet 57.7 -> 26.3 ms,
-    MoM's five memories 273.7 -> 107.4 ms, GLA 33.9 -> 15.9 ms). The result is the same
-    recurrence, so only float summation order changes. A power of two >= 16 keeps the chunk a
-    legal block for the Pallas state sweep (Triton tiles are powers of two, tl.dot wants >= 16
-    rows; TPU tiles are multiples of 8) and a multiple of GLA's sub-chunk. A chunk_size that is
-    not a positive int is returned as is for to_chunks to refuse."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        return chunk_size
-    fitted = smallest
-    while fitted < t:
-        fitted *= 2
-    return min(chunk_size, fitted)
-
-
-def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
-    """[B, T, H, ...] -> float32 [B, H, N, C, ...], zero-padding T up to N * C.
-
-    Callers must make sure that zeros are inert for their tensor (k = v = 0 adds nothing to the
-    state; a log-gate of 0 is a decay of 1, i.e. the state passes through padded steps as is).
-
-    Raises:
-        ValueError: if chunk_size is not a positive integer (TypeError if not an integer).
-    """
-    if isinstance(chunk_size, bool) or operator.index(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    x = pad_to_multiple(x.astype(jnp.float32), chunk_size, axis=1)
-    b, tp, h = x.shape[:3]
-    x = jnp.moveaxis(x, 2, 1)                                    # [B, H, Tp, ...]
-    return x.reshape(b, h, tp // chunk_size, chunk_size, *x.shape[3:])
-
-
-def from_chunks(x: jax.Array, t: int, dtype) -> jax.Array:
-    """[B, H, N, C, D] -> [B, t, H, D] in `dtype`, dropping the padded tail."""
-    b, h, n, c = x.shape[:4]
-    x = x.reshape(b, h, n * c, *x.shape[4:])[:, :, :t]
-    return jnp.moveaxis(x, 1, 2).astype(dtype)
