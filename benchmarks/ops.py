@@ -160,9 +160,8 @@ def main(argv=None) -> int:
 
 
 def run_isolated(a, argv) -> int:
-    """One process per op. jaxlib 0.10.2's XLA:CPU runtime was seen to deadlock (idle, inside
-    block_until_ready) on the delta-rule programs after the other ops' large T=8192 programs had
-    run in the same process; separate processes avoid that and keep each op's memory apart."""
+    """One process per op: each op's T = 8192 programs keep their memory to themselves, and an
+    op that fails or runs out of memory does not take the others' rows with it."""
     import subprocess
     import tempfile
 

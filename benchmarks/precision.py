@@ -114,16 +114,16 @@ def lowered_train_step(mixer: str, *, seq_len: int = 128, batch: int = 2, d_mode
         f"model.mixers=[{mixer}]", "model.n_layers=2", f"model.d_model={d_model}",
         "model.n_heads=4", "model.vocab_size=64", "model.dtype=bfloat16",
         "model.precision=auto", f"model.max_len={seq_len}", *extra])
-    with lowering_for(platform):
-        model = build_model(cfg.model, seed=0)
-        graphdef, params = nnx.split(model, nnx.Param)
-        optimizer = make_optimizer(cfg.optim, 10)
-        opt_state = jax.eval_shape(optimizer.init, params)
-        train_step, _ = make_train_step(graphdef, optimizer)
-        tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-        data = {"inputs": tokens, "targets": tokens,
-                "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)}
-        params = jax.eval_shape(lambda p: p, params)
+    model = build_model(cfg.model, seed=0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    optimizer = make_optimizer(cfg.optim, 10)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    train_step, _ = make_train_step(graphdef, optimizer)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    data = {"inputs": tokens, "targets": tokens,
+            "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)}
+    params = jax.eval_shape(lambda p: p, params)
+    with lowering_for(platform):     # the trace resolves "auto" as on `platform`
         lowered = train_step.trace(params, opt_state, data).lower(
             lowering_platforms=({"gpu": "cuda"}.get(platform, platform),))
     return lowered.as_text(debug_info=True)

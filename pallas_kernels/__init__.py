@@ -1,6 +1,10 @@
-"""Hot ops, one folder each: reference.py (the spec), xla.py (chunked), Pallas kernels later.
+"""Hot ops, one folder each, every one behind one public function with `backend=` and
+`precision=`: reference.py (the readable definition), xla.py (the chunked / dense portable
+form), and Pallas kernels where built (state_passing/ for the linear ops' state sweep,
+attention/flash.py and attention/splash.py).
 
-Built: linear_attention, gla / simple_gla, delta_rule, gated_delta_rule (reference and chunked
-XLA forms, backend="auto"|"reference"|"xla"), and attention/reference.py, the plain definition
-that layers/attention.py is tested against. The Pallas kernels come with the kernels issue.
+Ops: linear_attention, gla / simple_gla, delta_rule, gated_delta_rule, titans, attention.
+Shared: backends.py (names, the per-platform auto table, interpret / lowering contexts),
+precision.py, segments.py (packed documents), chunking.py, arguments.py, triangular.py,
+masks.py.
 """

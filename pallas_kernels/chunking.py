@@ -24,10 +24,8 @@ def fitted_chunk_size(t: int, chunk_size, smallest: int = 16):
     """The chunk length a chunked op uses for T steps: chunk_size, or the smallest power of two
     >= max(T, 16) when that is shorter. A sequence shorter than one chunk is otherwise
     zero-padded to a whole chunk: at T = 32 with the default C = 64 half of every intra-chunk
-    matmul and of the C-step forward substitution is padding (the MQAR recall setting, train
-    steps timed side by side in one process on a 2-core CPU: Gated DeltaNet 57.7 -> 26.3 ms,
-    MoM's five memories 273.7 -> 107.4 ms, GLA 33.9 -> 15.9 ms). The result is the same
-    recurrence, so only float summation order changes. A power of two >= 16 keeps the chunk a
+    matmul and of the triangular solve is padding (the MQAR recall setting). The result is the
+    same recurrence, so only float summation order changes. A power of two >= 16 keeps the chunk a
     legal block for the Pallas state sweep (Triton tiles are powers of two, tl.dot wants >= 16
     rows; TPU tiles are multiples of 8) and a multiple of GLA's sub-chunk. A chunk_size that is
     not a positive int is returned as is for to_chunks to refuse."""

@@ -8,7 +8,7 @@ dependent steps, each a tiny [..., C] x [..., C, F] product: on CPU that loop do
 op. Instead the inverse T = (I + a)^-1 is built by blocks, with batched matmuls only:
 
   1. the diagonal blocks of size b (BASE) are inverted by forward substitution on their rows
-     (b steps instead of C, each over C / b times more blocks), unrolled so XLA fuses them;
+     (b steps instead of C, each over C / b times more blocks);
   2. blocks are merged pairwise, b -> 2b -> ... -> C, with the block-triangular inverse
 
          [L11   0 ]^-1   [ T11          0  ]
@@ -25,8 +25,8 @@ compound through the chunk. The work runs under the named scope "triangular_solv
 exception benchmarks/precision.py allows in a bf16 step.
 
 jax.lax.linalg.triangular_solve is not used: for float32 on CPU it lowers to LAPACK trsm, whose
-BLAS thread pool runs beside XLA's own threads (the deadlock noted in benchmarks/ops.py's
-one-process-per-op runner was seen with that path).
+BLAS thread pool runs beside XLA's own threads, and it was slower than this blocked inverse on
+CPU; the inverse is batched matmuls on every platform.
 
 The custom VJP keeps T and x: with x = T rhs, d rhs = T^T dx and d a = -tril(d rhs x^T, -1);
 two matmuls, no per-row intermediates.
@@ -65,14 +65,16 @@ def _diagonal_blocks(a: jax.Array, size: int, lower_left: bool = False) -> jax.A
 
 def _invert_by_rows(a: jax.Array) -> jax.Array:
     """(I + a)^-1 for small blocks a [..., b, b] strictly lower: forward substitution on the
-    rows of the identity, unrolled (row i = e_i - a[i, :i] @ rows[:i])."""
+    rows of the identity (row i = e_i - a[i, :] @ rows, whose rows >= i are still zero), as a
+    loop rather than unrolled, so the compiled program stays small."""
     b = a.shape[-1]
-    eye = jnp.eye(b, dtype=F32)
-    rows = [jnp.broadcast_to(eye[0], a.shape[:-2] + (b,))]
-    for i in range(1, b):
-        done = jnp.stack(rows, axis=-2)                             # [..., i, b]
-        rows.append(eye[i] - matmul("...j,...jf->...f", a[..., i, :i], done, F32))
-    return jnp.stack(rows, axis=-2)
+    eye = jnp.broadcast_to(jnp.eye(b, dtype=F32), a.shape)
+
+    def row(i, x):
+        xi = eye[..., i, :] - matmul("...j,...jf->...f", a[..., i, :], x, F32)
+        return x.at[..., i, :].set(xi)
+
+    return jax.lax.fori_loop(0, b, row, jnp.zeros_like(eye))
 
 
 def invert_unit_lower(a: jax.Array, base: int = BASE) -> jax.Array:

@@ -15,15 +15,12 @@ if str(ROOT) not in sys.path:
 # One CPU device per worker and no preallocation: xdist runs several workers side by side.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU compiles dominate this suite (small shapes, many distinct programs). Two flags make
-# them much cheaper and run the same HLO, so what is computed (and every tolerance) stays:
-# LLVM optimization level 0 (tests/test_delta_net.py: 50 s -> 28 s), and the classic elemental
-# IR emitters instead of XLA:CPU's newer MLIR fusion emitters, which are slow to compile
-# (tests/test_titans_op.py + test_delta_net.py on 2 workers: 69 s -> 35 s). Subprocesses
-# (train.py / generate.py CLI tests) inherit them; a user's own runs keep XLA's defaults.
-# An XLA that does not know a flag aborts the process, so each is probed once (by the
-# controller; xdist workers inherit the environment) and dropped if refused.
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# XLA:CPU compiles dominate this suite (small shapes, many distinct programs). LLVM
+# optimization level 0 makes them much cheaper and runs the same HLO, so what is computed (and
+# every tolerance) stays. Subprocesses (train.py / generate.py CLI tests) inherit it; a user's
+# own runs keep XLA's defaults. An XLA that does not know a flag aborts the process, so each is
+# probed once (by the controller; xdist workers inherit the environment) and dropped if refused.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
 
 
 def _accepted(flag: str) -> bool:

@@ -208,8 +208,12 @@ def test_config_errors(override, match):
         load_config("configs/based.yaml", [override])
 
 
-def test_based_check_config_rejects_backend_outside_literal():
-    # Args built in code skip the YAML type check; check_config still names the choices.
-    errs = Based.check_config(_model_cfg(), BasedArgs(backend="triton"), "based")
-    assert errs == ["model.mixer_args.based.backend: expected one of 'auto', 'reference', "
-                    "'xla', 'pallas', got 'triton'"]
+def test_based_backend_outside_the_vocabulary_is_one_config_error():
+    # The Args type (pallas_kernels/backends.LinearBackend) is what the config checks.
+    with pytest.raises(ConfigError, match="model.mixer_args.based.backend: expected one of "
+                                          "'auto', 'reference', 'xla', 'pallas', 'pallas_gpu', "
+                                          "'pallas_tpu', got 'triton'"):
+        load_config("configs/base.yaml", ["model.mixers=[based]",
+                                          "model.mixer_args.based.backend=triton"])
+
+

@@ -12,11 +12,9 @@ with no gate.
 from __future__ import annotations
 
 from pallas_kernels.arguments import check_delta_inputs
-from pallas_kernels.backends import resolve_backend
-from pallas_kernels.chunking import fitted_chunk_size
+from pallas_kernels.dispatch import run_linear_op
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
-from pallas_kernels.precision import resolve_precision
 from pallas_kernels.segments import check_segment_ids
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_reference", "gated_delta_rule_xla"]
@@ -58,17 +56,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
         ValueError: unknown backend or precision, inconsistent shapes, or chunk_size < 1.
     """
     op = "gated_delta_rule" if g is not None else "delta_rule"
-    impl = resolve_backend(op, backend)
     check_delta_inputs(op, q, k, v, beta, g=g, initial_state=initial_state)
     check_segment_ids(op, segment_ids, q)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  segment_ids=segment_ids)
-    if impl == "reference":
-        return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
-    if int(chunk_size) < 1:
-        raise ValueError(f"{op}: chunk_size must be >= 1; got {chunk_size}")
-    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
-    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
-    return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs,
-                                state_impl=impl,
-                                precision=resolve_precision(precision, q.dtype, impl))
+    return run_linear_op(op, gated_delta_rule_reference, gated_delta_rule_xla, q, k, v, g, beta,
+                         backend=backend, precision=precision, chunk_size=chunk_size,
+                         scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, segment_ids=segment_ids)

@@ -6,11 +6,9 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.backends import resolve_backend
-from pallas_kernels.chunking import fitted_chunk_size
+from pallas_kernels.dispatch import run_linear_op
 from pallas_kernels.gla.reference import gla_reference, simple_gla_reference
 from pallas_kernels.gla.xla import gla_xla, simple_gla_xla
-from pallas_kernels.precision import resolve_precision
 from pallas_kernels.segments import check_segment_ids
 
 
@@ -56,15 +54,10 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
     """
     _check(q, k, v, gk, k.shape, "gk")
     check_segment_ids("gla", segment_ids, q)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  segment_ids=segment_ids)
-    impl = resolve_backend("gla", backend)
-    if impl == "reference":
-        return gla_reference(q, k, v, gk, **kwargs)
-    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
-    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
-    return gla_xla(q, k, v, gk, chunk_size=chunk_size, **kwargs, state_impl=impl,
-                   precision=resolve_precision(precision, q.dtype, impl))
+    return run_linear_op("gla", gla_reference, gla_xla, q, k, v, gk, backend=backend,
+                         precision=precision, chunk_size=chunk_size, scale=scale,
+                         initial_state=initial_state, output_final_state=output_final_state,
+                         segment_ids=segment_ids)
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
@@ -101,15 +94,10 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     """
     _check(q, k, v, g, q.shape[:3], "g")
     check_segment_ids("simple_gla", segment_ids, q)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  segment_ids=segment_ids)
-    impl = resolve_backend("simple_gla", backend)
-    if impl == "reference":
-        return simple_gla_reference(q, k, v, g, **kwargs)
-    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
-    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
-    return simple_gla_xla(q, k, v, g, chunk_size=chunk_size, **kwargs, state_impl=impl,
-                          precision=resolve_precision(precision, q.dtype, impl))
+    return run_linear_op("simple_gla", simple_gla_reference, simple_gla_xla, q, k, v, g,
+                         backend=backend, precision=precision, chunk_size=chunk_size,
+                         scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, segment_ids=segment_ids)
 
 
 __all__ = ["gla", "simple_gla"]

@@ -44,9 +44,8 @@ from pallas_kernels.segments import ChunkMasks, zero_padding
 from pallas_kernels.state_passing import chunk_outputs
 
 # Sub-chunk size c for gla's diagonal blocks. The pairwise-decay tensor costs T * c * K exps
-# (the bulk of the forward time on CPU), the bridge between sub-chunks (C / c)^2 * K per chunk:
-# at C = 64, K = 64, T = 2048 on the 2-core CPU, c = 8 ran the forward in 61 ms against 81 ms
-# for c = 16, 70 ms for c = 4 and 114 ms for c = 2 (/tmp timing script, median of 5).
+# (the bulk of the forward time on CPU), the bridge between sub-chunks (C / c)^2 * K per chunk;
+# c = 8 balances the two at C = 64 (the fastest of c = 2, 4, 8, 16 timed on CPU).
 SUB_CHUNK = 8
 
 

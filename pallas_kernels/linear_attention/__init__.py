@@ -5,11 +5,9 @@ Shapes: B batch, T time, H heads, K key dim, V value dim.
 
 from __future__ import annotations
 
-from pallas_kernels.backends import resolve_backend
-from pallas_kernels.chunking import fitted_chunk_size
+from pallas_kernels.dispatch import run_linear_op
 from pallas_kernels.linear_attention.reference import EPS, linear_attention_reference
 from pallas_kernels.linear_attention.xla import linear_attention_xla
-from pallas_kernels.precision import resolve_precision
 from pallas_kernels.segments import check_segment_ids
 
 
@@ -52,17 +50,11 @@ def linear_attention(q, k, v, *, scale=None, normalize=False, initial_state=None
     """
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
-    backend = resolve_backend("linear_attention", backend)
     check_segment_ids("linear_attention", segment_ids, q)
-    kwargs = dict(scale=scale, normalize=normalize, initial_state=initial_state,
-                  output_final_state=output_final_state, segment_ids=segment_ids)
-    if backend == "reference":
-        return linear_attention_reference(q, k, v, **kwargs)
-    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
-    chunk_size = fitted_chunk_size(q.shape[1], chunk_size)
-    return linear_attention_xla(q, k, v, chunk_size=chunk_size, **kwargs,
-                                state_impl=backend,
-                                precision=resolve_precision(precision, q.dtype, backend))
+    return run_linear_op("linear_attention", linear_attention_reference, linear_attention_xla,
+                         q, k, v, backend=backend, precision=precision, chunk_size=chunk_size,
+                         scale=scale, normalize=normalize, initial_state=initial_state,
+                         output_final_state=output_final_state, segment_ids=segment_ids)
 
 
 __all__ = ["EPS", "linear_attention"]

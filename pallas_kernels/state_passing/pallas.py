@@ -33,9 +33,9 @@ Two drivers share the per-chunk bodies (`_fwd_chunk`, `_bwd_chunk`):
 
 Both are checked on CPU in interpret mode (tests/test_state_passing.py) and lowered for their
 platform (tests/test_lowering.py). Matmuls take float32 inputs at HIGHEST precision: the state
-is a sum over the whole sequence (see pallas_kernels/precision.py). These kernels run the backward of the
-ops (and the unfused forward); the ops' forward is the fused kernel of fused.py, which also
-takes bf16 inputs.
+is a sum over the whole sequence (pallas_kernels/precision.py). These kernels run the backward
+of the ops (and the unfused forward); the ops' forward is the fused kernel of fused.py, which
+also takes bf16 inputs.
 
 What the backward reads: the forward's outputs (every chunk-start state and, with w, every x
 tile) are kept as residuals rather than recomputed. The states are outputs of the op anyway

@@ -1,0 +1,39 @@
+"""The one dispatch every linear-family op shares: its backend name resolved to the token scan
+(reference) or the chunked form, the chunk fitted to short sequences, the precision resolved
+for the chunked form's matmuls.
+
+Shapes: q [B, T, H, K] (T sets the chunk; q's dtype the precision's "auto").
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+from pallas_kernels.backends import resolve_backend
+from pallas_kernels.chunking import fitted_chunk_size
+from pallas_kernels.precision import resolve_precision
+
+
+def run_linear_op(op: str, reference: Callable, chunked: Callable, *args, backend: str,
+                  precision: str, chunk_size, **kwargs):
+    """reference(*args, **kwargs) or chunked(*args, chunk_size=, state_impl=, precision=,
+    **kwargs), as `backend` resolves for `op` (args[0] is q).
+
+    Raises:
+        ValueError: an unknown backend or precision, or chunk_size < 1.
+    """
+    impl = resolve_backend(op, backend)
+    if impl == "reference":
+        return reference(*args, **kwargs)
+    try:
+        chunk = operator.index(chunk_size)
+    except TypeError:
+        chunk = 0
+    if isinstance(chunk_size, bool) or chunk < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int; got {chunk_size!r}")
+    q = args[0]
+    # Shorter than one chunk: a shorter chunk, not padding (chunking.fitted_chunk_size).
+    return chunked(*args, chunk_size=fitted_chunk_size(q.shape[1], chunk),
+                   state_impl=impl, precision=resolve_precision(precision, q.dtype, impl),
+                   **kwargs)
