@@ -146,7 +146,7 @@ def main(argv=None) -> int:
               f"{summary['exception_flops'] / max(summary['flops'], 1):.3f}", flush=True)
     lines = [f"bf16 train step (2 layers, d 64, batch 2, T {a.seq_len}, model.precision=auto), "
              f"lowered for {a.platform} from CPU, jax {jax.__version__} "
-             f"(`python benchmarks/precision.py {' '.join(argv or sys.argv[1:])}`)", "",
+             f"(`{' '.join(['python benchmarks/precision.py', *(argv or sys.argv[1:])])}`)", "",
              "| mixer | dots | dot MFLOP | bf16-operand share | f32 HIGHEST share outside "
              "exceptions | exception share (triangular solve) |", "|---|---|---|---|---|---|"]
     for r in rows:

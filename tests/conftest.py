@@ -1,3 +1,4 @@
+import gc
 import os
 import subprocess
 import sys
@@ -49,3 +50,18 @@ def _interpret_pallas_kernels():
 
     with interpret_kernels():
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop jax's compiled programs. An xdist worker compiles hundreds
+    of programs over a run; with jaxlib 0.11.2 a long-lived worker segfaulted inside XLA:CPU
+    (compiling or serializing a large packed-model program, late in a run) where the same test
+    alone passed. Keeping each worker's live executables to one module's is the mitigation;
+    later modules recompile what they share."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
