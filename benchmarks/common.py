@@ -103,6 +103,45 @@ def time_jax(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_side_by_side(calls: dict, *, rounds: int, burst: int = 2, seed: int = 0) -> dict:
+    """Median over rounds of each call's best of `burst` back-to-back runs, with the calls in a
+    new random order every round.
+
+    A shared 2-core machine drifts (other jobs, clocks), so every form is timed in every round
+    and only same-run ratios are read. Two effects of a fixed order are removed: the call that
+    follows a memory-heavy one (a token scan's backward allocates ~1 GB at T = 8192) pays for
+    the allocator's page faults (best of a burst drops that), and the same call always
+    following the same neighbour (the shuffle spreads it).
+
+    Args:
+        calls: key -> zero-argument callable returning jax arrays (warmed up here).
+        rounds: rounds (the median is over these).
+        burst: consecutive runs per call per round (the fastest is the round's time).
+        seed: order of the shuffles.
+
+    Returns:
+        key -> median seconds.
+    """
+    import random
+
+    import jax
+
+    for call in calls.values():
+        jax.block_until_ready(call())
+    order, times = list(calls), {key: [] for key in calls}
+    shuffle = random.Random(seed).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for key in order:
+            best = float("inf")
+            for _ in range(burst):
+                start = time.perf_counter()
+                jax.block_until_ready(calls[key]())
+                best = min(best, time.perf_counter() - start)
+            times[key].append(best)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
 def add_runner_flags(p: argparse.ArgumentParser, what: str) -> None:
     """--in_process, --out and the private --_row of a one-process-per-`what` script."""
     p.add_argument("--in_process", action="store_true",

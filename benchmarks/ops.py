@@ -1,5 +1,5 @@
 """Time the linear-family ops: token-by-token reference (scan) vs chunked XLA, forward and
-forward+backward, side by side in one run, in interleaved rounds (ratios are what to read; this
+forward+backward, side by side in one run, in shuffled rounds (ratios are what to read; this
 machine is noisy), with each compiled program's temp memory. xla/scan below 1 means the
 chunked form is faster.
 
@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -29,6 +27,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import time_side_by_side  # noqa: E402
 
 from pallas_kernels.delta_rule import delta_rule  # noqa: E402
 from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
@@ -84,7 +84,7 @@ def _compiled(fn, args):
 
 def measure(op: str, args: dict, repeats: int, chunk_size: int) -> dict:
     """Median seconds of the reference (token scan) and xla (chunked) forms, forward and
-    forward+backward, timed in interleaved rounds (one call of each per round, so a slow
+    forward+backward, timed side by side in shuffled rounds (common.time_side_by_side: a slow
     stretch of this shared machine hits every form alike), and each program's temp bytes."""
     call = OPS[op]
     progs = {}
@@ -97,17 +97,11 @@ def measure(op: str, args: dict, repeats: int, chunk_size: int) -> dict:
 
         progs[(backend, "fwd")] = _compiled(forward, args)
         progs[(backend, "fwd_bwd")] = _compiled(jax.grad(loss), args)
-    for compiled, _ in progs.values():
-        jax.block_until_ready(compiled(args))          # warm-up
-    times = {key: [] for key in progs}
-    for _ in range(repeats):
-        for key, (compiled, _) in progs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(args))
-            times[key].append(time.perf_counter() - start)
+    times = time_side_by_side({key: (lambda c=compiled: c(args)) for key, (compiled, _)
+                               in progs.items()}, rounds=repeats)
     out = {}
     for (backend, mode), (_, temp) in progs.items():
-        out[f"{backend}_{mode}_s"] = statistics.median(times[(backend, mode)])
+        out[f"{backend}_{mode}_s"] = times[(backend, mode)]
         out[f"{backend}_{mode}_temp_bytes"] = int(temp)
     return out
 
@@ -129,7 +123,7 @@ def main(argv=None) -> int:
     if a.rows_json is None:
         print(f"device {jax.devices()[0].device_kind} ({platform.machine()}),"
               f" B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, "
-              f"median of {a.repeats} interleaved rounds\n{HEADER}", flush=True)
+              f"median of {a.repeats} shuffled rounds (best of 2 calls each)\n{HEADER}", flush=True)
         if len(a.ops) > 1:
             return run_isolated(a, argv)
 
@@ -206,8 +200,8 @@ def save(a, argv, rows, lines) -> None:
     notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""
     md.write_text(
         f"B={a.B} H={a.H} K=V={a.D} {a.dtype}, chunk {a.chunk_size}, median of {a.repeats} "
-        "interleaved rounds; xla/scan < 1: the chunked form is faster; temp: compiled temp "
-        "bytes of the xla program "
+        "shuffled rounds (best of 2 calls each); xla/scan < 1: the chunked form is faster; "
+        "temp: compiled temp bytes of the xla program "
         f"(`python benchmarks/ops.py {' '.join(argv)}`)\n\n"
         + HEADER + "\n" + "\n".join(lines) + "\n" + (f"\n## Notes{notes}" if notes else ""))
     print(f"saved {out / stem}.md and .json")

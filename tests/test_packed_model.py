@@ -64,6 +64,28 @@ def loss_and_grads(graphdef, params, tokens, targets, mask, seg):
     return logits, grads
 
 
+def alone_rows(docs, *arrays):
+    """Each document of `docs` (per row, its lengths; documents follow each other from column
+    0) in a row of its own, starting at position 0 and right-padded with zeros to the longest
+    document. Every mixer is causal (the decode-parity tests check that a position reads only
+    the tokens before it), so the padding after a document reaches none of its logits, and a
+    loss masked to the document's positions has exactly the document's gradients: one batched
+    call computes what a separate call per document would, with one compiled program rather
+    than one per document length.
+
+    Returns:
+        (the arrays' [D, L] alone rows, mask [D, L] float32 of the real tokens, the documents'
+        (row, start, length) in the packed arrays).
+    """
+    width = max(n for lens in docs for n in lens)
+    where = [(r, start, n) for r, lens in enumerate(docs)
+             for start, n in zip(np.cumsum([0, *lens[:-1]]), lens, strict=True)]
+    rows = [jnp.asarray(np.stack([np.pad(np.asarray(a)[r, s:s + n], (0, width - n))
+                                  for r, s, n in where])) for a in arrays]
+    mask = jnp.asarray([[1.0] * n + [0.0] * (width - n) for _, _, n in where])
+    return rows, mask, where
+
+
 def check_packed(mixers, dtype="float32", extra=()):
     model = tiny(mixers, dtype, extra)
     graphdef, params = nnx.split(model)
@@ -71,16 +93,12 @@ def check_packed(mixers, dtype="float32", extra=()):
     real = (seg > 0).astype(jnp.float32)
     logits, grads = loss_and_grads(graphdef, params, tokens, targets, real, seg)
     assert np.isfinite(np.asarray(logits)).all()
-    total = jax.tree.map(jnp.zeros_like, grads)
-    for r, lens in enumerate(DOCS):
-        start = 0
-        for n in lens:
-            cut = lambda a, r=r, start=start, n=n: a[r:r + 1, start:start + n]
-            doc_logits, doc_grads = loss_and_grads(graphdef, params, cut(tokens), cut(targets),
-                                                   jnp.ones((1, n)), None)
-            assert relative_error(cut(logits), doc_logits) < TOL[dtype], (mixers, r, start)
-            total = jax.tree.map(jnp.add, total, doc_grads)
-            start += n
+    (doc_tokens, doc_targets), doc_mask, where = alone_rows(DOCS, tokens, targets)
+    # The summed loss over the alone rows: its gradients are the sum of each document's own.
+    doc_logits, total = loss_and_grads(graphdef, params, doc_tokens, doc_targets, doc_mask, None)
+    for d, (r, start, n) in enumerate(where):
+        assert relative_error(logits[r, start:start + n], doc_logits[d, :n]) < TOL[dtype], (
+            mixers, r, start)
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads),
                                  jax.tree.leaves(total), strict=True):
         assert relative_error(got, want) < TOL[dtype], (mixers, jax.tree_util.keystr(path))
@@ -119,16 +137,22 @@ def test_packed_mac_exact_path(extra):
     """MAC's token-by-token path for packed rows (taken when the segment-aligned layout lacks
     room, or when segments do not hold whole memory chunks): still each document alone."""
     model = tiny(["titans_mac"], extra=extra)
+    graphdef, params = nnx.split(model)
     lens = [1, 2, 1, 3, 1, 2, 1, 1, 2, 1, 3, 2] if not extra else [5, 11, 6, 7]   # T = 29
     seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])
     seg = jnp.asarray(np.pad(seg, (0, T - len(seg)))[None], jnp.int32)
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, VOCAB, (1, T)), jnp.int32)
-    logits, _ = model(tokens * (seg > 0), segment_ids=seg)
-    start = 0
-    for n in lens:
-        doc, _ = model(tokens[:, start:start + n])
-        assert relative_error(logits[:, start:start + n], doc) < TOL["float32"], (start, n)
-        start += n
+    logits = forward(graphdef, params, tokens * (seg > 0), seg)
+    (doc_tokens,), _, where = alone_rows([lens], tokens)
+    doc_logits = forward(graphdef, params, doc_tokens, None)
+    for d, (_, start, n) in enumerate(where):
+        assert relative_error(logits[0, start:start + n], doc_logits[d, :n]) < TOL["float32"], (
+            start, n)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef, params, tokens, seg):
+    return nnx.merge(graphdef, params)(tokens, segment_ids=seg)[0]
 
 
 def test_packed_memory_hybrid_in_bf16():
