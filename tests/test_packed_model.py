@@ -64,6 +64,12 @@ def loss_and_grads(graphdef, params, tokens, targets, mask, seg):
     return logits, grads
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef, params, tokens, seg):
+    """The logits alone."""
+    return nnx.merge(graphdef, params)(tokens, segment_ids=seg)[0]
+
+
 def alone_rows(docs, *arrays):
     """Each document of `docs` (per row, its lengths; documents follow each other from column
     0) in a row of its own, starting at position 0 and right-padded with zeros to the longest
@@ -148,11 +154,6 @@ def test_packed_mac_exact_path(extra):
     for d, (_, start, n) in enumerate(where):
         assert relative_error(logits[0, start:start + n], doc_logits[d, :n]) < TOL["float32"], (
             start, n)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def forward(graphdef, params, tokens, seg):
-    return nnx.merge(graphdef, params)(tokens, segment_ids=seg)[0]
 
 
 def test_packed_memory_hybrid_in_bf16():
