@@ -2,14 +2,17 @@
 causal vs sliding window, forward and forward+backward, with achieved TFLOP/s.
 
     python benchmarks/kernels.py                                # CPU: small shapes, ~1-3 min
-    python benchmarks/kernels.py --backends xla pallas fla      # GPU: ours against FLA's Triton
+    python benchmarks/kernels.py --backends xla pallas jla fla flashqla   # GPU: all side by side
     python benchmarks/kernels.py --ops gla --shapes 4x4096x16x128 --repeats 10 --skip_attention
 
 Linear ops (gated_delta_rule, delta_rule, gla, simple_gla; shapes BxTxHxK with V = K, chunk
 C = 64) per backend: "xla" (chunked, lax.scan state sweep), "pallas" (the same with the Pallas
 state-sweep kernel; GPU/TPU, or any platform with --interpret), "reference" (token-by-token
-scan) and "fla" (flash-linear-attention's chunk_* Triton kernels via torch; needs torch, fla
-and a CUDA GPU, else its rows say "skipped"). Forward = jit(o); forward+backward =
+scan), the kernel libraries behind our signatures ("jla" on Hopper, "deltanet_tpu" on TPU;
+pallas_kernels/libraries), and two torch peers: "fla" (flash-linear-attention's chunk_* Triton
+kernels) and "flashqla" (FlashQLA's chunk_gated_delta_rule, TileLang; Gated DeltaNet only);
+each needs torch, its package and a CUDA GPU, else its rows say "skipped". "x fastest" is
+each row's time over the fastest row of its op and shape. Forward = jit(o); forward+backward =
 jit(value_and_grad(sum(o * ct))) wrt q, k, v and the gates/betas. Each time is the median of
 --repeats after one compile/warm-up call (JAX: wall clock around block_until_ready; torch: CUDA
 events after torch.cuda.synchronize). A backend that fails on a shape (OOM, unsupported) is an
@@ -75,11 +78,14 @@ OPS = {
     "gla": lambda a, **kw: gla(a["q"], a["k"], a["v"], a["gk"], **kw),
     "simple_gla": lambda a, **kw: simple_gla(a["q"], a["k"], a["v"], a["g"], **kw),
 }
-FLA = {"gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
-       "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule"),
-       "gla": ("fla.ops.gla", "chunk_gla"), "simple_gla": ("fla.ops.simple_gla",
-                                                           "chunk_simple_gla")}
-LINEAR_BACKENDS = ("xla", "pallas", "reference", "fla")
+TORCH_PEERS = {
+    "fla": {"gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+            "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule"),
+            "gla": ("fla.ops.gla", "chunk_gla"), "simple_gla": ("fla.ops.simple_gla",
+                                                                "chunk_simple_gla")},
+    "flashqla": {"gated_delta_rule": ("flash_qla", "chunk_gated_delta_rule")},
+}
+LINEAR_BACKENDS = ("xla", "pallas", "reference", "jla", "deltanet_tpu", "fla", "flashqla")
 ACCEL_SHAPES = ["8x2048x16x64", "4x4096x16x128", "1x16384x16x128"]
 CPU_SHAPES = ["1x1024x4x64", "1x2048x4x64"]
 
@@ -146,26 +152,27 @@ def bench_jax(op, backend, x, dtype, repeats, row) -> None:
                                        repeats=repeats)
 
 
-def fla_unavailable() -> str | None:
-    """Why the fla backend cannot run here, or None."""
+def peer_unavailable(peer: str) -> str | None:
+    """Why the torch peer ("fla" / "flashqla") cannot run here, or None."""
     try:
         import torch
     except ImportError:
         return "torch not installed"
     if not torch.cuda.is_available():
         return "no CUDA GPU for torch"
+    module = {"fla": "fla.ops", "flashqla": "flash_qla"}[peer]
     try:
-        importlib.import_module("fla.ops")
+        importlib.import_module(module)
     except Exception as e:   # ImportError, or a Triton/CUDA mismatch at import time
-        return f"fla not importable ({type(e).__name__}: {e})"
+        return f"{module} not importable ({type(e).__name__}: {e})"
     return None
 
 
-def bench_fla(op, x, dtype, repeats, row) -> None:
-    """FLA's chunk_* op on [B, T, H, K] inputs (head_first=False), log-space gates, same
-    scale K^-0.5; all inputs in the benchmark dtype, as in FLA's own examples."""
+def bench_torch_peer(peer, op, x, dtype, repeats, row) -> None:
+    """A torch peer's chunk_* op on [B, T, H, K] inputs (head_first=False), log-space gates,
+    same scale K^-0.5; all inputs in the benchmark dtype, as in FLA's own examples."""
     import torch
-    module, name = FLA[op]
+    module, name = TORCH_PEERS[peer][op]
     fn = getattr(importlib.import_module(module), name)
     kw = {"scale": x["q"].shape[-1] ** -0.5}
     if "head_first" in inspect.signature(fn).parameters:   # older releases default to True
@@ -206,7 +213,7 @@ def _tflops(row: dict, flops: float, bwd_factor: float) -> None:
 
 def run_linear(a) -> list[dict]:
     rows = []
-    fla_reason = fla_unavailable() if "fla" in a.backends else None
+    peer_reason = {p: peer_unavailable(p) for p in TORCH_PEERS if p in a.backends}
     for shape in a.shapes:
         b, t, h, d = (int(s) for s in shape.split("x"))
         for op in a.ops:
@@ -216,12 +223,14 @@ def run_linear(a) -> list[dict]:
                 row = {"op": op, "backend": backend, "shape": shape, "dtype": a.dtype,
                        "fwd_flops": flops, "fwd_ms": None, "fwd_bwd_ms": None,
                        "status": "ok", "note": ""}
-                if backend == "fla" and fla_reason:
-                    row.update(status="skipped", note=fla_reason)
+                if backend in TORCH_PEERS and op not in TORCH_PEERS[backend]:
+                    row.update(status="skipped", note=f"{backend} has no {op}")
+                elif peer_reason.get(backend):
+                    row.update(status="skipped", note=peer_reason[backend])
                 else:
                     try:
-                        if backend == "fla":
-                            bench_fla(op, x, a.dtype, a.repeats, row)
+                        if backend in TORCH_PEERS:
+                            bench_torch_peer(backend, op, x, a.dtype, a.repeats, row)
                         else:
                             bench_jax(op, backend, x, jnp.dtype(a.dtype), a.repeats, row)
                     except Exception as e:   # OOM, unsupported backend/dtype: record, go on
@@ -230,14 +239,12 @@ def run_linear(a) -> list[dict]:
                 rows.append(row)
                 print(f"  {op:16s} {backend:9s} {shape:16s} fwd {_ms(row['fwd_ms'])} ms, "
                       f"fwd+bwd {_ms(row['fwd_bwd_ms'])} ms {row['note']}", flush=True)
-    for row in rows:   # FLA rows: our fastest (by fwd+bwd) chunked backend over FLA's time
-        ours = [r for r in rows if r["backend"] in ("xla", "pallas") and r["status"] == "ok"
+    for row in rows:   # each row over the fastest row of its op and shape
+        same = [r for r in rows if r["status"] == "ok"
                 and (r["op"], r["shape"], r["dtype"]) == (row["op"], row["shape"], row["dtype"])]
-        if row["backend"] == "fla" and row["status"] == "ok" and ours:
-            best = min(ours, key=lambda r: r["fwd_bwd_ms"])
-            row["ours_over_fla"] = {"backend": best["backend"],
-                                    "fwd": best["fwd_ms"] / row["fwd_ms"],
-                                    "fwd_bwd": best["fwd_bwd_ms"] / row["fwd_bwd_ms"]}
+        if row["status"] == "ok":
+            row["x_fastest"] = {key: row[f"{key}_ms"] / min(r[f"{key}_ms"] for r in same)
+                                for key in ("fwd", "fwd_bwd")}
     return rows
 
 
@@ -247,7 +254,14 @@ def run_attention(a) -> list[dict]:
     except ImportError as e:
         print(f"attention: skipped, the dispatcher is not importable ({_error(e)})")
         return []
-    b, t, h, hkv, d = 1, a.attn_T, a.attn_heads, a.attn_kv_heads, a.attn_head_dim
+    rows = []
+    for t in a.attn_T:
+        rows += _run_attention_at(a, attention, t)
+    return rows
+
+
+def _run_attention_at(a, attention, t: int) -> list[dict]:
+    b, h, hkv, d = 1, a.attn_heads, a.attn_kv_heads, a.attn_head_dim
     rng = np.random.default_rng(1)
     dt = jnp.dtype(a.dtype)
     q, ct = (jnp.asarray(rng.standard_normal((b, t, h, d)), dt) for _ in range(2))
@@ -291,12 +305,11 @@ def _g(x, suffix="") -> str:
 
 def tables(rows: list[dict], attn: list[dict], a, header: str) -> str:
     lines = [header, "", "| op | backend | shape BxTxHxK | dtype | fwd ms | fwd+bwd ms | "
-             "fwd TFLOP/s | fwd+bwd TFLOP/s | ours/fla fwd, fwd+bwd | note |",
+             "fwd TFLOP/s | fwd+bwd TFLOP/s | x fastest fwd, fwd+bwd | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = r.get("ours_over_fla")
-        ratio = (f"{ratio['fwd']:.2f}x, {ratio['fwd_bwd']:.2f}x ({ratio['backend']})"
-                 if ratio else "-")
+        ratio = r.get("x_fastest")
+        ratio = f"{ratio['fwd']:.2f}, {ratio['fwd_bwd']:.2f}" if ratio else "-"
         note = r["status"] if r["status"] != "ok" else ""
         note += f": {r['note']}" if r["note"] else ""
         lines.append(f"| {r['op']} | {r['backend']} | {r['shape']} | {r['dtype']} | "
@@ -304,23 +317,24 @@ def tables(rows: list[dict], attn: list[dict], a, header: str) -> str:
                      f"{_g(r['fwd_bwd_tflops'])} | {ratio} | {note.replace('|', '/')} |")
     if attn:
         r0 = attn[0]
-        lines += ["", f"Attention, B={r0['B']} T={r0['T']} H={r0['H']} Hkv={r0['Hkv']} "
+        lines += ["", f"Attention, B={r0['B']} H={r0['H']} Hkv={r0['Hkv']} "
                   f"D={r0['D']} {r0['dtype']}, window {r0['window']} vs full causal "
                   "(TFLOP/s over visible pairs; full/window = how much faster the window is):",
-                  "", "| backend | full fwd ms | window fwd ms | full/window fwd | "
+                  "", "| backend | T | full fwd ms | window fwd ms | full/window fwd | "
                   "full fwd+bwd ms | window fwd+bwd ms | full/window fwd+bwd | "
                   "full fwd+bwd TFLOP/s | window fwd+bwd TFLOP/s | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in attn:
             lines.append(
-                f"| {r['backend']} | {_ms(r['full_fwd_ms'])} | {_ms(r['window_fwd_ms'])} | "
+                f"| {r['backend']} | {r['T']} | {_ms(r['full_fwd_ms'])} | "
+                f"{_ms(r['window_fwd_ms'])} | "
                 f"{_g(r['speedup_fwd'], 'x')} | {_ms(r['full_fwd_bwd_ms'])} | "
                 f"{_ms(r['window_fwd_bwd_ms'])} | {_g(r['speedup_fwd_bwd'], 'x')} | "
                 f"{_g(r['full_fwd_bwd_tflops'])} | {_g(r['window_fwd_bwd_tflops'])} | "
                 f"{r['note'].strip().replace('|', '/')} |")
         if jax.default_backend() == "gpu":
-            lines += ["", f"Target (T=16384, window 1024, GPU): window >= 5x faster than full "
-                      f"causal; here T={r0['T']}, window {r0['window']}."]
+            lines += ["", "Target (T=16384, window 1024, GPU): window >= 5x faster than full "
+                      f"causal; here window {r0['window']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -363,9 +377,9 @@ def plot(rows: list[dict], attn: list[dict], shapes: list[str], path: Path, titl
                label="full causal")
         ax.bar([i + 0.2 for i in xs], [r["window_fwd_bwd_ms"] or 0.0 for r in attn], 0.4,
                label=f"window {attn[0]['window']}")
-        ax.set_xticks(list(xs), [r["backend"] for r in attn])
+        ax.set_xticks(list(xs), [f"{r['backend']}\nT={r['T']}" for r in attn])
         _scale(ax, [r[f"{m}_fwd_bwd_ms"] for r in attn for m in ("full", "window")])
-        ax.set_title(f"attention T={attn[0]['T']}")
+        ax.set_title("attention")
         ax.set_ylabel("fwd+bwd ms")
         ax.set_ylim(top=ax.get_ylim()[1] * (3 if ax.get_yscale() == "log" else 1.25))
         ax.legend(loc="upper right")
@@ -390,7 +404,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip_linear", action="store_true", help="attention rows only")
     p.add_argument("--attn_backends", nargs="+",
                    help="default: auto and each explicit backend of the platform")
-    p.add_argument("--attn_T", type=int, help="default 16384 (CPU 4096)")
+    p.add_argument("--attn_T", type=int, nargs="+", help="default 16384 (CPU 4096)")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--attn_heads", type=int, help="default 16 (CPU 4)")
     p.add_argument("--attn_kv_heads", type=int, help="default attn_heads // 4")
@@ -408,12 +422,13 @@ def main(argv=None) -> int:
             p.error(f"--shapes wants BxTxHxK, e.g. 4x4096x16x128; got {s!r}")
     a.dtype = a.dtype or ("bfloat16" if accel else "float32")
     a.repeats = a.repeats or (5 if accel else 3)
-    a.attn_T = a.attn_T or (16384 if accel else 4096)
+    a.attn_T = a.attn_T or [16384 if accel else 4096]
     a.attn_heads = a.attn_heads or (16 if accel else 4)
     a.attn_kv_heads = a.attn_kv_heads or max(1, a.attn_heads // 4)
     a.attn_head_dim = a.attn_head_dim or (128 if accel else 64)
-    a.attn_backends = a.attn_backends or ["auto", "xla", *{"gpu": ["flash"],
-                                                            "tpu": ["splash"]}.get(plat, [])]
+    a.attn_backends = a.attn_backends or ["auto", "xla", *{"gpu": ["flash", "cudnn", "tokamax"],
+                                                            "tpu": ["splash", "tokamax"]}
+                                          .get(plat, [])]
     dev = jax.devices()[0]
     header = (f"{plat} ({getattr(dev, 'device_kind', '?')}, {platform.machine()}), jax "
               f"{jax.__version__}, {a.dtype}, chunk {CHUNK}, median of {a.repeats} after a "

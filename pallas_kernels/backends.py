@@ -10,10 +10,18 @@ Names (an op takes the subset OP_BACKENDS lists for it):
                   a driver outright (the chunked ops' state sweep, pallas_kernels/state_passing).
     "flash"       our Pallas GPU flash attention (pallas_kernels/attention/flash.py).
     "splash"      jax's TPU splash attention (pallas_kernels/attention/splash.py).
+    "cudnn"       NVIDIA's cuDNN flash attention through jax.nn.dot_product_attention.
+    "deltanet_tpu", "jla", "tokamax"
+                  the field's kernel libraries behind our signatures (pallas_kernels/libraries):
+                  deltanet-tpu's Pallas TPU delta rules and GLA, jax-linear-attention's Mosaic
+                  GPU (Hopper) kernels, tokamax's attention kernels (Mosaic TPU / GPU, Triton).
     "auto"        AUTO[op][platform] below.
 
 A kernel library's backend is one more name: a line in OP_BACKENDS for each op it covers, its
-platform in KERNEL_PLATFORM, and the AUTO entries it should win.
+platform in KERNEL_PLATFORM, its import name in LIBRARY_MODULE, and the AUTO entries it should
+win, each with the fallback that runs where the library is not installed or does not take the
+call (a head dim, a dtype, packed documents: its adapter says why, and "auto" moves on; a
+backend named outright refuses the call with that reason instead).
 
 A kernel whose platform is not the target (a GPU kernel on this CPU) is refused with one error,
 except inside `interpret_kernels()`, where it runs in the Pallas interpreter (how CPU tests
@@ -28,31 +36,41 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import threading
+import unittest.mock
 from collections.abc import Iterator
 from typing import Literal, get_args
 
 import jax
 
 # The names a layer's Args may hold (configs check them against these Literals).
-LinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu"]
-AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash"]
+LinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu",
+                        "deltanet_tpu", "jla"]
+AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash", "cudnn", "tokamax"]
 TitansBackend = Literal["auto", "reference", "xla"]
 
-_CHUNKED = tuple(b for b in get_args(LinearBackend) if b != "auto")
-_LINEAR_OPS = ("linear_attention", "gla", "simple_gla", "delta_rule", "gated_delta_rule")
+_OURS = ("reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
+# The ops each library covers: deltanet-tpu's chunk_gdn / chunk_delta_rule / chunk_gla (GLA with
+# a per-channel or a per-head gate), jax-linear-attention's gated_deltanet / deltanet / gla /
+# simple_gla. Neither has plain (ungated) linear attention.
+_LIBRARY_LINEAR_OPS = ("gla", "simple_gla", "delta_rule", "gated_delta_rule")
+_LINEAR_OPS = ("linear_attention", *_LIBRARY_LINEAR_OPS)
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "attention": tuple(b for b in get_args(AttentionBackend) if b != "auto"),
-    "linear_attention": _CHUNKED,
-    "gla": _CHUNKED,
-    "simple_gla": _CHUNKED,
-    "delta_rule": _CHUNKED,
-    "gated_delta_rule": _CHUNKED,
+    "linear_attention": _OURS,
+    **{op: (*_OURS, "deltanet_tpu", "jla") for op in _LIBRARY_LINEAR_OPS},
     "titans_memory": tuple(b for b in get_args(TitansBackend) if b != "auto"),
 }
 
 # The platform a kernel backend compiles for ("pallas" means the target platform's own).
-KERNEL_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "flash": "gpu", "splash": "tpu"}
+# tokamax is absent: it picks its implementation per platform itself (its XLA one on a CPU).
+KERNEL_PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "flash": "gpu", "splash": "tpu",
+                   "cudnn": "gpu", "deltanet_tpu": "tpu", "jla": "gpu"}
+# The module a library backend imports (lazily, when it runs) and the pip name that installs it.
+LIBRARY_MODULE = {"deltanet_tpu": ("deltanet_tpu", "deltanet-tpu"),
+                  "jla": ("jla", "jax-linear-attention"),
+                  "tokamax": ("tokamax", "tokamax")}
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -62,6 +80,16 @@ class AutoChoice:
 
     backend: str
     basis: str
+    # What runs instead where `backend` is a library that is not installed or does not take
+    # the call (pallas_kernels/libraries: a head dim, a dtype, packed documents).
+    fallback: str | None = None
+
+
+def library_installed(backend: str) -> bool:
+    """Whether a library backend's package can be imported (True for our own backends)."""
+    if backend not in LIBRARY_MODULE:
+        return True
+    return importlib.util.find_spec(LIBRARY_MODULE[backend][0]) is not None
 
 
 _CHUNKED_ON_CPU = "measured (benchmarks/ops.py): chunked fwd+bwd beats the token scan's"
@@ -69,16 +97,28 @@ _UNMEASURED_KERNEL = ("our Pallas kernel is lowered in CI but has not run on a d
                       "XLA form stays the default")
 _SCAN_ON_CPU = "measured (benchmarks/ops.py): the token scan's forward beats chunked"
 
+_DELTANET_TPU = ("deltanet-tpu's Pallas TPU kernels (fused intra-chunk work, forward and "
+                 "backward), by its authors' TPU numbers; not measured by us; else xla")
+_JLA = ("jax-linear-attention's Mosaic GPU kernels on Hopper, by its authors' H100 numbers "
+        "(GDN fwd+bwd 1.7-2.7x flash-linear-attention's Triton); not measured by us; bf16, "
+        "K, V in {64, 128}; else xla")
+
 AUTO: dict[str, dict[str, AutoChoice]] = {
     "attention": {
         "cpu": AutoChoice("xla", "the only path that compiles on CPU"),
-        "gpu": AutoChoice("xla", "our flash kernel is lowered in CI but has not run on a GPU"),
-        "tpu": AutoChoice("splash", "jax's own TPU kernel; not measured by us"),
+        "gpu": AutoChoice("cudnn", "NVIDIA's cuDNN flash attention through jax; not measured by "
+                          "us; bf16/fp16 without sinks or packed documents, else xla",
+                          fallback="xla"),
+        "tpu": AutoChoice("splash", "jax's own TPU kernel, packed documents and sinks included; "
+                          "not measured by us"),
     },
+    "linear_attention": {"cpu": AutoChoice("xla", _CHUNKED_ON_CPU),
+                         "gpu": AutoChoice("xla", _UNMEASURED_KERNEL),
+                         "tpu": AutoChoice("xla", _UNMEASURED_KERNEL)},
     **{op: {"cpu": AutoChoice("xla", _CHUNKED_ON_CPU),
-            "gpu": AutoChoice("xla", _UNMEASURED_KERNEL),
-            "tpu": AutoChoice("xla", _UNMEASURED_KERNEL)}
-       for op in _LINEAR_OPS},
+            "gpu": AutoChoice("jla", _JLA, fallback="xla"),
+            "tpu": AutoChoice("deltanet_tpu", _DELTANET_TPU, fallback="xla")}
+       for op in _LIBRARY_LINEAR_OPS},
     "titans_memory": {p: AutoChoice("xla", "the chunked form; Titans has no kernel yet")
                       for p in PLATFORMS},
 }
@@ -118,6 +158,9 @@ def _setting(name: str, value) -> Iterator[None]:
 # capability from the device, and a CPU has none, so the block names one (the lent machines'
 # H100; an H200 is the same sm_90 target).
 LOWERING_GPU = "NVIDIA H100"
+# The TPU a `lowering_for("tpu")` block lowers for: Mosaic reads the generation (VMEM size, MXU
+# shape) from the abstract mesh's device when no TPU is attached.
+LOWERING_TPU = "TPU v5p"
 
 
 @contextlib.contextmanager
@@ -129,9 +172,11 @@ def lowering_for(platform: str, device_kind: str | None = None) -> Iterator[None
             jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
     which runs the Pallas -> Triton / Mosaic lowering with its resource checks (shared memory,
-    VMEM, block shapes) without executing anything. "auto" resolves as on that platform. For
-    "gpu" the block also enters an abstract mesh whose device is `device_kind` (default
-    LOWERING_GPU): jax's Triton lowering takes the target GPU from there when none is attached.
+    VMEM, block shapes) without executing anything. "auto" resolves as on that platform. On a
+    machine without that platform the block also enters an abstract mesh whose device is
+    `device_kind` (default LOWERING_GPU / LOWERING_TPU): jax's Triton and Mosaic lowerings
+    take the target device from there; `jax.default_backend()` answers `platform`; and the
+    installed kernel libraries get their cross-compile switches (libraries/lowering.py).
 
     Raises:
         ValueError: a platform other than "gpu" or "tpu".
@@ -140,11 +185,18 @@ def lowering_for(platform: str, device_kind: str | None = None) -> Iterator[None
         raise ValueError(f"lowering_for: platform must be 'gpu' or 'tpu'; got {platform!r}")
     with contextlib.ExitStack() as stack:
         stack.enter_context(_setting("platform", platform))
-        if platform == "gpu" and jax.default_backend() != "gpu":
-            device = jax.sharding.AbstractDevice(device_kind=device_kind or LOWERING_GPU,
-                                                 num_cores=None, platform="gpu")
-            mesh = jax.sharding.AbstractMesh((1,), ("lowering",), abstract_device=device)
+        if jax.default_backend() != platform:
+            default_kind = LOWERING_GPU if platform == "gpu" else LOWERING_TPU
+            device = jax.sharding.AbstractDevice(device_kind=device_kind or default_kind,
+                                                 num_cores=None if platform == "gpu" else 1,
+                                                 platform=platform)
+            mesh = jax.sharding.AbstractMesh((1,), ("lowering",), abstract_device=device,
+                                             axis_types=(jax.sharding.AxisType.Auto,))
             stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+            stack.enter_context(unittest.mock.patch.object(jax, "default_backend",
+                                                           lambda: platform))
+            from pallas_kernels.libraries.lowering import enter_lowering_switches
+            enter_lowering_switches(platform, stack)
         yield
 
 
@@ -176,8 +228,21 @@ def auto_backend(op: str, platform: str | None = None, forward: bool | None = No
     platform = platform or target_platform()
     forward = getattr(_STATE, "forward_only", False) if forward is None else forward
     if forward and platform in AUTO_FORWARD.get(op, {}):
-        return AUTO_FORWARD[op][platform].backend
-    return AUTO[op].get(platform, AUTO[op]["cpu"]).backend
+        choice = AUTO_FORWARD[op][platform]
+    else:
+        choice = AUTO[op].get(platform, AUTO[op]["cpu"])
+    if choice.fallback is not None and not library_installed(choice.backend):
+        return choice.fallback
+    return choice.backend
+
+
+def auto_fallback(op: str, backend: str) -> str:
+    """What "auto" runs for `op` when the library `backend` it chose does not take a call."""
+    for table in (AUTO_FORWARD.get(op, {}), AUTO[op]):
+        for choice in table.values():
+            if choice.backend == backend and choice.fallback is not None:
+                return choice.fallback
+    raise ValueError(f"{op}: backend {backend!r} has no fallback in the AUTO table")
 
 
 def resolve_backend(op: str, backend: str) -> str:
@@ -197,6 +262,10 @@ def resolve_backend(op: str, backend: str) -> str:
     platform = target_platform()
     if backend == "pallas":
         backend = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    if not library_installed(backend):
+        module, package = LIBRARY_MODULE[backend]
+        raise ValueError(f"{op}: backend {backend!r} needs the {package} package, which is not "
+                         f"installed (pip install {package}, or mnemax's 'gpu' / 'tpu' extra)")
     if needs_interpreter(backend) and not interpreting():
         raise ValueError(
             f"{op}: backend {backend!r} is a {KERNEL_PLATFORM[backend].upper()} kernel and this "

@@ -1,6 +1,6 @@
 """The one dispatch every linear-family op shares: its backend name resolved to the token scan
-(reference) or the chunked form, the chunk fitted to short sequences, the precision resolved
-for the chunked form's matmuls.
+(reference), the chunked form or a kernel library (pallas_kernels/libraries), the chunk fitted
+to short sequences, the precision resolved for the matmuls.
 
 Shapes: q [B, T, H, K] (T sets the chunk; q's dtype the precision's "auto").
 """
@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from pallas_kernels.backends import resolve_backend
 from pallas_kernels.chunking import fitted_chunk_size
+from pallas_kernels.libraries import LINEAR_LIBRARIES, run_linear_library
+from pallas_kernels.libraries.linear_call import make_call
 from pallas_kernels.precision import resolve_precision
 
 
@@ -24,6 +26,14 @@ def run_linear_op(op: str, reference: Callable, chunked: Callable, *args, backen
         ValueError: an unknown backend or precision, or chunk_size < 1.
     """
     impl = resolve_backend(op, backend)
+    if impl in LINEAR_LIBRARIES:
+        # Library ops take (q, k, v, g, beta) (delta rules) or (q, k, v, g) (GLA).
+        q, k, v, g, beta = (*args, None)[:5]
+        call = make_call(op, q, k, v, g, beta, precision=resolve_precision(precision, q.dtype,
+                                                                           impl), **kwargs)
+        return run_linear_library(impl, backend, call, lambda name: run_linear_op(
+            op, reference, chunked, *args, backend=name, precision=precision,
+            chunk_size=chunk_size, **kwargs))
     if impl == "reference":
         return reference(*args, **kwargs)
     try:

@@ -46,8 +46,9 @@ def test_auto_per_platform_and_forward_only():
         with lowering_for("tpu"):
             assert resolve_backend("attention", "auto") == "splash"
             assert resolve_backend("gla", "pallas") == "pallas_tpu"
-            with forward_only():
-                assert resolve_backend("gla", "auto") == "xla"           # no TPU forward entry
+            assert resolve_backend("linear_attention", "auto") == "xla"  # no library covers it
+            with forward_only():                                         # no TPU forward entry
+                assert resolve_backend("gla", "auto") == AUTO["gla"]["tpu"].backend
         with lowering_for("gpu"):
             assert resolve_backend("gla", "pallas") == "pallas_gpu"
             assert resolve_backend("attention", "flash") == "flash"
@@ -130,3 +131,24 @@ def test_forward_only_takes_the_token_scan_on_cpu():
             return op()
 
     assert t in _scan_lengths(jax.make_jaxpr(forward)().jaxpr)           # one step per token
+
+
+def test_auto_skips_a_library_that_is_not_installed(monkeypatch):
+    """A missing package: "auto" takes the table's fallback, a named backend says what to
+    install."""
+    with lowering_for("tpu"):
+        assert AUTO["gated_delta_rule"]["tpu"].backend == "deltanet_tpu"
+        monkeypatch.setitem(backends.LIBRARY_MODULE, "deltanet_tpu",
+                            ("no_such_module_mnemax", "deltanet-tpu"))
+        assert resolve_backend("gated_delta_rule", "auto") == "xla"
+        with pytest.raises(ValueError, match="backend 'deltanet_tpu' needs the deltanet-tpu "
+                                             "package, which is not installed"):
+            resolve_backend("gated_delta_rule", "deltanet_tpu")
+
+
+def test_every_library_choice_has_a_fallback_of_ours():
+    for op, by_platform in AUTO.items():
+        for choice in by_platform.values():
+            if choice.backend in backends.LIBRARY_MODULE:
+                assert choice.fallback in OP_BACKENDS[op]
+                assert choice.fallback not in backends.LIBRARY_MODULE

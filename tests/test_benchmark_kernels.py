@@ -24,7 +24,7 @@ def test_kernels_benchmark_smoke(tmp_path, monkeypatch):
     rc = bench.main(["--shapes", "1x64x2x16", "--repeats", "1", "--attn_T", "128",
                      "--window", "32", "--attn_heads", "2", "--attn_kv_heads", "1",
                      "--attn_head_dim", "16", "--attn_backends", "auto",
-                     "--backends", "xla", "fla", "--out", str(tmp_path)])
+                     "--backends", "xla", "fla", "flashqla", "--out", str(tmp_path)])
     assert rc == 0
     stem = tmp_path / f"kernels_{bench.jax.default_backend()}"
     data = json.loads(stem.with_suffix(".json").read_text())
@@ -36,9 +36,13 @@ def test_kernels_benchmark_smoke(tmp_path, monkeypatch):
         assert row["status"] == "ok", row
         for key in ("fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops"):
             assert math.isfinite(row[key]) and row[key] > 0, (op, key, row[key])
+        assert row["x_fastest"] == {"fwd": 1.0, "fwd_bwd": 1.0}     # the only row that ran
         fla = rows[(op, "fla")]
         assert fla["status"] == "skipped" and "torch" in fla["note"], fla
         assert fla["fwd_ms"] is None
+        qla = rows[(op, "flashqla")]
+        assert qla["status"] == "skipped" and qla["fwd_ms"] is None
+        assert ("torch" if op == "gated_delta_rule" else "has no") in qla["note"], qla
 
     (attn,) = data["attention"]
     for key in ("full_fwd_ms", "window_fwd_ms", "full_fwd_bwd_ms", "window_fwd_bwd_ms"):

@@ -230,3 +230,26 @@ def test_mla_ablation_baseline_is_mla_and_variants_train(tmp_path):
     assert "| values_from_x |" in (tmp_path / "mla_ablation_cpu.md").read_text()
     from layers.registry import MIXERS
     assert MIXERS["mla"].cls is MLA   # the registry is restored after the in-process runs
+
+
+@pytest.mark.slow
+def test_train_step_smoke(tmp_path):
+    """benchmarks/train_step.py on a tiny gdn_swa preset: one row per variant, "auto" resolved
+    and named for each mixer, the variant's backend applied to every mixer that takes it."""
+    bench = _load("train_step")
+    args = ["configs/presets/gdn_swa_125m.yaml", "--seq_len", "32", "--batch", "2",
+            "--repeats", "1", "--variants", "auto", "xla", "tokamax", "--out", str(tmp_path),
+            "--set", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+            "model.vocab_size=64", "model.mixer_args.gated_deltanet.n_heads=2",
+            "model.mixer_args.swa.window=16"]
+    assert bench.main(args) == 0
+    rows = json.loads((tmp_path / "train_step_cpu.json").read_text())["rows"]
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"auto", "xla", "tokamax"}
+    assert by["auto"]["backends"] == "gated_deltanet: xla, swa: xla"      # auto on this CPU
+    assert by["tokamax"]["overrides"] == ["model.mixer_args.swa.backend=tokamax"]
+    assert by["tokamax"]["backends"] == "gated_deltanet: xla, swa: tokamax"
+    for r in rows:
+        assert _positive(r["tokens_per_s"]) and math.isfinite(r["loss"])
+    with pytest.raises(SystemExit, match="no mixer of this config takes that backend"):
+        bench.main(args[:8] + ["splash_typo"] + args[11:])

@@ -12,6 +12,11 @@ Arguments are jax.ShapeDtypeStruct, so the benchmark shapes (B4 T4096 H16 D128, 
 to T16384) cost no memory. Each case asserts that the lowered module holds the kernel's custom
 call (Triton for the GPU, Mosaic for the TPU), not an XLA fallback.
 
+The kernel libraries' backends (pallas_kernels/libraries) are lowered the same way: deltanet-
+tpu's Pallas TPU kernels for a TPU, jax-linear-attention's and tokamax's Mosaic GPU kernels for
+an H100, tokamax's Mosaic TPU attention, each skipped with the reason where its package is not
+installed; cuDNN attention where this machine has cuDNN (its lowering asks for it).
+
 Shape legend: B batch, T time, H heads, D head dim (K = V = D).
 """
 
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels import backends
 from pallas_kernels.attention import attention
 from pallas_kernels.backends import lowering_for
 from pallas_kernels.delta_rule import delta_rule
@@ -120,6 +126,69 @@ def test_attention_kernel_with_segment_ids_lowers(platform, backend):
 
     text = lowered_text(fwd_bwd, (s, s, s, seg), platform)
     assert kernel_calls(text, platform) >= 2, text[:2000]
+
+
+# The custom call a library's kernels lower to: Mosaic GPU's on an H100, Mosaic TPU's on a TPU.
+LIBRARY_CALL = {"gpu": "mosaic_gpu", "tpu": "tpu_custom_call"}
+LINEAR_LIBRARY_PLATFORM = {"deltanet_tpu": "tpu", "jla": "gpu"}
+
+
+def needs(backend: str) -> None:
+    if not backends.library_installed(backend):
+        pytest.skip(f"{backends.LIBRARY_MODULE[backend][1]} is not installed")
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "delta_rule", "gla", "simple_gla"])
+@pytest.mark.parametrize("backend", sorted(LINEAR_LIBRARY_PLATFORM))
+def test_library_linear_op_lowers(backend, op):
+    """B4 T4096 H16 D128 bf16, forward and backward, through the library's kernels."""
+    needs(backend)
+    platform = LINEAR_LIBRARY_PLATFORM[backend]
+    text = lowered_text(op_fwd_bwd(op, backend), linear_op_args(op, BENCH, jnp.bfloat16),
+                        platform)
+    assert len(re.findall(re.escape(f"custom_call @{LIBRARY_CALL[platform]}"), text)) >= 2, (
+        text[:2000])
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("t,window,packed", [(4096, None, False), (16384, 1024, False),
+                                             (4096, 1024, True)])
+def test_tokamax_attention_lowers(platform, t, window, packed):
+    """tokamax's Mosaic kernels, forward and backward (packed documents as its dense mask)."""
+    needs("tokamax")
+    b, h, hkv = (1, 16, 4) if t > 4096 else (4, 16, 16)
+    s = lambda hh: jax.ShapeDtypeStruct((b, t, hh, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def fwd_bwd(q, k, v, seg):
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, window=window, backend="tokamax",
+                                              segment_ids=seg if packed else None)
+                                    .astype(jnp.float32))
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    text = lowered_text(fwd_bwd, (s(h), s(hkv), s(hkv), seg), platform)
+    assert len(re.findall(re.escape(f"custom_call @{LIBRARY_CALL[platform]}"), text)) >= 2, (
+        text[:2000])
+
+
+@pytest.mark.parametrize("window", [None, 1024])
+def test_cudnn_attention_lowers(window):
+    """cuDNN flash attention for an H100, forward and backward, where cuDNN is installed (jax
+    asks the local cuDNN for its version while lowering)."""
+    s = jax.ShapeDtypeStruct((4, 4096, 16, 128), jnp.bfloat16)
+
+    def fwd_bwd(q, k, v):
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, window=window, backend="cudnn")
+                                    .astype(jnp.float32))
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    try:
+        text = lowered_text(fwd_bwd, (s, s, s), "gpu")
+    except RuntimeError as err:
+        if "cuDNN is not detected" not in str(err):
+            raise
+        pytest.skip(f"no cuDNN on this machine, which jax needs to lower cuDNN attention: {err}")
+    assert "custom_call @__cudnn$fmha" in text, text[:2000]
 
 
 def test_lowering_for_restores_the_platform_and_refuses_cpu():

@@ -13,6 +13,8 @@ Backends (one signature, `attention(..., backend=)`):
   * "flash": flash.py, a Pallas kernel for the GPU (Triton lowering) that skips key blocks
     outside the window, forward and backward (FlashAttention-2, Dao 2023).
   * "splash": splash.py, jax's bundled splash attention for TPU with window / sink masks.
+  * "cudnn", "tokamax": NVIDIA's cuDNN flash attention through jax, and tokamax's kernels
+    (pallas_kernels/libraries/attention.py: what each takes, how masks map).
   * "auto": per platform from pallas_kernels/backends.py's AUTO table.
 Pallas backends run off their platform only inside backends.interpret_kernels() (CPU tests).
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.xla import softmax_attention
-from pallas_kernels.backends import kernel_interpret, resolve_backend
+from pallas_kernels.backends import auto_fallback, kernel_interpret, resolve_backend
 from pallas_kernels.masks import packed_visibility, visibility_mask
 from pallas_kernels.segments import check_segment_ids, zero_padding
 
@@ -60,11 +62,12 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         window: keys with t - j >= window are hidden (None: full causal).
         n_sinks: the first n_sinks keys stay visible through the window (needs a window).
         scale: score scale, default Dh ** -0.5.
-        backend: "auto", "xla", "flash", "splash" or "reference" (module docstring).
+        backend: "auto", "xla", "flash", "splash", "cudnn", "tokamax" or "reference"
+            (module docstring).
         segment_ids: optional [B, T] int ids of packed documents (0 = padding): a query sees
             only keys of its own document, windows and sinks count in-document positions
-            (pallas_kernels/masks.packed_visibility). Every backend; "flash" and "splash"
-            not together with sinks (their sink blocks are the row's first).
+            (pallas_kernels/masks.packed_visibility). Every backend but "cudnn"; "flash" and
+            "splash" not together with sinks (their sink blocks are the row's first).
 
     Returns:
         [B, T, H, Dh] in q's dtype.
@@ -75,6 +78,14 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
     """
     _check(q, k, v, window, n_sinks)
     impl = resolve_backend("attention", backend)
+    if impl in ("cudnn", "tokamax"):
+        from pallas_kernels.libraries import attention as library
+
+        reason = library.unsupported_reason(impl, q, window, n_sinks, segment_ids)
+        if reason is not None and backend == impl:
+            raise ValueError(f"attention: backend {impl!r} {reason}")
+        if reason is not None:           # "auto" chose it: the AUTO table's fallback runs
+            impl = auto_fallback("attention", impl)
     interpret = kernel_interpret(impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if segment_ids is not None:
@@ -91,6 +102,13 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
         mask = (visibility_mask(q.shape[1], window, n_sinks)[None] if segment_ids is None
                 else packed_visibility(segment_ids, window, n_sinks))
         return softmax_attention(q, k, v, mask, scale)
+    if impl == "cudnn":
+        from pallas_kernels.libraries.attention import cudnn_attention
+        return cudnn_attention(q, k, v, window=window, scale=scale)
+    if impl == "tokamax":
+        from pallas_kernels.libraries.attention import tokamax_attention
+        return tokamax_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
+                                 segment_ids=segment_ids).astype(q.dtype)
     if impl == "flash":
         from pallas_kernels.attention.flash import flash_attention
         return flash_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
