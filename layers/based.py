@@ -48,7 +48,7 @@ from flax import nnx, struct
 from layers.cache import CacheBytes
 from layers.checks import head_errors
 from layers.projections import output_projection, projection
-from pallas_kernels.backends import LinearBackend
+from pallas_kernels.backends import OwnLinearBackend
 from pallas_kernels.linear_attention import EPS, linear_attention
 from pallas_kernels.masks import packed_visibility
 from pallas_kernels.precision import HIGHEST
@@ -63,7 +63,7 @@ class BasedArgs:
     # Cache-free calls of at most this many tokens take the quadratic form (module docstring);
     # longer ones, and every call with a cache, the features and `backend`. 0: features always.
     quadratic_max_len: int = 512
-    backend: LinearBackend = "auto"    # pallas_kernels/backends.py
+    backend: OwnLinearBackend = "auto"    # pallas_kernels/backends.py
 
 
 @struct.dataclass

@@ -45,16 +45,18 @@ from typing import Literal, get_args
 import jax
 
 # The names a layer's Args may hold (configs check them against these Literals).
+# linear_attention (Based) takes our backends only: no kernel library has it.
+OwnLinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu"]
 LinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu",
                         "deltanet_tpu", "jla"]
 AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash", "cudnn", "tokamax"]
 TitansBackend = Literal["auto", "reference", "xla"]
 
-_OURS = ("reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
+_OURS = tuple(b for b in get_args(OwnLinearBackend) if b != "auto")
 # The ops each library covers: deltanet-tpu's chunk_gdn / chunk_delta_rule / chunk_gla (GLA with
-# a per-channel or a per-head gate), jax-linear-attention's gated_deltanet / deltanet / gla /
-# simple_gla. Neither has plain (ungated) linear attention.
-_LIBRARY_LINEAR_OPS = ("gla", "simple_gla", "delta_rule", "gated_delta_rule")
+# a per-channel or a per-head gate) / chunk_kda, jax-linear-attention's gated_deltanet /
+# deltanet / gla / simple_gla / kda. Neither has plain (ungated) linear attention.
+_LIBRARY_LINEAR_OPS = ("gla", "simple_gla", "delta_rule", "gated_delta_rule", "kda")
 _LINEAR_OPS = ("linear_attention", *_LIBRARY_LINEAR_OPS)
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "attention": tuple(b for b in get_args(AttentionBackend) if b != "auto"),
