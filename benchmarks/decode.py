@@ -60,7 +60,7 @@ if str(ROOT / "benchmarks") not in sys.path:
 from common import add_runner_flags, load_bench, run_child, save_results, settings_of, strip_flags  # noqa: E402
 
 FAMILY_NAMES = ["attn", "swa", "swa_concat", "gated_deltanet", "gla", "based", "mla", "cca", "mom",
-                "titans_mag"]
+                "titans_mag", "kda", "mamba2"]
 
 
 def families(d_model: int, n_heads: int, window: int) -> dict[str, tuple[str, dict]]:
@@ -78,6 +78,8 @@ def families(d_model: int, n_heads: int, window: int) -> dict[str, tuple[str, di
         "cca": ("cca", cache_entries["CCA (C=4)"][1]),
         "mom": ("mom", {}),
         "titans_mag": ("titans_mag", {"window": window}),
+        "kda": ("kda", {}),
+        "mamba2": ("mamba2", {}),
     }
 
 

@@ -33,6 +33,7 @@ from common import time_side_by_side  # noqa: E402
 from pallas_kernels.delta_rule import delta_rule  # noqa: E402
 from pallas_kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
 from pallas_kernels.gla import gla, simple_gla  # noqa: E402
+from pallas_kernels.kda import kda  # noqa: E402
 from pallas_kernels.linear_attention import linear_attention  # noqa: E402
 from pallas_kernels.titans import titans_memory  # noqa: E402
 
@@ -43,11 +44,11 @@ def _inputs(op: str, b: int, t: int, h: int, d: int, dtype, seed: int = 0):
     q, k, v = (rng.standard_normal((b, t, h, d)).astype(np.float32) for _ in range(3))
     k = k / np.linalg.norm(k, axis=-1, keepdims=True)
     args = {"q": q, "k": k, "v": v}
-    if op == "gla":
+    if op in ("gla", "kda"):
         args["gk"] = np.log(1 / (1 + np.exp(-rng.standard_normal((b, t, h, d)) - 3)))
     if op in ("simple_gla", "gated_delta_rule"):
         args["g"] = -np.log1p(np.exp(rng.standard_normal((b, t, h))))
-    if op in ("delta_rule", "gated_delta_rule"):
+    if op in ("delta_rule", "gated_delta_rule", "kda"):
         args["beta"] = 1 / (1 + np.exp(-rng.standard_normal((b, t, h))))
     if op == "titans":   # a 2-layer MLP memory K -> 2K -> V; theta moderate (no divergence)
         sig = lambda shift: 1 / (1 + np.exp(-rng.standard_normal((b, t, h)) - shift))
@@ -65,6 +66,7 @@ OPS = {
     "delta_rule": lambda a, **kw: delta_rule(a["q"], a["k"], a["v"], a["beta"], **kw),
     "gated_delta_rule": lambda a, **kw: gated_delta_rule(a["q"], a["k"], a["v"], a["g"],
                                                          a["beta"], **kw),
+    "kda": lambda a, **kw: kda(a["q"], a["k"], a["v"], a["gk"], a["beta"], **kw),
     # Titans: the chunk size is part of the rule, and both backends run the same chunked rule.
     "titans": lambda a, **kw: titans_memory(a["q"], a["k"], a["v"], a["theta"], a["eta"],
                                             a["alpha"], memory0=(a["mem0"], a["mem1"]), **kw),

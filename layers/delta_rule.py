@@ -1,6 +1,7 @@
-"""Pieces shared by the delta-rule memories (layers/delta_net.py, layers/mom.py) and the other
-normalised-key mixers (layers/titans.py, layers/cca.py): the L2 norm of keys, the Mamba2 decay
-(its init and its log form), and the one-token recurrence of the (gated) delta rule.
+"""Pieces shared by the delta-rule memories (layers/delta_net.py, layers/kda.py, layers/mom.py)
+and the other normalised-key mixers (layers/titans.py, layers/cca.py): the L2 norm of keys, the
+Mamba2 decay (its init and its log form), and the one-token recurrence of the (gated) delta
+rule.
 
 Shape legend: B batch, H heads, K key (and query) head dim, V value head dim.
 """
@@ -26,7 +27,8 @@ def recurrent_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, b
 
     Args:
         state: [B, H, K, V] float32 memory before the token.
-        q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H] log decay or None (no gate).
+        q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H] log decay (Gated DeltaNet),
+            [B, H, K] one per key channel (KDA), or None (no gate).
         scale: query scale.
 
     Returns:
@@ -35,8 +37,9 @@ def recurrent_step(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, b
     f32 = lambda a: a.astype(jnp.float32)
     q, k, v, beta = f32(q), f32(k), f32(v), f32(beta)
     hi = jax.lax.Precision.HIGHEST   # match the ops, which run float32 matmuls at full precision
-    if g is not None:
-        state = jnp.exp(f32(g))[..., None, None] * state          # S' = exp(g) S
+    if g is not None:                                             # S' = diag(exp(g)) S
+        decay = jnp.exp(f32(g))
+        state = (decay[..., None] if decay.ndim == 3 else decay[..., None, None]) * state
     pred = jnp.einsum("bhk,bhkv->bhv", k, state, precision=hi)     # S'^T k: what memory recalls
     state = state + jnp.einsum("bhk,bhv->bhkv", beta[..., None] * k, v - pred, precision=hi)
     o = jnp.einsum("bhk,bhkv->bhv", q * scale, state, precision=hi)

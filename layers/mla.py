@@ -138,9 +138,12 @@ class MLA(nnx.Module):
         if args.q_lora_rank is not None and args.q_lora_rank < 0:
             errs.append(f"{p}.q_lora_rank must be >= 0 or null (0/null: no low-rank query "
                         f"path), got {args.q_lora_rank}")
-        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
             if getattr(args, key) <= 0:
                 errs.append(f"{p}.{key} must be > 0, got {getattr(args, key)}")
+        if args.qk_rope_head_dim < 0:
+            errs.append(f"{p}.qk_rope_head_dim must be >= 0 (0: no RoPE, Kimi Linear's MLA), "
+                        f"got {args.qk_rope_head_dim}")
         if args.qk_rope_head_dim > 0 and args.qk_rope_head_dim % 2:
             errs.append(f"{p}.qk_rope_head_dim must be even (RoPE rotates pairs), "
                         f"got {args.qk_rope_head_dim}")
@@ -170,12 +173,15 @@ class MLA(nnx.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
         q = q.reshape(b, t, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = jnp.split(q, [self.nope_dim], axis=-1)
+        if not self.rope_dim:           # NoPE (qk_rope_head_dim 0): positions enter nowhere
+            return q_nope, q_rope
         return q_nope, apply_rope(q_rope, positions, self.rope_theta)
 
     def _latents(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D] -> normalized c_kv [B, T, R], rotated shared k_rope [B, T, P]."""
         c_kv, k_rope = jnp.split(self.wkv_a(x), [self.kv_lora_rank], axis=-1)
-        k_rope = apply_rope(k_rope[:, :, None, :], positions, self.rope_theta)[:, :, 0]
+        if self.rope_dim:
+            k_rope = apply_rope(k_rope[:, :, None, :], positions, self.rope_theta)[:, :, 0]
         return self.kv_norm(c_kv), k_rope
 
     # ------------------------------------------------------------------ the two forms

@@ -21,8 +21,11 @@ from layers.cca import CCA, CCAArgs
 from layers.delta_net import DeltaNet, DeltaNetArgs
 from layers.gated_conv import GatedConv, GatedConvArgs
 from layers.gla import GLA, GLAArgs
+from layers.kda import KDA, KDAArgs
+from layers.mamba2 import Mamba2, Mamba2Args
 from layers.mla import MLA, MLAArgs
 from layers.mom import MoM, MoMArgs
+from layers.parallel import Parallel, ParallelArgs
 from layers.titans import TitansArgs, TitansMemory
 from layers.titans_variants import TitansMAC, TitansMACArgs, TitansMAG, TitansMAGArgs
 
@@ -74,6 +77,12 @@ MIXERS: dict[str, MixerSpec] = {
     # -- deltanet / gated_deltanet (layers/delta_net.py) --
     "deltanet": MixerSpec(DeltaNet, DeltaNetArgs(gated=False)),
     "gated_deltanet": MixerSpec(DeltaNet, DeltaNetArgs(gated=True)),
+    # -- kda (layers/kda.py) --
+    "kda": MixerSpec(KDA, KDAArgs()),
+    # -- mamba2 (layers/mamba2.py) --
+    "mamba2": MixerSpec(Mamba2, Mamba2Args()),
+    # -- parallel: hybrid heads, several mixers side by side in one layer (layers/parallel.py)
+    "parallel": MixerSpec(Parallel, ParallelArgs()),
     # -- cca / ccgqa (layers/cca.py) --
     "cca": MixerSpec(CCA, CCAArgs()),
     "ccgqa": MixerSpec(CCA, CCAArgs(n_kv_heads=2)),
@@ -132,6 +141,13 @@ def _build_args(name: str, spec: MixerSpec, given):
         given = to_plain(given)
     merged = {**to_plain(spec.defaults), **given}
     return build_dataclass(type(spec.defaults), merged, f"model.mixer_args.{name}.")
+
+
+def branch_args(model_cfg: ModelConfig, name: str):
+    """`name`'s checked Args from model_cfg.mixer_args (raw mappings or built Args): for a
+    mixer used inside another (layers/parallel.py's branches)."""
+    raw = model_cfg.mixer_args or {}
+    return _build_args(name, MIXERS[name], raw.get(name) if isinstance(raw, dict) else None)
 
 
 def build_mixer(model_cfg: ModelConfig, name: str, *, rngs) -> Mixer:

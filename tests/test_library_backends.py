@@ -23,9 +23,10 @@ from pallas_kernels.attention import attention
 from pallas_kernels.backends import interpret_kernels, lowering_for
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
+from pallas_kernels.kda import kda
 
 LINEAR_LIBRARIES = ("deltanet_tpu", "jla")
-OPS = ("gated_delta_rule", "delta_rule", "gla", "simple_gla")
+OPS = ("gated_delta_rule", "delta_rule", "gla", "simple_gla", "kda")
 B, T, H, K, V = 2, 200, 2, 32, 16
 
 
@@ -49,13 +50,14 @@ def linear_inputs(op: str, seed: int = 0):
     ks = jax.random.split(jax.random.key(seed), 6)
     q = jax.random.normal(ks[0], (B, T, H, K))
     k = jax.random.normal(ks[1], (B, T, H, K))
-    if op in ("gated_delta_rule", "delta_rule"):
+    if op in ("gated_delta_rule", "delta_rule", "kda"):
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)      # the layers' L2-normalised keys
     v = jax.random.normal(ks[2], (B, T, H, V))
-    gate_shape = (B, T, H, K) if op == "gla" else (B, T, H)
+    gate_shape = (B, T, H, K) if op in ("gla", "kda") else (B, T, H)
     gate = None if op == "delta_rule" else -0.3 * jax.nn.softplus(
         jax.random.normal(ks[3], gate_shape))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))) if "delta" in op else None
+    beta = (jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+            if op in ("gated_delta_rule", "delta_rule", "kda") else None)
     s0 = 0.5 * jax.random.normal(ks[5], (B, H, K, V))
     return q, k, v, gate, beta, s0
 
@@ -65,6 +67,8 @@ def call_op(op, backend, q, k, v, gate, beta, s0, segment_ids, **kw):
                   segment_ids=segment_ids, **kw)
     if op in ("gated_delta_rule", "delta_rule"):
         return gated_delta_rule(q, k, v, gate, beta, **common)
+    if op == "kda":
+        return kda(q, k, v, gate, beta, **common)
     return (gla if op == "gla" else simple_gla)(q, k, v, gate, **common)
 
 

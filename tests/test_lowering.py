@@ -33,6 +33,7 @@ from pallas_kernels.backends import lowering_for
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
+from pallas_kernels.kda import kda
 from pallas_kernels.linear_attention import linear_attention
 
 # The custom call each platform's Pallas lowering emits; the GPU one must be Triton (the
@@ -59,6 +60,8 @@ def linear_op_args(op, shape, dtype):
     qkv = (s(b, t, h, d), s(b, t, h, d), s(b, t, h, d))
     if op == "gated_delta_rule":
         return (*qkv, s(b, t, h), s(b, t, h))
+    if op == "kda":
+        return (*qkv, s(b, t, h, d), s(b, t, h))
     if op == "delta_rule":
         return (*qkv, s(b, t, h))
     if op == "gla":
@@ -69,7 +72,7 @@ def linear_op_args(op, shape, dtype):
 
 
 OPS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "gla": gla,
-       "simple_gla": simple_gla, "linear_attention": linear_attention,
+       "simple_gla": simple_gla, "kda": kda, "linear_attention": linear_attention,
        "normalized_linear_attention": functools.partial(linear_attention, normalize=True)}
 
 
@@ -138,7 +141,7 @@ def needs(backend: str) -> None:
         pytest.skip(f"{backends.LIBRARY_MODULE[backend][1]} is not installed")
 
 
-@pytest.mark.parametrize("op", ["gated_delta_rule", "delta_rule", "gla", "simple_gla"])
+@pytest.mark.parametrize("op", ["gated_delta_rule", "delta_rule", "gla", "simple_gla", "kda"])
 @pytest.mark.parametrize("backend", sorted(LINEAR_LIBRARY_PLATFORM))
 def test_library_linear_op_lowers(backend, op):
     """B4 T4096 H16 D128 bf16, forward and backward, through the library's kernels."""

@@ -26,6 +26,7 @@ SETTINGS = {
     "q_lora": MLAArgs(q_lora_rank=12, **DIMS),
     "window": MLAArgs(window=5, **DIMS),
     "window_sinks": MLAArgs(window=5, n_sinks=2, **DIMS),
+    "nope": MLAArgs(**{**DIMS, "qk_rope_head_dim": 0}),    # Kimi Linear's MLA: no RoPE
 }
 
 
@@ -168,6 +169,8 @@ def test_full_cache_rejects_a_chunk_longer_than_itself():
      r"model.mixer_args.mla.qk_rope_head_dim must be even \(RoPE rotates pairs\), got 5"),
     ("model.mixer_args.mla.kv_lora_rank=0", r"model.mixer_args.mla.kv_lora_rank must be > 0"),
     ("model.mixer_args.mla.v_head_dim=-2", r"model.mixer_args.mla.v_head_dim must be > 0"),
+    ("model.mixer_args.mla.qk_rope_head_dim=-2",
+     r"model.mixer_args.mla.qk_rope_head_dim must be >= 0 \(0: no RoPE"),
     ("model.mixer_args.mla.q_lora_rank=-1", r"model.mixer_args.mla.q_lora_rank must be >= 0"),
     ("model.mixer_args.mla.window=300",
      r"model.mixer_args.mla.window=300 is larger than model.max_len=256"),
@@ -208,3 +211,18 @@ def test_configs_build_and_run():
     assert layer.bytes_per_token == (args.kv_lora_rank + args.qk_rope_head_dim) * 2
     hybrid = load_config("configs/hybrid_gdn_mla.yaml").model
     assert hybrid.layer_mixers() == ("gated_deltanet",) * 3 + ("mla",)
+
+
+def test_nope_mla_ignores_positions():
+    """qk_rope_head_dim 0 (Kimi Linear's MLA): positions enter nowhere, so spreading them
+    apart (which changes every relative distance RoPE sees) changes nothing, where the RoPE
+    setting's output moves."""
+    x = jax.random.normal(jax.random.key(5), (2, 12, 32))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    moved = {}
+    for name in ("nope", "plain"):
+        mixer = _mixer(name)
+        moved[name] = float(jnp.max(jnp.abs(mixer(x, positions=pos)[0]
+                                            - mixer(x, positions=3 * pos)[0])))
+    # At init the scores are small, so RoPE's effect is too (measured 4.9e-5); NoPE's is 0.
+    assert moved["nope"] == 0.0 and moved["plain"] > 1e-5, moved

@@ -16,6 +16,7 @@ from pallas_kernels.backends import interpret_kernels
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
+from pallas_kernels.kda import kda
 from pallas_kernels.linear_attention import linear_attention
 from tests.parity import relative_error
 
@@ -48,9 +49,9 @@ def make_inputs(op, t, dk, dv, seed=0):
         return (q, k, v, g, beta), s0
     if op == "delta_rule":
         return (q, k, v, beta), s0
-    if op == "gla":
+    if op in ("gla", "kda"):
         gk = -jax.nn.softplus(jax.random.normal(ks[6], (B, t, H, dk)) - 3.0)
-        return (q, k, v, gk), s0
+        return ((q, k, v, gk) if op == "gla" else (q, k, v, gk, beta)), s0
     if op == "simple_gla":
         return (q, k, v, g), s0
     # linear attention with the running-sum normalizer: positive features, (S, z) state.
@@ -60,7 +61,7 @@ def make_inputs(op, t, dk, dv, seed=0):
 
 
 OPS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "gla": gla,
-       "simple_gla": simple_gla,
+       "simple_gla": simple_gla, "kda": kda,
        "linear_attention": functools.partial(linear_attention, normalize=True)}
 
 

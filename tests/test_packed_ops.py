@@ -21,6 +21,7 @@ from pallas_kernels.attention import attention
 from pallas_kernels.delta_rule import delta_rule
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
+from pallas_kernels.kda import kda
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.segments import ChunkMasks, document_positions, document_starts
 from tests.parity import relative_error
@@ -33,7 +34,7 @@ DOCS = [[5, 11, 6], [6, 13]]
 F32_TOL = 1e-4
 
 OPS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "gla": gla,
-       "simple_gla": simple_gla,
+       "simple_gla": simple_gla, "kda": kda,
        "linear_attention": functools.partial(linear_attention, normalize=True)}
 
 

@@ -17,7 +17,7 @@ from models.config_check import load_config
 from models.lm import build_model
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
-FAMILIES = ["attn", "gated_deltanet", "gdn_swa", "mla", "titans_mag", "mom"]
+FAMILIES = ["attn", "gated_deltanet", "gdn_swa", "mla", "titans_mag", "mom", "kimi_linear"]
 SCALES = ["125m", "340m"]
 
 

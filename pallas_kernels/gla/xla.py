@@ -17,17 +17,8 @@ Every exponent above is <= 0, so nothing overflows however negative the gates ar
 underflow to 0 are below float32's range in the exact result too.
 
 Numerics of the intra-chunk term: the paper's factorization (q_i exp(G_i)) (k_j exp(-G_j))^T
-turns it into one matmul but needs exp(-G_j), which overflows once the gates sum below ~-88
-inside a chunk (e.g. gk = -5 over 18 steps). We instead follow the paper's secondary-level
-chunking (Sec. 4, hardware-efficient GLA): the chunk is cut into sub-chunks of c tokens;
-  * a query sub-chunk a and an earlier key sub-chunk b < a go through matmuls, with the decay
-    split at sub-chunk boundaries (R_b = G at the last step of sub-chunk b, R_{-1} = 0):
-    exp(G_i - G_j) = exp(G_i - R_{a-1}) * exp(R_{a-1} - R_b) * exp(R_b - G_j).
-    Each exponent is <= 0 because G is non-increasing and j <= end of b <= end of a-1 < i;
-    the middle [S, S, K] factor is masked to a > b *before* the exp, so no positive exponent
-    is ever formed;
-  * diagonal blocks (a == b) form the pairwise exp(G_i - G_j) [c, c, K] directly, masked to
-    i >= j before the exp.
+overflows for strong gates; the scores are formed by sub-chunks instead
+(pallas_kernels/channel_decay.py, the paper's secondary-level chunking), every exponent <= 0.
 simple_gla's decay is a scalar per step, so its [C, C] decay matrix exp(G_i - G_j) is formed
 directly (masked before the exp) and needs no sub-chunks.
 """
@@ -38,24 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.arguments import default_scale
+from pallas_kernels.channel_decay import decayed_score_blocks, exp_masked, sub_chunk_size
 from pallas_kernels.chunking import from_chunks, to_chunks
 from pallas_kernels.precision import matmul, operand_dtype
 from pallas_kernels.segments import ChunkMasks, zero_padding
 from pallas_kernels.state_passing import chunk_outputs
-
-# Sub-chunk size c for gla's diagonal blocks. The pairwise-decay tensor costs T * c * K exps
-# (the bulk of the forward time on CPU), the bridge between sub-chunks (C / c)^2 * K per chunk;
-# c = 8 balances the two at C = 64 (the fastest of c = 2, 4, 8, 16 timed on CPU).
-SUB_CHUNK = 8
-
-
-def _exp_masked(x, mask):
-    """exp(x) where mask, 0 elsewhere; masked before the exp so positive x is never formed.
-
-    exp(-inf) = 0 and its derivative exp(-inf) = 0, so masked entries give exact zeros in the
-    forward and backward passes (no inf * 0).
-    """
-    return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
 def _gla_intra(qs, ks, vs, g_cum, sub, count=None, dtype=jnp.float32):
@@ -77,31 +55,8 @@ def _gla_intra(qs, ks, vs, g_cum, sub, count=None, dtype=jnp.float32):
     """
     b, h, n, cs, dk = qs.shape
     s = cs // sub
-    q4, k4, g4 = (x.reshape(b, h, n, s, sub, dk) for x in (qs, ks, g_cum))
     v4 = vs.reshape(b, h, n, s, sub, vs.shape[-1])
-
-    # Diagonal sub-blocks: pairwise decay, causal inside the sub-chunk.
-    causal = np.tril(np.ones((sub, sub), bool))[:, :, None]               # [c(i), c(j), 1]
-    diff = g4[..., :, None, :] - g4[..., None, :, :]                        # [..., S, c, c, K]
-    a_diag = matmul("bhnsijk,bhnsjk->bhnsij", q4[..., :, None, :] * _exp_masked(diff, causal),
-                    k4, dtype)
-    if count is not None:
-        c4 = count.reshape(b, 1, n, s, sub)
-        a_diag = jnp.where(c4[..., :, None] == c4[..., None, :], a_diag, 0.0)
-
-    # Off-diagonal sub-blocks (query sub-chunk a > key sub-chunk b): three factors, each <= 1.
-    ref = g4[..., -1, :]                                                   # R_b [..., S, K]
-    prev = jnp.concatenate([jnp.zeros_like(ref[..., :1, :]), ref[..., :-1, :]], axis=-2)
-    q_ref = q4 * jnp.exp(g4 - prev[..., None, :])                          # exp(G_i - R_{a-1})
-    k_ref = k4 * jnp.exp(ref[..., None, :] - g4)                           # exp(R_b - G_j)
-    later = (np.arange(s)[:, None] > np.arange(s)[None, :])[:, :, None]   # a > b
-    bridge = _exp_masked(prev[..., :, None, :] - ref[..., None, :, :], later)  # [..., a, b, K]
-    # einsum letters: x = query sub-chunk a, y = key sub-chunk b (z is the batch axis).
-    a_off = matmul("zhnxyik,zhnyjk->zhnxyij", q_ref[..., :, None, :, :] * bridge[..., None, :],
-                   k_ref, dtype)
-    if count is not None:
-        same = c4[:, :, :, :, None, :, None] == c4[:, :, :, None, :, None, :]  # [.., a, b, i, j]
-        a_off = jnp.where(same, a_off, 0.0)
+    a_diag, a_off = decayed_score_blocks(qs, ks, g_cum, sub, count, dtype)
 
     # Scores stay in [a, b, i, j] block layout and multiply v per block, rather than being
     # transposed into a [C, C] matrix: fewer copies.
@@ -166,7 +121,7 @@ def gla_xla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=F
     o, s_final = chunk_outputs(low(q_state), None, None, low(vc), low(k_state), chunk_decay, s0,
                                backend=state_impl)
 
-    sub = SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
+    sub = sub_chunk_size(chunk_size)
     o = o + _gla_intra(qc, kc, vc, g_cum, sub, None if masks is None else masks.count,
                        operand_dtype(precision))
     return _finish(o, s_final, t, q.dtype, output_final_state)
@@ -220,7 +175,7 @@ def simple_gla_xla(q, k, v, g, *, scale=None, initial_state=None, output_final_s
         causal = causal & masks.same                                       # [B, 1, N, C, C]
         q_state, k_state = q_state * masks.reads, k_state * masks.writes
         chunk_decay = chunk_decay * masks.keeps
-    decay = _exp_masked(g_cum[..., :, None] - g_cum[..., None, :], causal)  # [B, H, N, C, C]
+    decay = exp_masked(g_cum[..., :, None] - g_cum[..., None, :], causal)  # [B, H, N, C, C]
     scores = matmul("bhnik,bhnjk->bhnij", qc, kc, mat) * decay
     # o = q_i exp(G_i) S_n + scores v, both inside the sweep.
     low = lambda a: a.astype(mat)

@@ -1,6 +1,6 @@
 """deltanet-tpu 0.3 (Pallas TPU kernels, forward and backward) as the "deltanet_tpu" backend of
-gated_delta_rule (chunk_gdn), delta_rule (chunk_delta_rule), gla and simple_gla (chunk_gla with
-a per-channel or per-head log decay).
+gated_delta_rule (chunk_gdn), delta_rule (chunk_delta_rule), kda (chunk_kda), gla and
+simple_gla (chunk_gla with a per-channel or per-head log decay).
 
 Shapes: B batch, T time, H heads, K key dim, V value dim (ours [B, T, H, *], as the library's).
 
@@ -55,6 +55,8 @@ def run(call: LinearCall):
         out = deltanet_tpu.chunk_gdn(q, k, v, padded.g, padded.beta, **common)
     elif call.op == "delta_rule":
         out = deltanet_tpu.chunk_delta_rule(q, k, v, padded.beta, **common)
+    elif call.op == "kda":
+        out = deltanet_tpu.chunk_kda(q, k, v, padded.g, padded.beta, **common)
     else:                                        # gla ([B, T, H, K] gate) / simple_gla ([B, T, H])
         out = deltanet_tpu.chunk_gla(q, k, v, padded.g, **common)
     o, final = out if call.output_final_state else (out, None)

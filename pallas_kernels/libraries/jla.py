@@ -1,5 +1,5 @@
 """jax-linear-attention 0.1 (Pallas Mosaic GPU kernels for Hopper, forward and backward) as the
-"jla" backend of gated_delta_rule, delta_rule, gla and simple_gla.
+"jla" backend of gated_delta_rule, delta_rule, gla, simple_gla and kda.
 
 Shapes: B batch, T time, H heads, K key dim, V value dim (ours [B, T, H, *], as the library's).
 
@@ -34,7 +34,7 @@ from pallas_kernels.libraries.linear_call import (
 
 WIDTHS = (64, 128)             # the head dims the kernels are built for
 KIND = {"gated_delta_rule": "gated_deltanet", "delta_rule": "deltanet", "gla": "gla",
-        "simple_gla": "simple_gla"}
+        "simple_gla": "simple_gla", "kda": "kda"}
 
 
 def _width(d: int) -> int | None:
@@ -57,8 +57,17 @@ def _kernel_reason(call: LinearCall) -> str | None:
     options = dict(scale=float(call.scale), initial_state=padded.initial_state,
                    output_final_state=call.output_final_state, segment_ids=call.segment_ids)
     if call.op == "gla":
+        from jla.ops.mosaic_gpu import gla, vector_gate_ops
+
+        # The dedicated GLA kernels' checks: the shared ones, then their own CUDA grid limit
+        # on T (what jla's gla() itself runs before launching them).
+        return (vector_gate_ops.unsupported_reason(q, k, v, padded.g, True, options)
+                or gla._grid_reason(q))
+    if call.op == "kda":                 # the vector-gate (KDA / GDN-2) kernels' own checks
         from jla.ops.mosaic_gpu import vector_gate_ops
-        return vector_gate_ops.unsupported_reason(q, k, v, padded.g, True, options)
+
+        gates_ok = padded.beta.shape == q.shape[:3]
+        return vector_gate_ops.unsupported_reason(q, k, v, padded.g, gates_ok, options)
     gates = tuple(x for x in (padded.g, padded.beta) if x is not None)
     return scalar_gate.unsupported_reason(q, k, v, gates, options, delta=call.op != "simple_gla")
 
@@ -86,7 +95,7 @@ def run(call: LinearCall):
     padded, runs = library_segments(
         pad_head_dims(call, _width(call.key_dim), _width(call.value_dim)))
     gates = {"g": padded.g} if call.op in ("gla", "simple_gla") else {"beta": padded.beta}
-    if call.op == "gated_delta_rule":
+    if call.op in ("gated_delta_rule", "kda"):
         gates["g"] = padded.g
     q, k, v = padded.q, padded.k, padded.v
     if _on_kernels():

@@ -31,10 +31,10 @@ from pallas_kernels.segments import document_starts, zero_padding
 
 @dataclasses.dataclass(frozen=True)
 class LinearCall:
-    """A call of gated_delta_rule / delta_rule / gla / simple_gla in our convention.
+    """A call of gated_delta_rule / delta_rule / kda / gla / simple_gla in our convention.
 
     q, k [B, T, H, K]; v [B, T, H, V]; g None (delta rule), [B, T, H] (gated delta rule,
-    simple GLA) or [B, T, H, K] (GLA), log-space decays <= 0; beta [B, T, H] or None (GLA);
+    simple GLA) or [B, T, H, K] (KDA, GLA), log-space decays <= 0; beta [B, T, H] or None (GLA);
     initial_state [B, H, K, V] float32 or None; segment_ids [B, T] int or None; scale a
     Python float; precision "highest" / "bf16" (resolved).
     """
