@@ -139,11 +139,13 @@ def overrides_for(a, mixers: tuple[str, ...], width: int, n_heads: int,
     if lr is not None:
         over.append(f"optim.lr={lr}")
     over.append(f"model.mixers=[{','.join(mixers)}]")
-    for m in dict.fromkeys(mixers):
+    # A hybrid-heads layer's branches (layers/parallel.py) are set through their own names.
+    windowed = MIXERS if "parallel" in mixers else dict.fromkeys(mixers)
+    for m in windowed:
         defaults = MIXERS[m].defaults
         if getattr(defaults, "window", None) is not None:   # swa, titans_mag: windowed mixers
             over.append(f"model.mixer_args.{m}.window={a.window}")
-        if m == "mla":   # configs/mla.yaml's ratios at every width (see the module docstring)
+        if m == "mla" and m in mixers:  # configs/mla.yaml's ratios at every width (docstring)
             head = width // n_heads
             over += [f"model.mixer_args.mla.kv_lora_rank={width // 2}",
                      f"model.mixer_args.mla.qk_nope_head_dim={head}",
