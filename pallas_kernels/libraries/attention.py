@@ -32,8 +32,8 @@ from pallas_kernels.backends import kernel_interpret, target_platform
 from pallas_kernels.masks import packed_visibility, visibility_mask
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-# tokamax implementations to try on each target, in order (it takes the first that does not
-# raise NotImplementedError): its Pallas kernels on accelerators, its XLA form elsewhere. Named
+# tokamax implementations to try on each target, in order (it takes the first one that
+# supports the call): its Pallas kernels on accelerators, its XLA form elsewhere. Named
 # per platform ("mosaic" alone would be resolved from the attached device, which a lowering
 # from a CPU does not have).
 TOKAMAX_IMPLEMENTATIONS = {"tpu": ("mosaic_tpu",), "gpu": ("mosaic_gpu", "triton"),
