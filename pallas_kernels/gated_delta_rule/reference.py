@@ -32,7 +32,8 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
         q: [B, T, H, K] queries.
         k: [B, T, H, K] keys.
         v: [B, T, H, V] values.
-        g: [B, T, H] log-space decays (<= 0), or None for the ungated delta rule.
+        g: [B, T, H] log-space decays (<= 0), [B, T, H, K] one per key channel (Kimi Delta
+            Attention, pallas_kernels/kda), or None for the ungated delta rule.
         beta: [B, T, H] write strengths.
         scale: query scale; defaults to K ** -0.5.
         initial_state: optional [B, H, K, V] starting state (zeros if None).
@@ -52,8 +53,9 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
     xs = (f32(q) * scale, f32(k), f32(v), f32(g), f32(beta), document_starts(segs).T)
 
     def step(s, x):
-        q_t, k_t, v_t, g_t, b_t, start_t = x                        # [B, H, K|V], g/b [B, H]
-        s = jnp.exp(g_t)[..., None, None] * reset_at_starts(s, start_t)
+        q_t, k_t, v_t, g_t, b_t, start_t = x          # [B, H, K|V], b [B, H], g [B, H(, K)]
+        decay = jnp.exp(g_t)[..., None] if g_t.ndim == 3 else jnp.exp(g_t)[..., None, None]
+        s = decay * reset_at_starts(s, start_t)
         pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=HIGHEST)
         s = s + jnp.einsum("bhk,bhv->bhkv", b_t[..., None] * k_t, v_t - pred,
                            precision=HIGHEST)

@@ -17,17 +17,13 @@ alpha_t = exp(g_t), g_t <= 0 in log space, instead of Gated DeltaNet's scalar):
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from pallas_kernels.arguments import initial_state_f32
-from pallas_kernels.precision import HIGHEST
-from pallas_kernels.segments import document_starts, reset_at_starts, zero_padding
+from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 
 
 def kda_reference(q, k, v, g, beta, *, scale=None, initial_state=None,
                   output_final_state=False, segment_ids=None):
-    """Runs the KDA recurrence one step at a time (lax.scan over T), in float32.
+    """Runs the KDA recurrence one step at a time (lax.scan over T), in float32: the gated
+    delta rule's token scan, whose decay step takes a per-channel g.
 
     Args:
         q: [B, T, H, K] queries.
@@ -44,19 +40,6 @@ def kda_reference(q, k, v, g, beta, *, scale=None, initial_state=None,
     Returns:
         (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    segs = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    q, k, v, g, beta = zero_padding(segs, q, k, v, g, beta)
-    f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)   # time-major for the scan
-    xs = (f32(q) * scale, f32(k), f32(v), f32(g), f32(beta), document_starts(segs).T)
-
-    def step(s, x):
-        q_t, k_t, v_t, g_t, b_t, start_t = x                   # [B, H, K|V], g [B, H, K]
-        s = jnp.exp(g_t)[..., None] * reset_at_starts(s, start_t)
-        pred = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=HIGHEST)
-        s = s + jnp.einsum("bhk,bhv->bhkv", b_t[..., None] * k_t, v_t - pred,
-                           precision=HIGHEST)
-        return s, jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=HIGHEST)
-
-    s, o = jax.lax.scan(step, initial_state_f32(initial_state, q, v), xs)
-    return jnp.swapaxes(o, 0, 1).astype(q.dtype), (s if output_final_state else None)
+    return gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                      output_final_state=output_final_state,
+                                      segment_ids=segment_ids)
