@@ -1,4 +1,5 @@
-"""The decode-parity check every mixer must pass: its decode cache holds exactly what the
+"""The decode-parity check every mixer must pass (and assert_backends_agree, two op backends of
+one mixer on the same parameters). The decode cache holds exactly what the
 tokens so far determine, so however the sequence is fed in, the outputs are the same:
 
 full forward over T tokens == prefill of P tokens then T - P single-token steps
@@ -58,3 +59,27 @@ def assert_decode_parity(module, x, *, prefill: int, chunk: int, max_len: int, d
     tol = PARITY_TOL[dtype]
     assert relative_error(stepped, full) < tol, ("prefill+steps", relative_error(stepped, full))
     assert relative_error(chunked, full) < tol, ("chunked", relative_error(chunked, full))
+
+
+def assert_backends_agree(reference, other, x) -> dict:
+    """Two copies of one mixer with the same parameters, on two op backends (e.g. "reference"
+    and "xla"): the loss sum(y * ct), its input gradient and every parameter gradient agree to
+    float32 summation-order tolerances. Returns `other`'s parameter gradients."""
+    g_ref, p_ref = nnx.split(reference)
+    g_other, p_other = nnx.split(other)
+    jax.tree.map(np.testing.assert_array_equal, p_ref, p_other)   # same parameters
+    pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    ct = jax.random.normal(jax.random.key(7), x.shape)
+
+    def loss(graphdef):
+        return jax.jit(jax.value_and_grad(
+            lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0] * ct),
+            argnums=(0, 1)))
+
+    l_ref, (gp_ref, gx_ref) = loss(g_ref)(p_ref, x)
+    l_other, (gp_other, gx_other) = loss(g_other)(p_other, x)
+    np.testing.assert_allclose(l_other, l_ref, rtol=1e-5)
+    np.testing.assert_allclose(gx_other, gx_ref, rtol=1e-4, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 gp_other, gp_ref)
+    return gp_other

@@ -15,7 +15,7 @@ from configs import ConfigError
 from layers.based import Based, BasedArgs, taylor_feature_map, taylor_kernel_attention
 from layers.gated_conv import GatedConv, GatedConvArgs
 from models.config_check import load_config
-from tests.parity import PARITY_TOL, assert_decode_parity, relative_error
+from tests.parity import PARITY_TOL, assert_backends_agree, assert_decode_parity, relative_error
 
 # chunk_size 8 < T = 20: the chunked op crosses chunk boundaries inside one call. SMALL's full
 # forward (T <= quadratic_max_len) takes the quadratic form, FEATURES' the chunked op; cached
@@ -54,24 +54,7 @@ def test_based_xla_matches_reference_with_gradients():
     cfg = _model_cfg()
     ref = Based(cfg, dataclasses.replace(FEATURES, backend="reference"), rngs=nnx.Rngs(0))
     xla = Based(cfg, dataclasses.replace(FEATURES, backend="xla"), rngs=nnx.Rngs(0))
-    g_ref, p_ref = nnx.split(ref)
-    g_xla, p_xla = nnx.split(xla)
-    jax.tree.map(np.testing.assert_array_equal, p_ref, p_xla)   # same parameters
-    x = _x(jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(20), (2, 20))
-    ct = jax.random.normal(jax.random.key(7), x.shape)
-
-    def loss(graphdef):
-        return jax.jit(jax.value_and_grad(
-            lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0] * ct),
-            argnums=(0, 1)))
-
-    l_ref, (gp_ref, gx_ref) = loss(g_ref)(p_ref, x)
-    l_xla, (gp_xla, gx_xla) = loss(g_xla)(p_xla, x)
-    np.testing.assert_allclose(l_xla, l_ref, rtol=1e-5)
-    np.testing.assert_allclose(gx_xla, gx_ref, rtol=1e-4, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 gp_xla, gp_ref)
+    assert_backends_agree(ref, xla, _x(jnp.float32))
 
 
 def _loss_and_grads(mixer, x, ct, segment_ids=None):
