@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.checks import head_errors, min_errors
 from layers.conv import ShortConv
-from layers.delta_net import DeltaNetCache
+from layers.delta_net import DeltaNet, DeltaNetCache
 from layers.delta_rule import decay_init, l2_normalize, log_decay, recurrent_step
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
@@ -86,26 +85,16 @@ class KDA(nnx.Module):
 
     @staticmethod
     def check_config(cfg, args: KDAArgs, name: str) -> list[str]:
-        """Problems with these settings, one line each (empty when fine)."""
-        p = f"model.mixer_args.{name}"
-        n_heads = cfg.n_heads if args.n_heads is None else args.n_heads
-        errs = head_errors(p, n_heads, head_dim=args.head_dim, width=cfg.d_model, null_ok=True,
-                           hint=f" (or set {p}.head_dim)")
-        kd = args.head_dim or cfg.d_model // max(n_heads, 1)
-        if not errs and kd >= 1 and int(kd * args.expand_v) < 1:
-            errs.append(f"{p}.expand_v={args.expand_v} gives a value dim < 1 (key dim {kd})")
+        """Problems with these settings, one line each (empty when fine): DeltaNet's (heads,
+        widths, conv, chunk), then the gate rank."""
+        errs = DeltaNet.check_config(cfg, args, name)
         if args.gate_rank is not None and args.gate_rank < 1:
-            errs.append(f"{p}.gate_rank must be >= 1 or null (the value dim); "
-                        f"got {args.gate_rank}")
-        return errs + min_errors(p, args, "conv_width", "chunk_size")
+            errs.append(f"model.mixer_args.{name}.gate_rank must be >= 1 or null (the value "
+                        f"dim); got {args.gate_rank}")
+        return errs
 
-    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> DeltaNetCache:
-        del max_len          # the memory is a fixed [K, V] matrix per head
-        h, kd, vd = self.n_heads, self.key_dim, self.value_dim
-        return DeltaNetCache(state=jnp.zeros((batch_size, h, kd, vd), jnp.float32),
-                             q_conv=self.q_conv.init_cache(batch_size, dtype),
-                             k_conv=self.k_conv.init_cache(batch_size, dtype),
-                             v_conv=self.v_conv.init_cache(batch_size, dtype))
+    # The same cache as DeltaNet's: state [B, H, K, V] float32 and the q / k / v conv tails.
+    init_cache = DeltaNet.init_cache
 
     def _decay(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> g [B, T, H, K] float32 log decays -exp(A_log) softplus(f + dt_bias)."""
