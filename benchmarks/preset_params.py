@@ -41,7 +41,8 @@ def describe(path: Path, context: int) -> dict:
     embed = _size(nnx.state(model.embed, nnx.Param)) + (
         0 if cfg.tie_embeddings else _size(nnx.state(model.head, nnx.Param)))
     mixer = sum(_size(nnx.state(b.mixer, nnx.Param)) for b in model.blocks) / cfg.n_layers
-    mlp = sum(_size(nnx.state(b.mlp, nnx.Param)) for b in model.blocks) / cfg.n_layers
+    mlp = sum(_size(nnx.state(b.mlp, nnx.Param)) for b in model.blocks
+              if b.mlp is not None) / cfg.n_layers
     # Built again inside eval_shape: some caches start from parameters (Titans MAG prefills its
     # persistent tokens), which the abstract `model` above cannot give values to.
     cache = jax.eval_shape(lambda: build_model(cfg).init_cache(1, context, jnp.bfloat16))

@@ -49,8 +49,9 @@ def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> 
 def check_model_shape(m: ModelConfig) -> None:
     """Positive sizes; heads dividing the width, key/value heads dividing the heads."""
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len", "n_kv_heads",
-                "head_dim", "d_ff"):
+                "head_dim"):
         _positive(f"model.{key}", getattr(m, key))
+    _positive("model.d_ff", m.d_ff, allow_zero=True)       # 0: blocks without an MLP
     _positive("model.init_std", m.init_std)
     if m.head_dim is None and m.d_model % m.n_heads:
         raise ConfigError(

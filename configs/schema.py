@@ -47,7 +47,8 @@ class ModelConfig:
     mixers: tuple[str, ...] = ("attn",)
     # Per-mixer settings, keyed by mixer name; validated against the mixer's own Args class.
     mixer_args: dict = dataclasses.field(default_factory=dict)
-    # None: the SwiGLU hidden width is 8/3 d_model rounded up to a multiple of 64.
+    # None: the SwiGLU hidden width is 8/3 d_model rounded up to a multiple of 64. 0: no MLP
+    # sublayer, each block is norm -> mixer -> residual only (the Mamba / Mamba-2 papers' stack).
     d_ff: int | None = None
     max_len: int = 2048
     tie_embeddings: bool = True

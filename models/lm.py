@@ -60,10 +60,12 @@ class Block(nnx.Module):
         self.mixer_name = mixer_name
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_mixer(cfg, mixer_name, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.resolved_d_ff, dtype=jnp.dtype(cfg.dtype),
-                          init_std=cfg.init_std,
-                          out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers), rngs=rngs)
+        # d_ff 0: a mixer-only block (Mamba-2's stack); no MLP parameters at all.
+        has_mlp = cfg.resolved_d_ff > 0
+        self.mlp_norm = nnx.data(RMSNorm(cfg.d_model, eps=cfg.norm_eps) if has_mlp else None)
+        self.mlp = nnx.data(SwiGLU(
+            cfg.d_model, cfg.resolved_d_ff, dtype=jnp.dtype(cfg.dtype), init_std=cfg.init_std,
+            out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers), rngs=rngs) if has_mlp else None)
 
     def __call__(self, x, *, positions, cache=None, segment_ids=None):
         """-> (x, cache, aux): aux is the mixer's auxiliary training loss (float32 scalar) when
@@ -76,7 +78,8 @@ class Block(nnx.Module):
         if isinstance(self.mixer, MixerWithAuxLoss):
             aux = self.mixer.aux_loss(h, segment_ids=segment_ids)
         x = x + y
-        x = x + self.mlp(self.mlp_norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
         return x, cache, aux
 
 

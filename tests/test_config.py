@@ -88,6 +88,8 @@ def test_saved_config_reloads_identically(tmp_path):
     ("data.seq_len=512", r"data.seq_len=512 exceeds model.max_len=256"),
     ("data.kind=bytes", r"data.path is required"),
     ("train.steps=0", r"train.steps must be > 0"),
+    ("model.d_ff=-1", r"model.d_ff must be >= 0, got -1"),
+    ("model.d_ff=0", None),
     ("model.mixer_args.nope.window=3", r"unknown config key 'model.mixer_args.nope'"),
 ])
 def test_bad_input_is_one_clear_line(override, pattern):

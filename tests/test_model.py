@@ -68,6 +68,24 @@ def test_tied_embeddings_share_the_table():
     assert tied.head is None
 
 
+def test_d_ff_zero_builds_mixer_only_blocks():
+    """model.d_ff 0 (Mamba-2's stack): no MLP parameters, and the same function as a model whose
+    MLPs output zero (their down-projections zeroed), from the same initial mixers."""
+    with_mlp = build_model(_cfg("model.dtype=float32"), seed=3)
+    without = build_model(_cfg("model.dtype=float32", "model.d_ff=0"), seed=3)
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    d, f = 32, with_mlp.blocks[0].mlp.down.kernel.shape[0]
+    assert count(with_mlp) - count(without) == 3 * (3 * d * f + d)   # SwiGLU + its norm
+    assert all(b.mlp is None and b.mlp_norm is None for b in without.blocks)
+    for a, b in zip(with_mlp.blocks, without.blocks):
+        nnx.update(b.mixer, nnx.state(a.mixer))
+        a.mlp.down.kernel[...] = jnp.zeros_like(a.mlp.down.kernel[...])
+    nnx.update(without.embed, nnx.state(with_mlp.embed))
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 64)
+    np.testing.assert_array_equal(np.asarray(without(tokens)[0]),
+                                  np.asarray(with_mlp(tokens)[0]))
+
+
 def test_causality_future_tokens_do_not_change_past_logits():
     model = build_model(_cfg("model.dtype=float32"))
     a = jax.random.randint(jax.random.key(1), (1, 16), 0, 64)

@@ -17,7 +17,8 @@ from models.config_check import load_config
 from models.lm import build_model
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
-FAMILIES = ["attn", "gated_deltanet", "gdn_swa", "mla", "titans_mag", "mom", "kimi_linear"]
+FAMILIES = ["attn", "gated_deltanet", "gdn_swa", "mla", "titans_mag", "mom", "kimi_linear",
+            "mamba2"]
 SCALES = ["125m", "340m"]
 
 
