@@ -133,12 +133,12 @@ class DeltaNet(nnx.Module):
         return log_decay(self.a_proj(x).astype(jnp.float32), self.A_log[...],
                          self.dt_bias[...])
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array,
-                 cache: DeltaNetCache | None = None, segment_ids: jax.Array | None = None
-                 ) -> tuple[jax.Array, DeltaNetCache | None]:
-        """segment_ids: optional [B, T] packed-document ids (cache-free call): the convs and
-        the recurrent state restart at every document start (pallas_kernels/segments.py)."""
-        del positions
+    def _qkv_beta(self, x: jax.Array, cache: DeltaNetCache | None,
+                  segment_ids: jax.Array | None):
+        """The delta-rule layers' inputs (DeltaNet and KDA): q, k [B, T, H, K] L2-normalised
+        in the compute dtype, v [B, T, H, V] and beta [B, T, H] float32, each of q / k / v
+        through its short conv and SiLU; and the convs' new tails (q, k, v; None without a
+        cache)."""
         b, t, _ = x.shape
         h, kd, vd = self.n_heads, self.key_dim, self.value_dim
         conv_caches = (None,) * 3 if cache is None else (cache.q_conv, cache.k_conv,
@@ -151,7 +151,18 @@ class DeltaNet(nnx.Module):
         q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, kd), self.eps).astype(self.dtype)
         k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, kd), self.eps).astype(self.dtype)
         v = jax.nn.silu(v).reshape(b, t, h, vd)
-        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))     # [B, T, H]
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        return q, k, v, beta, (qc, kc, vc)
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array,
+                 cache: DeltaNetCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, DeltaNetCache | None]:
+        """segment_ids: optional [B, T] packed-document ids (cache-free call): the convs and
+        the recurrent state restart at every document start (pallas_kernels/segments.py)."""
+        del positions
+        b, t, _ = x.shape
+        h, kd, vd = self.n_heads, self.key_dim, self.value_dim
+        q, k, v, beta, (qc, kc, vc) = self._qkv_beta(x, cache, segment_ids)
         g = self._decay(x) if self.gated else None
         scale = kd ** -0.5
 

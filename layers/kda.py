@@ -32,7 +32,7 @@ from flax import nnx
 
 from layers.conv import ShortConv
 from layers.delta_net import DeltaNet, DeltaNetCache
-from layers.delta_rule import decay_init, l2_normalize, log_decay, recurrent_step
+from layers.delta_rule import decay_init, log_decay, recurrent_step
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from pallas_kernels.backends import LinearBackend
@@ -93,8 +93,10 @@ class KDA(nnx.Module):
                         f"dim); got {args.gate_rank}")
         return errs
 
-    # The same cache as DeltaNet's: state [B, H, K, V] float32 and the q / k / v conv tails.
+    # The same cache as DeltaNet's: state [B, H, K, V] float32 and the q / k / v conv tails;
+    # the same q / k / v / beta preamble (convs, SiLU, L2-normalised q and k).
     init_cache = DeltaNet.init_cache
+    _qkv_beta = DeltaNet._qkv_beta
 
     def _decay(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> g [B, T, H, K] float32 log decays -exp(A_log) softplus(f + dt_bias)."""
@@ -111,16 +113,7 @@ class KDA(nnx.Module):
         del positions
         b, t, _ = x.shape
         h, kd, vd = self.n_heads, self.key_dim, self.value_dim
-        conv_caches = (None,) * 3 if cache is None else (cache.q_conv, cache.k_conv,
-                                                         cache.v_conv)
-        seg = dict(segment_ids=segment_ids)
-        q, qc = self.q_conv(self.q_proj(x), conv_caches[0], **seg)
-        k, kc = self.k_conv(self.k_proj(x), conv_caches[1], **seg)
-        v, vc = self.v_conv(self.v_proj(x), conv_caches[2], **seg)
-        q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, kd), self.eps).astype(self.dtype)
-        k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, kd), self.eps).astype(self.dtype)
-        v = jax.nn.silu(v).reshape(b, t, h, vd)
-        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))     # [B, T, H]
+        q, k, v, beta, (qc, kc, vc) = self._qkv_beta(x, cache, segment_ids)
         g = self._decay(x)                                              # [B, T, H, K]
         scale = kd ** -0.5
 
