@@ -25,6 +25,7 @@ from layers.kda import KDA, KDAArgs
 from layers.mamba2 import Mamba2, Mamba2Args
 from layers.mla import MLA, MLAArgs
 from layers.mom import MoM, MoMArgs
+from layers.nsa import NSA, NSAArgs
 from layers.parallel import Parallel, ParallelArgs
 from layers.titans import TitansArgs, TitansMemory
 from layers.titans_variants import TitansMAC, TitansMACArgs, TitansMAG, TitansMAGArgs
@@ -88,6 +89,8 @@ MIXERS: dict[str, MixerSpec] = {
     "ccgqa": MixerSpec(CCA, CCAArgs(n_kv_heads=2)),
     # -- mla (layers/mla.py) --
     "mla": MixerSpec(MLA, MLAArgs()),
+    # -- nsa: native sparse attention (layers/nsa.py) --
+    "nsa": MixerSpec(NSA, NSAArgs()),
     # -- mom (layers/mom.py) --
     "mom": MixerSpec(MoM, MoMArgs()),
     # -- titans (layers/titans.py) --

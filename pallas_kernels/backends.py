@@ -51,6 +51,7 @@ LinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pal
                         "deltanet_tpu", "jla"]
 AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash", "cudnn", "tokamax"]
 TitansBackend = Literal["auto", "reference", "xla"]
+NSABackend = Literal["auto", "reference", "xla"]
 
 _OURS = tuple(b for b in get_args(OwnLinearBackend) if b != "auto")
 # The ops each library covers: deltanet-tpu's chunk_gdn / chunk_delta_rule / chunk_gla (GLA with
@@ -63,6 +64,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "linear_attention": _OURS,
     **{op: (*_OURS, "deltanet_tpu", "jla") for op in _LIBRARY_LINEAR_OPS},
     "titans_memory": tuple(b for b in get_args(TitansBackend) if b != "auto"),
+    "nsa": tuple(b for b in get_args(NSABackend) if b != "auto"),
 }
 
 # The platform a kernel backend compiles for ("pallas" means the target platform's own).
@@ -126,6 +128,8 @@ AUTO: dict[str, dict[str, AutoChoice]] = {
        for op in _LIBRARY_LINEAR_OPS},
     "titans_memory": {p: AutoChoice("xla", "the chunked form; Titans has no kernel yet")
                       for p in PLATFORMS},
+    "nsa": {p: AutoChoice("xla", "the gathered form (cost n l' + w + T / d per query); NSA "
+                          "has no kernel yet") for p in PLATFORMS},
 }
 
 # Where a call that is never differentiated (inside `forward_only()`: prefill, evaluation) is

@@ -24,6 +24,9 @@ VOCAB = 64
 CHUNKED = {"gla", "deltanet", "gated_deltanet", "mom", "titans", "titans_mac", "titans_mag"}
 # Windows and segments shorter than the documents, so the packed row must restart them.
 EXTRA = {"titans_mag": ["model.mixer_args.titans_mag.window=4"],
+         "nsa": [f"model.mixer_args.nsa.{k}={v}" for k, v in dict(
+             cmp_block=4, cmp_stride=2, block_size=4, block_count=3, window=4,
+             query_chunk=8).items()],
          "titans_mac": ["model.mixer_args.titans_mac.segment_length=8"]}
 # float32: the packed and the per-document forward sum in other orders (chunk boundaries fall
 # elsewhere); measured <= 2.0e-7 on logits and 3.2e-7 on parameter gradients (deltanet). A

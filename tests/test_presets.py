@@ -18,7 +18,7 @@ from models.lm import build_model
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
 FAMILIES = ["attn", "gated_deltanet", "gdn_swa", "mla", "titans_mag", "mom", "kimi_linear",
-            "mamba2"]
+            "mamba2", "nsa"]
 SCALES = ["125m", "340m"]
 
 
