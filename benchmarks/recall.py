@@ -98,7 +98,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "gated_deltanet": ("gated_deltanet.yaml", None, "Gated DeltaNet"),
     "kda": ("kda.yaml", None, "KDA"),
     "mamba2": ("mamba2.yaml", None, "Mamba-2"),
-    "hybrid_heads": ("hybrid_heads.yaml", None, "hybrid heads (swa | mamba2, gated_deltanet)"),
+    "hybrid_heads": ("hybrid_heads.yaml", None, "hybrid heads (swa + mamba2 in one layer, gated_deltanet)"),
     "mom": ("mom.yaml", None, "MoM (4 memories, top-2, shared)"),
     "titans": ("titans_mag.yaml", None, "Titans MAG"),
     "mla": ("mla.yaml", None, "MLA"),
