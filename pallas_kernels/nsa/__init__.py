@@ -134,5 +134,8 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, k_cmp=None, v_cmp=None, cmp_block: int 
     if segment_ids is not None:
         o = jnp.where((segment_ids != 0)[..., None, None], o, 0.0)
     o = o.astype(q.dtype)
+    if blocks.shape[-1] < block_count:      # fewer blocks in the row than n: unused places
+        blocks = jnp.pad(blocks, [(0, 0)] * 3 + [(0, block_count - blocks.shape[-1])],
+                         constant_values=-1)
     return (o, blocks) if return_block_indices else o
 

@@ -182,8 +182,8 @@ def block_scores(probs: jax.Array, first: jax.Array, tk: int, g: Geometry) -> ja
 def select_blocks(probs: jax.Array, t: jax.Array, slots: Slots, tk: int,
                   g: Geometry) -> jax.Array:
     """Eq. 11: the blocks each query reads. probs [B, Tq, H, G, C] (compressed_attention's),
-    t [B, Tq] the queries' key indices -> [B, Tq, H, n] int32 document-relative block numbers,
-    -1 for an unused place (a document with fewer than n blocks so far). The first block and
+    t [B, Tq] the queries' key indices -> [B, Tq, H, min(n, NB)] int32 document-relative block
+    numbers, -1 for an unused place (a document with fewer than n blocks so far). The first block and
     the local ones come first, then the rest by score (ties: the lower block)."""
     first = jnp.take_along_axis(slots.first, t, axis=1)
     start = jnp.take_along_axis(slots.doc_start, t, axis=1)
@@ -194,9 +194,6 @@ def select_blocks(probs: jax.Array, t: jax.Array, slots: Slots, tk: int,
     candidate = j <= current
     forced = (j == 0) | (j == current) | (j == current - 1)
     ranked = jnp.where(forced, jnp.inf, jnp.where(candidate, scores, NEG))
-    n = min(g.block_count, nb)
+    n = min(g.block_count, nb)          # a row shorter than n blocks has fewer places
     top, blocks = jax.lax.top_k(ranked, n)
-    blocks = jnp.where(top > NEG, blocks, -1).astype(jnp.int32)
-    if n < g.block_count:
-        blocks = jnp.pad(blocks, [(0, 0)] * 3 + [(0, g.block_count - n)], constant_values=-1)
-    return blocks
+    return jnp.where(top > NEG, blocks, -1).astype(jnp.int32)

@@ -67,11 +67,12 @@ def _chunk(q, gates, t, seg_q, k, v, k_cmp, v_cmp, slots: Slots, g: Geometry, sc
     idx = start[..., None] + blocks[..., None] * g.block_size + jnp.arange(g.block_size)
     valid = (blocks[..., None] >= 0) & (idx <= tq[..., None])
     b, qc = t.shape
-    shape = (b, qc, h, g.block_count * g.block_size)
+    shape = (b, qc, h, blocks.shape[-1] * g.block_size)
     o_slc = gathered_branch(q, k, v, idx.reshape(shape), valid.reshape(shape), scale)
-    # Window branch: keys t - w + 1 .. t of t's document.
-    idx = tq - g.window + 1 + jnp.arange(g.window)
-    valid = jnp.broadcast_to(idx >= start, (b, qc, h, g.window))
+    # Window branch: keys t - w + 1 .. t of t's document (no more than the row's keys).
+    w = min(g.window, tk)
+    idx = tq - w + 1 + jnp.arange(w)
+    valid = jnp.broadcast_to(idx >= start, (b, qc, h, w))
     o_swa = gathered_branch(q, k, v, jnp.broadcast_to(idx, valid.shape), valid, scale)
     gates = gates.astype(jnp.float32)[..., None]
     o = gates[..., 0, :] * o_cmp + gates[..., 1, :] * o_slc + gates[..., 2, :] * o_swa
