@@ -100,9 +100,6 @@ _CHUNKED_ON_CPU = "measured (benchmarks/ops.py): chunked fwd+bwd beats the token
 _UNMEASURED_KERNEL = ("our Pallas kernel is lowered in CI but has not run on a device, so the "
                       "XLA form stays the default")
 _SCAN_ON_CPU = "measured (benchmarks/ops.py): the token scan's forward beats chunked"
-# kda is not in the measured ops table yet: its choices follow its kin (GLA's per-channel
-# decays, the gated delta rule's solve), whose chunked forms win fwd+bwd and lose fwd alone.
-_KDA_ON_CPU = "kda not timed yet: as GLA and the gated delta rule (benchmarks/ops.py)"
 
 _DELTANET_TPU = ("deltanet-tpu's Pallas TPU kernels (fused intra-chunk work, forward and "
                  "backward), by its authors' TPU numbers; not measured by us; else xla")
@@ -122,7 +119,7 @@ AUTO: dict[str, dict[str, AutoChoice]] = {
     "linear_attention": {"cpu": AutoChoice("xla", _CHUNKED_ON_CPU),
                          "gpu": AutoChoice("xla", _UNMEASURED_KERNEL),
                          "tpu": AutoChoice("xla", _UNMEASURED_KERNEL)},
-    **{op: {"cpu": AutoChoice("xla", _KDA_ON_CPU if op == "kda" else _CHUNKED_ON_CPU),
+    **{op: {"cpu": AutoChoice("xla", _CHUNKED_ON_CPU),
             "gpu": AutoChoice("jla", _JLA, fallback="xla"),
             "tpu": AutoChoice("deltanet_tpu", _DELTANET_TPU, fallback="xla")}
        for op in _LIBRARY_LINEAR_OPS},
@@ -135,7 +132,7 @@ AUTO: dict[str, dict[str, AutoChoice]] = {
 # Where a call that is never differentiated (inside `forward_only()`: prefill, evaluation) is
 # better served by another backend than training is; missing entries fall back to AUTO.
 AUTO_FORWARD: dict[str, dict[str, AutoChoice]] = {
-    op: {"cpu": AutoChoice("reference", _KDA_ON_CPU if op == "kda" else _SCAN_ON_CPU)}
+    op: {"cpu": AutoChoice("reference", _SCAN_ON_CPU)}
     for op in _LINEAR_OPS
 }
 
