@@ -14,7 +14,8 @@ Names (an op takes the subset OP_BACKENDS lists for it):
     "deltanet_tpu", "jla", "tokamax"
                   the field's kernel libraries behind our signatures (pallas_kernels/libraries):
                   deltanet-tpu's Pallas TPU delta rules and GLA, jax-linear-attention's Mosaic
-                  GPU (Hopper) kernels, tokamax's attention kernels (Mosaic TPU / GPU, Triton).
+                  GPU (Hopper) kernels, tokamax's attention kernels (Mosaic TPU / GPU, Triton)
+                  and its KDA (Mosaic TPU).
     "auto"        AUTO[op][platform] below.
 
 A kernel library's backend is one more name: a line in OP_BACKENDS for each op it covers, its
@@ -48,7 +49,7 @@ import jax
 # linear_attention (Based) takes our backends only: no kernel library has it.
 OwnLinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu"]
 LinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu",
-                        "deltanet_tpu", "jla"]
+                        "deltanet_tpu", "jla", "tokamax"]      # tokamax: kda only
 AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash", "cudnn", "tokamax"]
 TitansBackend = Literal["auto", "reference", "xla"]
 NSABackend = Literal["auto", "reference", "xla"]
@@ -63,6 +64,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "attention": tuple(b for b in get_args(AttentionBackend) if b != "auto"),
     "linear_attention": _OURS,
     **{op: (*_OURS, "deltanet_tpu", "jla") for op in _LIBRARY_LINEAR_OPS},
+    "kda": (*_OURS, "deltanet_tpu", "jla", "tokamax"),     # tokamax.ops.kimi_delta_attention
     "titans_memory": tuple(b for b in get_args(TitansBackend) if b != "auto"),
     "nsa": tuple(b for b in get_args(NSABackend) if b != "auto"),
 }

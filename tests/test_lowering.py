@@ -153,6 +153,14 @@ def test_library_linear_op_lowers(backend, op):
         text[:2000])
 
 
+def test_tokamax_kda_lowers_for_tpu():
+    """tokamax's KDA Mosaic TPU kernel, forward and backward, B4 T4096 H16 D128 bf16."""
+    needs("tokamax")
+    text = lowered_text(op_fwd_bwd("kda", "tokamax"), linear_op_args("kda", BENCH, jnp.bfloat16),
+                        "tpu")
+    assert len(re.findall(re.escape("custom_call @tpu_custom_call"), text)) >= 2, text[:2000]
+
+
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 @pytest.mark.parametrize("t,window,packed", [(4096, None, False), (16384, 1024, False),
                                              (4096, 1024, True)])

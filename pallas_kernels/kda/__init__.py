@@ -6,7 +6,8 @@ Shape legend: B batch, T time, H heads, K key dim, V value dim.
 Backends (pallas_kernels/backends.py): "reference" (token-by-token lax.scan, reference.py),
 "xla" (chunkwise gated WY form with per-channel decays, xla.py), "pallas" (the same with the
 state sweep in a Pallas kernel: pallas_kernels/state_passing), the kernel libraries
-"deltanet_tpu" (chunk_kda, TPU) and "jla" (jax-linear-attention's KDA kernels, Hopper)
+"deltanet_tpu" (chunk_kda, TPU), "jla" (jax-linear-attention's KDA kernels, Hopper) and
+"tokamax" (tokamax.ops.kimi_delta_attention: Mosaic TPU; no packed documents)
 (pallas_kernels/libraries); "auto" per platform from backends.AUTO. Arguments follow
 flash-linear-attention's chunk_kda.
 """
@@ -41,7 +42,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
         output_final_state: whether to return the final state.
         chunk_size: chunk length of the chunked backends (ignored by "reference").
         backend: a name of pallas_kernels/backends.py for this op ("auto", "reference", "xla",
-            "pallas", "pallas_gpu", "pallas_tpu", "deltanet_tpu", "jla").
+            "pallas", "pallas_gpu", "pallas_tpu", "deltanet_tpu", "jla", "tokamax").
         precision: matmul operands of the chunked backends (pallas_kernels/precision.py):
             "highest" (float32), "bf16" (bf16 operands, float32 accumulation), or "auto".
         segment_ids: optional [B, T] int ids of packed documents (0 = padding, documents from

@@ -182,9 +182,10 @@ def block_scores(probs: jax.Array, first: jax.Array, tk: int, g: Geometry) -> ja
 def select_blocks(probs: jax.Array, t: jax.Array, slots: Slots, tk: int,
                   g: Geometry) -> jax.Array:
     """Eq. 11: the blocks each query reads. probs [B, Tq, H, G, C] (compressed_attention's),
-    t [B, Tq] the queries' key indices -> [B, Tq, H, min(n, NB)] int32 document-relative block
-    numbers, -1 for an unused place (a document with fewer than n blocks so far). The first block and
-    the local ones come first, then the rest by score (ties: the lower block)."""
+    t [B, Tq] the queries' key indices -> [B, Tq, H, min(n, NB)] int32 document-relative
+    block numbers, -1 for an unused place (a document with fewer than n blocks so far). The
+    first block and the local ones come first, then the rest by score (ties: the lower
+    block)."""
     first = jnp.take_along_axis(slots.first, t, axis=1)
     start = jnp.take_along_axis(slots.doc_start, t, axis=1)
     scores = block_scores(jax.lax.stop_gradient(probs), first, tk, g)
