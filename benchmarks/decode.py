@@ -15,7 +15,9 @@ Families (``--families``), each one layer of the registered mixer at ``--d_model
   ``mla`` (benchmarks/cache.py's DeepSeek-ratio latent: 2 head dims + half a head of RoPE
   key), ``cca`` (compression 4, as cache.py),
   ``gated_deltanet``, ``gla``, ``based``, ``mom`` (4 memories, top-2, shared) and
-  ``titans_mag`` (window ``--window``): configs/base.yaml settings otherwise.
+  ``titans_mag`` (window ``--window``), ``kda``, ``mamba2`` and ``nsa`` (window ``--window``,
+  the paper's blocks: a decode step reads C + n l' + w keys): configs/base.yaml settings
+  otherwise.
 
 For each context L in ``--contexts``, the layer's cache (``init_cache(batch, L + repeats + 4)``
 slots) is filled with L tokens by a chunked prefill through the layer itself, as
@@ -60,7 +62,7 @@ if str(ROOT / "benchmarks") not in sys.path:
 from common import add_runner_flags, load_bench, run_child, save_results, settings_of, strip_flags  # noqa: E402
 
 FAMILY_NAMES = ["attn", "swa", "swa_concat", "gated_deltanet", "gla", "based", "mla", "cca", "mom",
-                "titans_mag", "kda", "mamba2"]
+                "titans_mag", "kda", "mamba2", "nsa"]
 
 
 def families(d_model: int, n_heads: int, window: int) -> dict[str, tuple[str, dict]]:
@@ -80,6 +82,7 @@ def families(d_model: int, n_heads: int, window: int) -> dict[str, tuple[str, di
         "titans_mag": ("titans_mag", {"window": window}),
         "kda": ("kda", {}),
         "mamba2": ("mamba2", {}),
+        "nsa": ("nsa", {"window": window}),
     }
 
 

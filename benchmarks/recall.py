@@ -98,10 +98,12 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "gated_deltanet": ("gated_deltanet.yaml", None, "Gated DeltaNet"),
     "kda": ("kda.yaml", None, "KDA"),
     "mamba2": ("mamba2.yaml", None, "Mamba-2"),
-    "hybrid_heads": ("hybrid_heads.yaml", None, "hybrid heads (swa + mamba2 in one layer, gated_deltanet)"),
+    "hybrid_heads": ("hybrid_heads.yaml", None,
+                     "hybrid heads (swa + mamba2 in one layer, gated_deltanet)"),
     "mom": ("mom.yaml", None, "MoM (4 memories, top-2, shared)"),
     "titans": ("titans_mag.yaml", None, "Titans MAG"),
     "mla": ("mla.yaml", None, "MLA"),
+    "nsa": ("nsa.yaml", None, "NSA (4 of 8 blocks, window 8)"),
 }
 DEFAULT_FAMILIES = list(FAMILIES)
 
@@ -151,6 +153,12 @@ def overrides_for(a, mixers: tuple[str, ...], width: int, n_heads: int,
                      f"model.mixer_args.mla.qk_nope_head_dim={head}",
                      f"model.mixer_args.mla.qk_rope_head_dim={max(2, head // 2 // 2 * 2)}",
                      f"model.mixer_args.mla.v_head_dim={head}"]
+        if m == "nsa" and m in mixers:  # blocks for --seq_len rows: 8 blocks, half of them read
+            block = max(2, a.seq_len // 8 // 2 * 2)
+            over += [f"model.mixer_args.nsa.cmp_block={block}",
+                     f"model.mixer_args.nsa.cmp_stride={block // 2}",
+                     f"model.mixer_args.nsa.block_size={block}",
+                     "model.mixer_args.nsa.block_count=4"]
     return over + list(a.set)
 
 
