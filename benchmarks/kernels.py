@@ -25,6 +25,8 @@ gates, exps, masks and other elementwise work not counted; causal masks not disc
     delta rules:     the above + 2 C^2 K (A = K K^T) + C^2 (K + V) (forward substitution for
                    W and U, both right-hand sides) + 2 C K V (the W S read of the new values)
     forward+backward is counted as 3x forward (not modelled separately).
+NSA rows (pallas_kernels/nsa, the paper's blocks) sit beside attention at each --attn_T, in a
+table of their own against the fastest full-causal attention backend (--skip_nsa: none).
 Attention (useful FLOPs: visible query-key pairs only, whatever a backend computes): forward
 4 B H D * pairs, pairs = T (T + 1) / 2 full causal or sum_t min(t + 1, window); forward+backward
 as 3.5x forward (FlashAttention-2's count: backward = 2.5 forward). The dense "xla" backend
@@ -257,7 +259,40 @@ def run_attention(a) -> list[dict]:
     rows = []
     for t in a.attn_T:
         rows += _run_attention_at(a, attention, t)
+        if not a.skip_nsa:
+            rows.append(_run_nsa_at(a, t))
     return rows
+
+
+def _run_nsa_at(a, t: int) -> dict:
+    """NSA's op (pallas_kernels/nsa, the paper's blocks: compressed 32 / 16, 16 blocks of 64,
+    window 512) at the attention rows' shape, forward and forward+backward; its row beside
+    the full-causal attention rows of the same T."""
+    from pallas_kernels.nsa import nsa
+
+    b, h, hkv, d = 1, a.attn_heads, a.attn_kv_heads, a.attn_head_dim
+    rng = np.random.default_rng(1)
+    dt = jnp.dtype(a.dtype)
+    q, ct = (jnp.asarray(rng.standard_normal((b, t, h, d)), dt) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, t, hkv, d)), dt) for _ in range(2))
+    gates = [jnp.full((b, t, h), 0.5, jnp.float32)] * 3
+    row = {"backend": "nsa (xla)", "T": t, "B": b, "H": h, "Hkv": hkv, "D": d, "note": ""}
+
+    def fwd(q, k, v):
+        return nsa(q, k, v, *gates, backend="xla", window=512)
+
+    def loss(q, k, v, c):
+        return jnp.sum(fwd(q, k, v).astype(jnp.float32) * c.astype(jnp.float32))
+
+    try:
+        row["fwd_ms"] = 1e3 * time_jax(jax.jit(fwd), q, k, v, repeats=a.repeats)
+        row["fwd_bwd_ms"] = 1e3 * time_jax(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
+                                           q, k, v, ct, repeats=a.repeats)
+    except Exception as e:
+        row["note"] = _error(e)
+    print(f"  nsa (xla)  T={t}: fwd {_ms(row.get('fwd_ms'))} ms, fwd+bwd "
+          f"{_ms(row.get('fwd_bwd_ms'))} ms {row['note']}", flush=True)
+    return row
 
 
 def _run_attention_at(a, attention, t: int) -> list[dict]:
@@ -315,6 +350,8 @@ def tables(rows: list[dict], attn: list[dict], a, header: str) -> str:
         lines.append(f"| {r['op']} | {r['backend']} | {r['shape']} | {r['dtype']} | "
                      f"{_ms(r['fwd_ms'])} | {_ms(r['fwd_bwd_ms'])} | {_g(r['fwd_tflops'])} | "
                      f"{_g(r['fwd_bwd_tflops'])} | {ratio} | {note.replace('|', '/')} |")
+    nsa_rows = [r for r in attn if r["backend"] == "nsa (xla)"]
+    attn = [r for r in attn if r["backend"] != "nsa (xla)"]
     if attn:
         r0 = attn[0]
         lines += ["", f"Attention, B={r0['B']} H={r0['H']} Hkv={r0['Hkv']} "
@@ -335,6 +372,26 @@ def tables(rows: list[dict], attn: list[dict], a, header: str) -> str:
         if jax.default_backend() == "gpu":
             lines += ["", "Target (T=16384, window 1024, GPU): window >= 5x faster than full "
                       f"causal; here window {r0['window']}."]
+    if nsa_rows:
+        lines += ["", "NSA (pallas_kernels/nsa, XLA gathered form; compressed 32 / 16, 16 blocks "
+                  "of 64, window 512, gates 0.5) vs the fastest full-causal attention row of "
+                  "the same T (NSA / attention < 1: NSA faster):", "",
+                  "| T | NSA fwd ms | NSA fwd+bwd ms | fastest full attention | its fwd ms | "
+                  "its fwd+bwd ms | NSA / attention fwd | NSA / attention fwd+bwd | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in nsa_rows:
+            same = [x for x in attn if x["T"] == r["T"] and x.get("full_fwd_bwd_ms")]
+            best = min(same, key=lambda x: x["full_fwd_bwd_ms"]) if same else None
+            ratio = lambda key, full, r=r, best=best: (  # noqa: E731
+                "-" if best is None or r.get(key) is None or not best.get(full)
+                else f"{r[key] / best[full]:.2f}")
+            lines.append(
+                f"| {r['T']} | {_ms(r.get('fwd_ms'))} | {_ms(r.get('fwd_bwd_ms'))} | "
+                f"{best['backend'] if best else '-'} | "
+                f"{_ms(best['full_fwd_ms']) if best else '-'} | "
+                f"{_ms(best['full_fwd_bwd_ms']) if best else '-'} | "
+                f"{ratio('fwd_ms', 'full_fwd_ms')} | {ratio('fwd_bwd_ms', 'full_fwd_bwd_ms')} | "
+                f"{r['note'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -370,6 +427,7 @@ def plot(rows: list[dict], attn: list[dict], shapes: list[str], path: Path, titl
         ax.set_title(f"{shape} (BxTxHxK)")
         ax.set_ylabel("fwd+bwd ms")
         ax.legend()
+    attn = [r for r in attn if r["backend"] != "nsa (xla)"]      # NSA: its own table only
     if attn:
         ax = axes[0][-1]
         xs = range(len(attn))
@@ -406,6 +464,7 @@ def main(argv=None) -> int:
                    help="default: auto and each explicit backend of the platform")
     p.add_argument("--attn_T", type=int, nargs="+", help="default 16384 (CPU 4096)")
     p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--skip_nsa", action="store_true", help="no NSA rows beside attention")
     p.add_argument("--attn_heads", type=int, help="default 16 (CPU 4)")
     p.add_argument("--attn_kv_heads", type=int, help="default attn_heads // 4")
     p.add_argument("--attn_head_dim", type=int, help="default 128 (CPU 64)")

@@ -64,6 +64,14 @@ from common import add_runner_flags, run_child, save_results, settings_of, strip
 # name -> (mixers, extra dotted overrides, label)
 MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "gqa_window": (("swa",), ("model.n_kv_heads=2",), "GQA (2 kv heads), sliding window"),
+    "gqa_full": (("attn",), ("model.n_kv_heads=2",), "GQA (2 kv heads), full attention"),
+    # NSA's blocks for 64-token training rows (the paper's are for 8k-64k): compressed tokens of
+    # 8 keys every 4, 4 blocks of 8 read per query, a 16-token window, so a needle further back
+    # than the window is reached through the compressed tokens and the selected blocks only.
+    "nsa": (("nsa",), ("model.n_kv_heads=2", "model.mixer_args.nsa.window=16",
+                       "model.mixer_args.nsa.cmp_block=8", "model.mixer_args.nsa.cmp_stride=4",
+                       "model.mixer_args.nsa.block_size=8", "model.mixer_args.nsa.block_count=4"),
+            "NSA (2 kv heads; 4 blocks of 8, window 16)"),
     "gated_deltanet": (("gated_deltanet",), (), "Gated DeltaNet"),
     "titans_mag": (("titans_mag",), (), "Titans MAG (memory as a gate)"),
     "titans_mac": (("titans_mac",), (), "Titans MAC (memory as context)"),
