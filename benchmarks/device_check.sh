@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent GPU (H100/H200, Python 3.12, jax 0.11 with CUDA, torch and
-# triton installed, no network), about 8 minutes, all output in one folder:
+# triton installed, no network), about 9.5 minutes, all output in one folder:
 #   (a) kernel tests compiled on the GPU against the same references as on CPU: our Pallas
 #       kernels (state sweep, flash attention), jax-linear-attention's Mosaic GPU kernels in
 #       bf16 on packed rows, tokamax's attention and cuDNN's;
@@ -9,7 +9,8 @@
 #       behind our signature) / fla (flash-linear-attention's Triton) / flashqla (FlashQLA,
 #       Gated DeltaNet only), ms, TFLOP/s and each row over the fastest;
 #   (c) attention full causal vs window 1024 at T 4096 and 16384: auto / xla / flash / cudnn /
-#       tokamax;
+#       tokamax; NSA (its XLA gathered form, the paper's blocks) beside them at 16384 and 65536
+#       against the fastest full-causal backend;
 #   (d) train-step tokens/s of configs/presets/gdn_swa_125m.yaml at seq 4096: "auto" (what it
 #       picks on this GPU: jla and cuDNN on an H100) against everything on "xla".
 #
@@ -51,9 +52,13 @@ cat "$OUT/linear/kernels_gpu.md" 2>/dev/null | tee -a "$OUT/summary.txt" || tail
 
 echo "== (c) attention at T 4096 / 16384: full causal vs window 1024" | tee -a "$OUT/summary.txt"
 timeout 90 python3 benchmarks/kernels.py --skip_linear --attn_T 4096 16384 --window 1024 \
-  --attn_backends auto xla flash cudnn tokamax --dtype bfloat16 --repeats 5 \
+  --attn_backends auto xla flash cudnn tokamax --dtype bfloat16 --repeats 5 --skip_nsa \
   --out "$OUT/attention" > "$OUT/attention.log" 2>&1 || status=1
 cat "$OUT/attention/kernels_gpu.md" 2>/dev/null | tee -a "$OUT/summary.txt" || tail -20 "$OUT/attention.log"
+timeout 90 python3 benchmarks/kernels.py --skip_linear --attn_T 16384 65536 --window 1024 \
+  --attn_backends cudnn flash --dtype bfloat16 --repeats 3 \
+  --out "$OUT/nsa" > "$OUT/nsa.log" 2>&1 || status=1
+cat "$OUT/nsa/kernels_gpu.md" 2>/dev/null | tee -a "$OUT/summary.txt" || tail -20 "$OUT/nsa.log"
 
 echo "== (d) train step, gdn_swa_125m at seq 4096: auto vs xla" | tee -a "$OUT/summary.txt"
 timeout 110 python3 benchmarks/train_step.py configs/presets/gdn_swa_125m.yaml --seq_len 4096 \
