@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.attention import KVCache, write_cache
+from layers.attention import Attention, AttentionArgs, KVCache, write_cache
 from layers.cache import CacheBytes, refuse_segments_with_cache
-from layers.checks import head_errors, rope_errors
 from layers.projections import dense, output_projection, output_std, projection
 from layers.rope import apply_rope
 from pallas_kernels.backends import NSABackend
@@ -115,15 +114,11 @@ class NSA(nnx.Module):
 
     @staticmethod
     def check_config(cfg, args: NSAArgs, name: str) -> list[str]:
-        """Problems with these settings, one line each (empty when fine)."""
+        """Problems with these settings, one line each (empty when fine): the head layout and
+        RoPE as attention's, then the blocks."""
+        heads = AttentionArgs(n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, rope=args.rope)
+        errs = Attention.check_config(cfg, heads, name)
         p = f"model.mixer_args.{name}"
-        n_heads = args.n_heads or cfg.n_heads
-        n_kv = args.n_kv_heads or (cfg.resolved_kv_heads if args.n_heads is None else n_heads)
-        own_split = args.n_heads is not None and cfg.head_dim is None
-        errs = head_errors(p, n_heads, n_kv_heads=n_kv,
-                           width=cfg.d_model if own_split else None)
-        if args.rope:
-            errs += rope_errors(p, cfg.resolved_head_dim)
         errs += geometry_errors(p, Geometry(args.cmp_block, args.cmp_stride, args.block_size,
                                             args.block_count, args.window))
         if args.query_chunk < 1:
