@@ -508,8 +508,10 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(text)
     meta = {"platform": plat, "device": getattr(dev, "device_kind", "?"),
             "jax": jax.__version__, "argv": argv, "settings": vars(a)}
-    stem.with_suffix(".json").write_text(
-        json.dumps({**meta, "rows": rows, "attention": attn}, indent=1))
+    nsa_rows = [r for r in attn if r["backend"] == "nsa (xla)"]
+    stem.with_suffix(".json").write_text(json.dumps(
+        {**meta, "rows": rows, "attention": [r for r in attn if r not in nsa_rows],
+         "nsa": nsa_rows}, indent=1))
     plot(rows, attn, [] if a.skip_linear else a.shapes, stem.with_suffix(".png"),
          f"fwd+bwd time, {plat} ({meta['device']}), {a.dtype}")
     print(f"saved {stem}.md/.json/.png")

@@ -48,3 +48,6 @@ def test_kernels_benchmark_smoke(tmp_path, monkeypatch):
     for key in ("full_fwd_ms", "window_fwd_ms", "full_fwd_bwd_ms", "window_fwd_bwd_ms"):
         assert math.isfinite(attn[key]) and attn[key] > 0, (key, attn[key])
     assert attn["speedup_fwd_bwd"] > 0
+    (nsa,) = data["nsa"]                       # NSA's op beside attention at the same T
+    assert nsa["T"] == 128 and not nsa["note"], nsa
+    assert math.isfinite(nsa["fwd_bwd_ms"]) and nsa["fwd_bwd_ms"] > 0
