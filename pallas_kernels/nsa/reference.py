@@ -20,6 +20,7 @@ from pallas_kernels.nsa.selection import (
     Slots,
     compressed_attention,
     masked_softmax,
+    mix_branches,
     select_blocks,
     slot_visibility,
 )
@@ -56,6 +57,4 @@ def nsa_reference(q, k, v, k_cmp, v_cmp, gates, *, t, seg_q, slots: Slots, geome
     o_slc = dense_branch(q, k, v, chosen & causal[:, :, None], scale)
     in_window = causal & (key > t[:, :, None] - g.window)
     o_swa = dense_branch(q, k, v, jnp.broadcast_to(in_window[:, :, None], chosen.shape), scale)
-    gates = gates.astype(jnp.float32)[..., None]
-    o = gates[..., 0, :] * o_cmp + gates[..., 1, :] * o_slc + gates[..., 2, :] * o_swa
-    return o, blocks
+    return mix_branches(gates, o_cmp, o_slc, o_swa), blocks

@@ -198,3 +198,11 @@ def select_blocks(probs: jax.Array, t: jax.Array, slots: Slots, tk: int,
     n = min(g.block_count, nb)          # a row shorter than n blocks has fewer places
     top, blocks = jax.lax.top_k(ranked, n)
     return jnp.where(top > NEG, blocks, -1).astype(jnp.int32)
+
+
+def mix_branches(gates: jax.Array, o_cmp: jax.Array, o_slc: jax.Array,
+                 o_swa: jax.Array) -> jax.Array:
+    """Eq. 5's gated sum: gates [B, Tq, HQ, 3] (compressed, selected, window) and the three
+    branch outputs [B, Tq, HQ, V] -> [B, Tq, HQ, V] float32."""
+    g = gates.astype(jnp.float32)[..., None]
+    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_swa

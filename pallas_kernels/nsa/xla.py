@@ -25,6 +25,7 @@ from pallas_kernels.nsa.selection import (
     Slots,
     compressed_attention,
     masked_softmax,
+    mix_branches,
     select_blocks,
     slot_visibility,
 )
@@ -74,9 +75,7 @@ def _chunk(q, gates, t, seg_q, k, v, k_cmp, v_cmp, slots: Slots, g: Geometry, sc
     idx = tq - w + 1 + jnp.arange(w)
     valid = jnp.broadcast_to(idx >= start, (b, qc, h, w))
     o_swa = gathered_branch(q, k, v, jnp.broadcast_to(idx, valid.shape), valid, scale)
-    gates = gates.astype(jnp.float32)[..., None]
-    o = gates[..., 0, :] * o_cmp + gates[..., 1, :] * o_slc + gates[..., 2, :] * o_swa
-    return o, blocks
+    return mix_branches(gates, o_cmp, o_slc, o_swa), blocks
 
 
 def nsa_xla(q, k, v, k_cmp, v_cmp, gates, *, t, seg_q, slots: Slots, geometry: Geometry,
