@@ -2,15 +2,15 @@
 # The one prepared check for a lent GPU (H100/H200, Python 3.12, jax 0.11 with CUDA, torch and
 # triton installed, no network), about 9.5 minutes, all output in one folder:
 #   (a) kernel tests compiled on the GPU against the same references as on CPU: our Pallas
-#       kernels (state sweep, flash attention), jax-linear-attention's Mosaic GPU kernels in
+#       kernels (state sweep, flash attention, NSA's selected blocks), jax-linear-attention's Mosaic GPU kernels in
 #       bf16 on packed rows, tokamax's attention and cuDNN's;
 #   (b) every linear op at B4 T4096 H16 D128 and B1 T8192 H16 D128 bf16, forward and
 #       forward+backward, side by side: xla / pallas / jla (ours and the library's kernels
 #       behind our signature) / fla (flash-linear-attention's Triton) / flashqla (FlashQLA,
 #       Gated DeltaNet only), ms, TFLOP/s and each row over the fastest;
 #   (c) attention full causal vs window 1024 at T 4096 and 16384: auto / xla / flash / cudnn /
-#       tokamax; NSA (its XLA gathered form, the paper's blocks) beside them at 16384 and 65536
-#       against the fastest full-causal backend;
+#       tokamax; NSA (the paper's blocks; its XLA gathered form and its Pallas kernels) beside
+#       them at 16384 and 65536 against the fastest full-causal backend;
 #   (d) train-step tokens/s of configs/presets/gdn_swa_125m.yaml at seq 4096: "auto" (what it
 #       picks on this GPU: jla and cuDNN on an H100) against everything on "xla".
 #
@@ -40,7 +40,7 @@ status=0
 echo "== (a) kernel tests, compiled on the GPU" | tee "$OUT/summary.txt"
 timeout 100 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:benchmark -rs \
   tests/test_state_passing.py tests/test_op_pallas.py tests/test_attention_kernels.py \
-  tests/test_library_backends.py -k "not tpu and not splash and not deltanet_tpu" \
+  tests/test_library_backends.py tests/test_op_nsa_kernels.py -k "not tpu and not splash and not deltanet_tpu" \
   > "$OUT/kernel_tests.txt" 2>&1 || status=1
 tail -3 "$OUT/kernel_tests.txt" | tee -a "$OUT/summary.txt"
 

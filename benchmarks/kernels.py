@@ -26,7 +26,9 @@ gates, exps, masks and other elementwise work not counted; causal masks not disc
                    W and U, both right-hand sides) + 2 C K V (the W S read of the new values)
     forward+backward is counted as 3x forward (not modelled separately).
 NSA rows (pallas_kernels/nsa, the paper's blocks) sit beside attention at each --attn_T, in a
-table of their own against the fastest full-causal attention backend (--skip_nsa: none).
+table of their own against the fastest full-causal attention backend (--skip_nsa: none), one
+row per --nsa_backends form (default: the XLA gathered form, and the Pallas kernels on a GPU
+or TPU).
 Attention (useful FLOPs: visible query-key pairs only, whatever a backend computes): forward
 4 B H D * pairs, pairs = T (T + 1) / 2 full causal or sum_t min(t + 1, window); forward+backward
 as 3.5x forward (FlashAttention-2's count: backward = 2.5 forward). The dense "xla" backend
@@ -260,14 +262,24 @@ def run_attention(a) -> list[dict]:
     for t in a.attn_T:
         rows += _run_attention_at(a, attention, t)
         if not a.skip_nsa:
-            rows.append(_run_nsa_at(a, t))
+            rows += [_run_nsa_at(a, t, backend) for backend in _nsa_backends(a)]
     return rows
 
 
-def _run_nsa_at(a, t: int) -> dict:
+def _nsa_backends(a) -> list[str]:
+    if a.nsa_backends:
+        return a.nsa_backends
+    return ["xla", "pallas"] if jax.default_backend() in ("gpu", "tpu") else ["xla"]
+
+
+def _is_nsa(row: dict) -> bool:
+    return row["backend"].startswith("nsa (")
+
+
+def _run_nsa_at(a, t: int, backend: str) -> dict:
     """NSA's op (pallas_kernels/nsa, the paper's blocks: compressed 32 / 16, 16 blocks of 64,
-    window 512) at the attention rows' shape, forward and forward+backward; its row beside
-    the full-causal attention rows of the same T."""
+    window 512) at the attention rows' shape with `backend`, forward and forward+backward;
+    its row beside the full-causal attention rows of the same T."""
     from pallas_kernels.nsa import nsa
 
     b, h, hkv, d = 1, a.attn_heads, a.attn_kv_heads, a.attn_head_dim
@@ -276,10 +288,11 @@ def _run_nsa_at(a, t: int) -> dict:
     q, ct = (jnp.asarray(rng.standard_normal((b, t, h, d)), dt) for _ in range(2))
     k, v = (jnp.asarray(rng.standard_normal((b, t, hkv, d)), dt) for _ in range(2))
     gates = [jnp.full((b, t, h), 0.5, jnp.float32)] * 3
-    row = {"backend": "nsa (xla)", "T": t, "B": b, "H": h, "Hkv": hkv, "D": d, "note": ""}
+    row = {"backend": f"nsa ({backend})", "T": t, "B": b, "H": h, "Hkv": hkv, "D": d,
+           "note": ""}
 
     def fwd(q, k, v):
-        return nsa(q, k, v, *gates, backend="xla", window=512)
+        return nsa(q, k, v, *gates, backend=backend, window=512)
 
     def loss(q, k, v, c):
         return jnp.sum(fwd(q, k, v).astype(jnp.float32) * c.astype(jnp.float32))
@@ -290,7 +303,7 @@ def _run_nsa_at(a, t: int) -> dict:
                                            q, k, v, ct, repeats=a.repeats)
     except Exception as e:
         row["note"] = _error(e)
-    print(f"  nsa (xla)  T={t}: fwd {_ms(row.get('fwd_ms'))} ms, fwd+bwd "
+    print(f"  {row['backend']}  T={t}: fwd {_ms(row.get('fwd_ms'))} ms, fwd+bwd "
           f"{_ms(row.get('fwd_bwd_ms'))} ms {row['note']}", flush=True)
     return row
 
@@ -350,8 +363,8 @@ def tables(rows: list[dict], attn: list[dict], a, header: str) -> str:
         lines.append(f"| {r['op']} | {r['backend']} | {r['shape']} | {r['dtype']} | "
                      f"{_ms(r['fwd_ms'])} | {_ms(r['fwd_bwd_ms'])} | {_g(r['fwd_tflops'])} | "
                      f"{_g(r['fwd_bwd_tflops'])} | {ratio} | {note.replace('|', '/')} |")
-    nsa_rows = [r for r in attn if r["backend"] == "nsa (xla)"]
-    attn = [r for r in attn if r["backend"] != "nsa (xla)"]
+    nsa_rows = [r for r in attn if _is_nsa(r)]
+    attn = [r for r in attn if not _is_nsa(r)]
     if attn:
         r0 = attn[0]
         lines += ["", f"Attention, B={r0['B']} H={r0['H']} Hkv={r0['Hkv']} "
@@ -373,12 +386,14 @@ def tables(rows: list[dict], attn: list[dict], a, header: str) -> str:
             lines += ["", "Target (T=16384, window 1024, GPU): window >= 5x faster than full "
                       f"causal; here window {r0['window']}."]
     if nsa_rows:
-        lines += ["", "NSA (pallas_kernels/nsa, XLA gathered form; compressed 32 / 16, 16 blocks "
-                  "of 64, window 512, gates 0.5) vs the fastest full-causal attention row of "
-                  "the same T (NSA / attention < 1: NSA faster):", "",
-                  "| T | NSA fwd ms | NSA fwd+bwd ms | fastest full attention | its fwd ms | "
-                  "its fwd+bwd ms | NSA / attention fwd | NSA / attention fwd+bwd | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "NSA (pallas_kernels/nsa; xla: the gathered form, pallas: the selected-"
+                  "block kernels + flash / splash window; compressed 32 / 16, 16 blocks of 64, "
+                  "window 512, gates 0.5) vs the fastest full-causal attention row of the same "
+                  "T (NSA / attention < 1: NSA faster):", "",
+                  "| T | NSA form | NSA fwd ms | NSA fwd+bwd ms | fastest full attention | "
+                  "its fwd ms | its fwd+bwd ms | NSA / attention fwd | NSA / attention fwd+bwd "
+                  "| note |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in nsa_rows:
             same = [x for x in attn if x["T"] == r["T"] and x.get("full_fwd_bwd_ms")]
             best = min(same, key=lambda x: x["full_fwd_bwd_ms"]) if same else None
@@ -386,7 +401,8 @@ def tables(rows: list[dict], attn: list[dict], a, header: str) -> str:
                 "-" if best is None or r.get(key) is None or not best.get(full)
                 else f"{r[key] / best[full]:.2f}")
             lines.append(
-                f"| {r['T']} | {_ms(r.get('fwd_ms'))} | {_ms(r.get('fwd_bwd_ms'))} | "
+                f"| {r['T']} | {r['backend'][5:-1]} | {_ms(r.get('fwd_ms'))} | "
+                f"{_ms(r.get('fwd_bwd_ms'))} | "
                 f"{best['backend'] if best else '-'} | "
                 f"{_ms(best['full_fwd_ms']) if best else '-'} | "
                 f"{_ms(best['full_fwd_bwd_ms']) if best else '-'} | "
@@ -427,7 +443,7 @@ def plot(rows: list[dict], attn: list[dict], shapes: list[str], path: Path, titl
         ax.set_title(f"{shape} (BxTxHxK)")
         ax.set_ylabel("fwd+bwd ms")
         ax.legend()
-    attn = [r for r in attn if r["backend"] != "nsa (xla)"]      # NSA: its own table only
+    attn = [r for r in attn if not _is_nsa(r)]      # NSA: its own table only
     if attn:
         ax = axes[0][-1]
         xs = range(len(attn))
@@ -465,6 +481,8 @@ def main(argv=None) -> int:
     p.add_argument("--attn_T", type=int, nargs="+", help="default 16384 (CPU 4096)")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--skip_nsa", action="store_true", help="no NSA rows beside attention")
+    p.add_argument("--nsa_backends", nargs="+", default=None,
+                   help="NSA forms to time (default: xla, plus pallas on a GPU / TPU)")
     p.add_argument("--attn_heads", type=int, help="default 16 (CPU 4)")
     p.add_argument("--attn_kv_heads", type=int, help="default attn_heads // 4")
     p.add_argument("--attn_head_dim", type=int, help="default 128 (CPU 64)")
@@ -508,7 +526,7 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(text)
     meta = {"platform": plat, "device": getattr(dev, "device_kind", "?"),
             "jax": jax.__version__, "argv": argv, "settings": vars(a)}
-    nsa_rows = [r for r in attn if r["backend"] == "nsa (xla)"]
+    nsa_rows = [r for r in attn if _is_nsa(r)]
     stem.with_suffix(".json").write_text(json.dumps(
         {**meta, "rows": rows, "attention": [r for r in attn if r not in nsa_rows],
          "nsa": nsa_rows}, indent=1))

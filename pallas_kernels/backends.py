@@ -52,7 +52,7 @@ LinearBackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pal
                         "deltanet_tpu", "jla", "tokamax"]      # tokamax: kda only
 AttentionBackend = Literal["auto", "reference", "xla", "flash", "splash", "cudnn", "tokamax"]
 TitansBackend = Literal["auto", "reference", "xla"]
-NSABackend = Literal["auto", "reference", "xla"]
+NSABackend = Literal["auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu"]
 
 _OURS = tuple(b for b in get_args(OwnLinearBackend) if b != "auto")
 # The ops each library covers: deltanet-tpu's chunk_gdn / chunk_delta_rule / chunk_gla (GLA with
@@ -127,8 +127,10 @@ AUTO: dict[str, dict[str, AutoChoice]] = {
        for op in _LIBRARY_LINEAR_OPS},
     "titans_memory": {p: AutoChoice("xla", "the chunked form; Titans has no kernel yet")
                       for p in PLATFORMS},
-    "nsa": {p: AutoChoice("xla", "the gathered form (cost n l' + w + T / d per query); NSA "
-                          "has no kernel yet") for p in PLATFORMS},
+    "nsa": {"cpu": AutoChoice("xla", "the gathered form (cost n l' + w + T / d per query); "
+                              "the only one that compiles on CPU"),
+            "gpu": AutoChoice("xla", _UNMEASURED_KERNEL),
+            "tpu": AutoChoice("xla", _UNMEASURED_KERNEL)},
 }
 
 # Where a call that is never differentiated (inside `forward_only()`: prefill, evaluation) is

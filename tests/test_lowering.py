@@ -35,6 +35,7 @@ from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gla import gla, simple_gla
 from pallas_kernels.kda import kda
 from pallas_kernels.linear_attention import linear_attention
+from pallas_kernels.nsa import nsa
 
 # The custom call each platform's Pallas lowering emits; the GPU one must be Triton (the
 # kernels are written for it, see state_passing/pallas.py), not Mosaic GPU.
@@ -129,6 +130,28 @@ def test_attention_kernel_with_segment_ids_lowers(platform, backend):
 
     text = lowered_text(fwd_bwd, (s, s, s, seg), platform)
     assert kernel_calls(text, platform) >= 2, text[:2000]
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("t,packed", [(16384, False), (65536, False), (16384, True)])
+def test_nsa_kernels_lower(platform, t, packed):
+    """NSA (pallas_kernels/nsa) with the paper's blocks (compressed 32 / 16, 16 blocks of 64,
+    window 512), GQA groups of 4, bf16, forward and backward: the selected branch's three
+    kernels (forward, dq, dk / dv) and the window branch's flash / splash kernels."""
+    s = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.bfloat16)  # noqa: E731
+    b, hq, h, d = 1, 16, 4, 128
+    args = (s(b, t, hq, d), s(b, t, h, d), s(b, t, h, d), *[s(b, t, hq)] * 3,
+            jax.ShapeDtypeStruct((b, t), jnp.int32))
+
+    def fwd_bwd(q, k, v, gc, gs, gw, seg):
+        f = lambda q, k, v: jnp.sum(nsa(  # noqa: E731
+            q, k, v, gc, gs, gw, segment_ids=seg if packed else None, backend="pallas",
+            query_chunk=512).astype(jnp.float32))
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    text = lowered_text(fwd_bwd, args, platform)
+    assert kernel_calls(text, platform) >= 5, text[:2000]
+    assert "nsa_selected_dkv" in text
 
 
 # The custom call a library's kernels lower to: Mosaic GPU's on an H100, Mosaic TPU's on a TPU.

@@ -42,10 +42,12 @@ def test_decode_parity(dtype, compress):
     assert_decode_parity(layer, _x(dtype), prefill=7, chunk=8, max_len=40, dtype=dtype)
 
 
-def test_xla_equals_reference_with_gradients():
+@pytest.mark.parametrize("backend", ["xla", "pallas_gpu"])
+def test_backend_equals_reference_with_gradients(backend):
+    """pallas_gpu: the Triton kernels in the interpreter (conftest), through the layer."""
     ref = NSA(_model_cfg(), dataclasses.replace(SMALL, backend="reference"), rngs=nnx.Rngs(0))
-    xla = NSA(_model_cfg(), dataclasses.replace(SMALL, backend="xla"), rngs=nnx.Rngs(0))
-    grads = assert_backends_agree(ref, xla, _x(jnp.float32))
+    other = NSA(_model_cfg(), dataclasses.replace(SMALL, backend=backend), rngs=nnx.Rngs(0))
+    grads = assert_backends_agree(ref, other, _x(jnp.float32))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
 

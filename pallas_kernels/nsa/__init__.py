@@ -11,6 +11,11 @@ shared by every backend (the same blocks everywhere, ties included); the backend
 how they attend:
   * "reference": reference.py, masked dense attention (the definition; O(Tq Tk) memory).
   * "xla": xla.py, gathers of each query's n blocks and window, query chunk by query chunk.
+  * "pallas" ("pallas_gpu" / "pallas_tpu"): selected.py, the selected branch in a Pallas
+    kernel (triton.py for the GPU, mosaic.py for the TPU) and the window branch in the
+    platform's attention kernel (flash / splash); compressed branch and selection as "xla".
+    Cache calls (q_start given: a decode step or a chunk of prefill) take the "xla" form:
+    their few queries read n l' + w keys each, and the kernels assume queries = keys.
   * "auto": per platform from pallas_kernels/backends.py's AUTO table.
 Arguments follow flash-linear-attention's parallel_nsa (q, k, v, g_cmp, g_slc, g_swa,
 block_size, block_counts, window_size, scale), with the paper's compression (blocks of l keys
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.backends import resolve_backend
+from pallas_kernels.backends import kernel_interpret, resolve_backend
 from pallas_kernels.nsa.reference import nsa_reference
 from pallas_kernels.nsa.selection import (
     Geometry,
@@ -96,7 +101,8 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, k_cmp=None, v_cmp=None, cmp_block: int 
             document's first token; padding is inert (outputs and gradients zero there).
         q_start: the key index of the first query (a cache: queries q_start .. q_start + Tq - 1
             over the cache's keys, later keys unseen); None: queries are the keys.
-        backend: "auto", "xla" or "reference" (module docstring).
+        backend: "auto", "xla", "pallas", "pallas_gpu", "pallas_tpu" or "reference" (module
+            docstring).
         query_chunk: queries per step of the "xla" form (its memory is one chunk's gathers).
         return_block_indices: also return the selection.
 
@@ -129,6 +135,11 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, k_cmp=None, v_cmp=None, cmp_block: int 
     kwargs = dict(t=t, seg_q=seg_q, slots=slots, geometry=geometry, scale=scale)
     if impl == "reference":
         o, blocks = nsa_reference(q, k, v, k_cmp, v_cmp, gate, **kwargs)
+    elif impl.startswith("pallas") and q_start is None:
+        from pallas_kernels.nsa.selected import nsa_pallas
+        o, blocks = nsa_pallas(q, k, v, k_cmp, v_cmp, gate, query_chunk=query_chunk,
+                               segment_ids=segment_ids, driver=impl.removeprefix("pallas_"),
+                               interpret=kernel_interpret(impl), **kwargs)
     else:
         o, blocks = nsa_xla(q, k, v, k_cmp, v_cmp, gate, query_chunk=query_chunk, **kwargs)
     if segment_ids is not None:

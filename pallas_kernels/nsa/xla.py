@@ -56,12 +56,19 @@ def gathered_branch(q, k, v, idx, valid, scale):
     return o.reshape(b, qc, hq, -1)
 
 
+def compressed_and_selection(q, t, seg_q, k_cmp, v_cmp, slots: Slots, g: Geometry, scale,
+                             tk: int):
+    """The compressed branch and the block choice of queries q [B, Qc, HQ, K] at key indices
+    t [B, Qc]: (o_cmp [B, Qc, HQ, V] float32, blocks [B, Qc, H, n])."""
+    o_cmp, probs = compressed_attention(q, k_cmp, v_cmp, slot_visibility(slots, t, seg_q),
+                                        scale)
+    return o_cmp, select_blocks(probs, t, slots, tk, g)
+
+
 def _chunk(q, gates, t, seg_q, k, v, k_cmp, v_cmp, slots: Slots, g: Geometry, scale):
     """One chunk of Qc queries: (o [B, Qc, HQ, V] float32, blocks [B, Qc, H, n])."""
     tk, h = k.shape[1], k.shape[2]
-    o_cmp, probs = compressed_attention(q, k_cmp, v_cmp, slot_visibility(slots, t, seg_q),
-                                        scale)
-    blocks = select_blocks(probs, t, slots, tk, g)                       # [B, Qc, H, n]
+    o_cmp, blocks = compressed_and_selection(q, t, seg_q, k_cmp, v_cmp, slots, g, scale, tk)
     start = jnp.take_along_axis(slots.doc_start, t, axis=1)[:, :, None, None]
     tq = t[:, :, None, None]
     # Selected branch: the n blocks' keys, document-relative block j at start + j l'.
@@ -78,16 +85,14 @@ def _chunk(q, gates, t, seg_q, k, v, k_cmp, v_cmp, slots: Slots, g: Geometry, sc
     return mix_branches(gates, o_cmp, o_slc, o_swa), blocks
 
 
-def nsa_xla(q, k, v, k_cmp, v_cmp, gates, *, t, seg_q, slots: Slots, geometry: Geometry,
-            scale: float, query_chunk: int = 128):
-    """nsa_reference's signature and results (plus query_chunk: queries per lax.map step; Tq
-    itself when Tq <= query_chunk)."""
-    b, tq, hq, _ = q.shape
+def map_query_chunks(step, xs, query_chunk: int):
+    """step(*chunks) over query chunks of xs (arrays [B, Tq, ...] or None), each chunk
+    rematerialised in the backward (lax.map + checkpoint): outputs [B, Tq, ...]. One call
+    when Tq <= query_chunk."""
+    b, tq = xs[0].shape[:2]
     qc = min(query_chunk, tq)
-    step = functools.partial(_chunk, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, slots=slots,
-                             g=geometry, scale=scale)
     if tq <= qc:
-        return step(q, gates, t, seg_q)
+        return step(*xs)
     n = -(-tq // qc)
     pad = n * qc - tq
 
@@ -95,11 +100,16 @@ def nsa_xla(q, k, v, k_cmp, v_cmp, gates, *, t, seg_q, slots: Slots, geometry: G
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode="edge")
         return jnp.moveaxis(x.reshape(b, n, qc, *x.shape[2:]), 1, 0)
 
-    def body(xs):
-        qq, gg, tt, ss = xs
-        return jax.checkpoint(step)(qq, gg, tt, ss)
-
-    seg_chunks = None if seg_q is None else split(seg_q)
-    o, blocks = jax.lax.map(body, (split(q), split(gates), split(t), seg_chunks))
+    out = jax.lax.map(lambda c: jax.checkpoint(step)(*c),
+                      tuple(None if x is None else split(x) for x in xs))
     merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * qc, *x.shape[3:])[:, :tq]  # noqa
-    return merge(o), merge(blocks)
+    return jax.tree.map(merge, out)
+
+
+def nsa_xla(q, k, v, k_cmp, v_cmp, gates, *, t, seg_q, slots: Slots, geometry: Geometry,
+            scale: float, query_chunk: int = 128):
+    """nsa_reference's signature and results (plus query_chunk: queries per lax.map step; Tq
+    itself when Tq <= query_chunk)."""
+    step = functools.partial(_chunk, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, slots=slots,
+                             g=geometry, scale=scale)
+    return map_query_chunks(step, (q, gates, t, seg_q), query_chunk)
