@@ -153,9 +153,8 @@ def check_optim(o: OptimConfig) -> None:
 def check_mesh(mesh: MeshConfig) -> None:
     """Axis sizes >= 1, or -1 ("the rest") for at most one axis."""
     sizes = mesh.sizes()
+    named = ", ".join(f"{a}={n}" for a, n in zip(("data", "fsdp", "sequence", "tensor"), sizes))
     if any(n == 0 or n < -1 for n in sizes):
-        raise ConfigError(f"mesh sizes must be >= 1 or -1 (the rest), got data={sizes[0]}, "
-                          f"fsdp={sizes[1]}, tensor={sizes[2]}")
+        raise ConfigError(f"mesh sizes must be >= 1 or -1 (the rest), got {named}")
     if sizes.count(-1) > 1:
-        raise ConfigError(f"at most one mesh axis can be -1 (the rest), got data={sizes[0]}, "
-                          f"fsdp={sizes[1]}, tensor={sizes[2]}")
+        raise ConfigError(f"at most one mesh axis can be -1 (the rest), got {named}")

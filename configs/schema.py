@@ -160,14 +160,16 @@ class TrainConfig:
 class MeshConfig:
     # Device mesh axes (training/sharding.py); their product is the device count, and one of
     # them may be -1 ("the rest"). data: pure data parallelism (params replicated); fsdp: data
-    # parallel with params and optimizer state sharded (ZeRO-3 / FSDP); tensor: heads and MLP
-    # width sharded (Megatron-style).
+    # parallel with params and optimizer state sharded (ZeRO-3 / FSDP); sequence: the time axis
+    # of activations sharded (context parallelism, pallas_kernels/context_parallel); tensor:
+    # heads and MLP width sharded (Megatron-style).
     data: int = -1
     fsdp: int = 1
+    sequence: int = 1
     tensor: int = 1
 
-    def sizes(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+    def sizes(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.sequence, self.tensor)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
+from pallas_kernels.context_parallel import sequence_shards
+from pallas_kernels.context_parallel.halo import sharded_short_conv
 from pallas_kernels.segments import document_positions
 
 
@@ -57,6 +59,12 @@ class ShortConv(nnx.Module):
         b, t, c = x.shape
         w = self.width
         x = x.astype(self.dtype)
+        shards = sequence_shards()
+        if shards is not None and cache is None and document_tail is None:
+            # Time sharded over the mesh's sequence axis: a halo from the previous shard.
+            bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+            return sharded_short_conv(x, self.kernel[...].astype(self.dtype), bias,
+                                      segment_ids, shards), None
         if cache is None:
             past = jnp.zeros((b, w - 1, c), self.dtype)
         else:

@@ -21,11 +21,12 @@ from layers.cache import refuse_segments_with_cache, tree_nbytes
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import MixerWithAuxLoss, build_mixer
-from models.sharding import constrain
+from models.sharding import active_mesh, constrain
 from pallas_kernels.backends import forward_only
+from pallas_kernels.context_parallel import shard_sequence
 from pallas_kernels.segments import document_positions
 
-RESIDUAL = ("batch", None, None)     # logical axes of the residual stream [B, T, D]
+RESIDUAL = ("batch", "length", None)     # logical axes of the residual stream [B, T, D]
 
 # Activation checkpointing of each block in training (train.remat): what the backward pass keeps
 # from the forward. "full" saves nothing inside a block (its input is kept by the caller) and
@@ -144,7 +145,12 @@ class LM(nnx.Module):
         new_layers, aux = [], []
         # A call with a cache (prefill, decode) is never differentiated: "auto" backends may
         # take their forward-only choice (pallas_kernels/backends.AUTO_FORWARD).
-        with forward_only() if cache is not None else contextlib.nullcontext():
+        # Without a cache, a mesh with a sequence axis shards every activation's time axis and
+        # the mixers exchange what their slices need (pallas_kernels/context_parallel).
+        mesh = active_mesh()
+        sharded = shard_sequence(mesh) if mesh is not None and cache is None \
+            else contextlib.nullcontext()
+        with forward_only() if cache is not None else contextlib.nullcontext(), sharded:
             for i, block in enumerate(self.blocks):
                 if remat != "none":
                     x, layer_cache, layer_aux = _remat_block(block, x, positions, segment_ids,

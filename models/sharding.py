@@ -3,18 +3,22 @@
 Shape legend: B batch, T tokens, D d_model, V vocabulary, X any projection width (heads x
 head_dim, MLP width, latent ranks).
 
-The mesh has three axes, sized by the config's `mesh` section (-1 = the devices left over):
+The mesh has four axes, sized by the config's `mesh` section (-1 = the devices left over):
 
-    data    data parallelism, params replicated
-    fsdp    data parallelism with params and optimizer state sharded (ZeRO-3 / FSDP: XLA
-            all-gathers a weight where it is used and reduce-scatters its gradient)
-    tensor  Megatron-style: attention heads and MLP width sharded
+    data      data parallelism, params replicated
+    fsdp      data parallelism with params and optimizer state sharded (ZeRO-3 / FSDP: XLA
+              all-gathers a weight where it is used and reduce-scatters its gradient)
+    sequence  context parallelism: the time axis of the batch and of every activation split
+              (params replicated over it, their gradients summed); the mixers' exchanges are
+              pallas_kernels/context_parallel's
+    tensor    Megatron-style: attention heads and MLP width sharded
 
 Logical axes (as in MaxText and flax.linen.partitioning): every parameter dimension gets a
 logical name, and RULES map names to mesh axes. A batch is split over data x fsdp; the model
 width D is split over fsdp (that is what makes FSDP); projection widths over tensor:
 
-    batch -> (data, fsdp)   embed -> fsdp   heads, mlp, vocab -> tensor   anything else -> none
+    batch -> (data, fsdp)   length -> sequence   embed -> fsdp   heads, mlp, vocab -> tensor
+    anything else -> none
 
 Where the names come from: `param_logical_axes` assigns them in one place from a parameter's
 path and shape (D-sized dimensions are "embed"; the other dimension of a 2-D projection is
@@ -33,7 +37,8 @@ simulated CPU devices).
 
 Activations: `constrain(x, names)` pins key activations (the residual stream [B, T, D] is
 ("batch", None, None)) when a mesh is active (`use_mesh`); without one it is a no-op, so
-single-device code (tests, decoding) is untouched.
+single-device code (tests, decoding) is untouched. The residual stream [B, T, D] is
+("batch", "length", None): with mesh.sequence > 1 its time axis stays split.
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    "length": ("sequence",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
@@ -64,26 +70,25 @@ class MeshError(ValueError):
 
 
 def resolve_mesh_shape(sizes: Sequence[int], n_devices: int) -> tuple[int, ...]:
-    """(data, fsdp, tensor) with -1 filled in; raises MeshError unless the product is
-    n_devices."""
+    """(data, fsdp, sequence, tensor) with -1 filled in; raises MeshError unless the product
+    is n_devices."""
     sizes = tuple(int(s) for s in sizes)
+    named = lambda: ", ".join(f"{a}={n}" for a, n in zip(MESH_AXES, sizes))  # noqa: E731
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % fixed:
-            raise MeshError(f"mesh data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}: the "
-                            f"fixed axes ({fixed} devices) do not divide the {n_devices} "
-                            "devices available")
+            raise MeshError(f"mesh {named()}: the fixed axes ({fixed} devices) do not divide "
+                            f"the {n_devices} devices available")
         sizes = tuple(n_devices // fixed if s == -1 else s for s in sizes)
     if math.prod(sizes) != n_devices:
-        raise MeshError(f"mesh data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]} needs "
-                        f"{math.prod(sizes)} devices, but {n_devices} are available (set one "
-                        "axis to -1 to take the rest)")
+        raise MeshError(f"mesh {named()} needs {math.prod(sizes)} devices, but {n_devices} "
+                        "are available (set one axis to -1 to take the rest)")
     return sizes
 
 
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh of the config's `mesh` section over `devices` (default:
-    all devices of every process)."""
+    """The (data, fsdp, sequence, tensor) mesh of the config's `mesh` section over `devices`
+    (default: all devices of every process)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg.sizes(), len(devices))
     # jax.make_mesh orders devices for the physical topology (TPU ICI rings). Auto axes: XLA
@@ -173,8 +178,8 @@ def follow_params(tree, params, shardings, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch rows over data x fsdp; the time axis (and anything after) replicated."""
-    return NamedSharding(mesh, P(RULES["batch"]))
+    """[B, T] batch arrays: rows over data x fsdp, the time axis over sequence."""
+    return NamedSharding(mesh, P(RULES["batch"], RULES["length"]))
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> None:
@@ -187,6 +192,19 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> N
     if batch_size % jax.process_count():
         raise MeshError(f"{what}={batch_size} must be a multiple of the "
                         f"{jax.process_count()} processes (each reads its own rows)")
+
+
+def check_sequence(seq_len: int, mesh: Mesh, what: str = "data.seq_len") -> None:
+    """Raises MeshError unless the sequence axis divides the batch's time axis."""
+    n = mesh.shape.get("sequence", 1)
+    if seq_len % n:
+        raise MeshError(f"{what}={seq_len} must be a multiple of mesh.sequence = {n} (each "
+                        f"sequence shard holds {what} / {n} tokens)")
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the innermost `use_mesh` block, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from pallas_kernels.backends import resolve_backend
 from pallas_kernels.chunking import fitted_chunk_size
+from pallas_kernels.context_parallel import sequence_shards
 from pallas_kernels.libraries import LINEAR_LIBRARIES, run_linear_library
 from pallas_kernels.libraries.linear_call import make_call
 from pallas_kernels.precision import resolve_precision
@@ -25,6 +26,16 @@ def run_linear_op(op: str, reference: Callable, chunked: Callable, *args, backen
     Raises:
         ValueError: an unknown backend or precision, or chunk_size < 1.
     """
+    shards = sequence_shards()
+    if shards is not None:
+        # Time sharded over the mesh's sequence axis: each shard runs its slice from the state
+        # the earlier shards hand it (context_parallel/linear.py).
+        from pallas_kernels.context_parallel.linear import sharded_linear_op
+
+        def run(*a, **kw):
+            return run_linear_op(op, reference, chunked, *a, backend=backend,
+                                 precision=precision, chunk_size=chunk_size, **kw)
+        return sharded_linear_op(op, run, args, kwargs, shards)
     impl = resolve_backend(op, backend)
     if impl in LINEAR_LIBRARIES:
         # Library ops take (q, k, v, g, beta) (delta rules) or (q, k, v, g) (GLA).

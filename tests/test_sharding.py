@@ -77,13 +77,14 @@ def test_decode_on_a_mesh_matches_one_device(worker_result):
 
 def test_mesh_shape_resolution_and_errors():
     assert resolve_mesh_shape((-1, 2, 2), 8) == (2, 2, 2)
-    assert resolve_mesh_shape((1, -1, 1), 8) == (1, 8, 1)
+    assert resolve_mesh_shape((1, -1, 1, 1), 8) == (1, 8, 1, 1)
     with pytest.raises(MeshError, match="needs 4 devices, but 8 are available"):
-        resolve_mesh_shape((2, 2, 1), 8)
+        resolve_mesh_shape((2, 2, 1, 1), 8)
     with pytest.raises(MeshError, match="do not divide the 8 devices"):
-        resolve_mesh_shape((-1, 3, 1), 8)
+        resolve_mesh_shape((-1, 3, 1, 1), 8)
     cfg = load_config(None, [])
-    assert make_mesh(cfg.mesh).shape == {"data": len(jax.devices()), "fsdp": 1, "tensor": 1}
+    assert make_mesh(cfg.mesh).shape == {"data": len(jax.devices()), "fsdp": 1, "sequence": 1,
+                                         "tensor": 1}
 
 
 def test_rules_shard_only_what_divides():

@@ -31,6 +31,7 @@ from models.lm import build_model, lm_loss_sums
 from models.sharding import (
     batch_sharding,
     check_batch,
+    check_sequence,
     follow_params,
     make_mesh,
     param_shardings,
@@ -241,6 +242,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict
     # Everything that can fail on bad input happens before the run dir is written to.
     mesh = make_mesh(cfg.mesh, devices)
     check_batch(cfg.data.batch_size, mesh)
+    check_sequence(cfg.data.seq_len, mesh)
     if cfg.train.grad_accum_steps > 1:   # every micro-batch splits over the devices too
         check_batch(cfg.data.batch_size // cfg.train.grad_accum_steps, mesh,
                     what="data.batch_size / train.grad_accum_steps")

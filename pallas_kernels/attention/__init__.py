@@ -24,6 +24,7 @@ from __future__ import annotations
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.attention.xla import softmax_attention
 from pallas_kernels.backends import auto_fallback, kernel_interpret, resolve_backend
+from pallas_kernels.context_parallel import sequence_shards
 from pallas_kernels.masks import packed_visibility, visibility_mask
 from pallas_kernels.segments import check_segment_ids, zero_padding
 
@@ -77,6 +78,17 @@ def attention(q, k, v, *, window: int | None = None, n_sinks: int = 0,
             backend off its platform outside backends.interpret_kernels().
     """
     _check(q, k, v, window, n_sinks)
+    shards = sequence_shards()
+    if shards is not None:
+        # Time sharded over the mesh's sequence axis: all-gathered keys and values
+        # (context_parallel/attention.py).
+        from pallas_kernels.context_parallel.attention import sharded_attention
+        if segment_ids is not None:
+            check_segment_ids("attention", segment_ids, q)
+            q, k, v = zero_padding(segment_ids, q, k, v)
+        return sharded_attention(q, k, v, window=window, n_sinks=n_sinks,
+                                 scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                 segment_ids=segment_ids, shards=shards)
     impl = resolve_backend("attention", backend)
     if impl in ("cudnn", "tokamax"):
         from pallas_kernels.libraries import attention as library

@@ -1,0 +1,162 @@
+"""Runs in a subprocess with 8 simulated CPU devices (tests/test_context_parallel.py): for each
+mixer, a small float32 LM's logits and every parameter gradient on packed rows, on one device
+and with the time axis sharded over a mesh's `sequence` axis; and whether the sharded step's
+compiled HLO all-gathers any activation's whole time axis. Prints one JSON line.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/context_parallel_worker.py [train:N] MIXER[,MIXER...]@DATAxFSDPxSEQxTENSOR ...
+
+(train:N first: train.py's loop for three steps on one device and with mesh.sequence = N.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from models.config_check import load_config  # noqa: E402
+from models.lm import build_model, lm_loss  # noqa: E402
+from models.sharding import batch_sharding, make_mesh, use_mesh  # noqa: E402
+
+B, T, D = 4, 64, 32
+# Documents of row r: lengths crossing the 8-token shard boundaries, one starting exactly on a
+# boundary (row 1: 16 + 8 = 24), and trailing padding across a boundary (row 3).
+DOCS = [[5, 30, 29], [16, 8, 40], [64], [11, 21, 17]]
+
+
+def segments() -> np.ndarray:
+    seg = np.zeros((B, T), np.int32)
+    for r, lens in enumerate(DOCS):
+        at = 0
+        for d, n in enumerate(lens):
+            seg[r, at:at + n] = d + 1
+            at += n
+    return seg
+
+
+def model_for(mixers: list[str]):
+    cfg = load_config(None, [f"model.d_model={D}", "model.n_heads=4", f"model.n_layers="
+                             f"{len(mixers)}", f"model.mixers=[{','.join(mixers)}]",
+                             "model.dtype=float32", "model.vocab_size=64",
+                             f"model.max_len={T}", f"data.seq_len={T}"])
+    return build_model(cfg.model, seed=0)
+
+
+def loss_and_grads(graphdef, params, tokens, targets, mask, seg):
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids=seg)
+        return lm_loss(logits, targets, mask)[0], logits
+
+    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, logits, grads
+
+
+def full_length_gathers(hlo: str) -> list[list[int]]:
+    """Result shapes of the compiled HLO's all-gathers of floating-point arrays that hold the
+    whole time axis ([.., T, ..] with at least 3 dims: activations, not [B, T] ids)."""
+    shapes = []
+    for line in hlo.splitlines():
+        if " all-gather(" not in line and " all-gather-start(" not in line:
+            continue
+        result = line.split("=", 1)[1].split(" all-gather")[0]
+        for dims in re.findall(r"(?:f32|bf16|f16)\[([\d,]+)\]", result):
+            shape = [int(x) for x in dims.split(",") if x]
+            if len(shape) >= 3 and T in shape:
+                shapes.append(shape)
+    return shapes
+
+
+def relative(a, b, floor: float = 1e-30) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), floor))
+
+
+def gradient_error(got, want) -> float:
+    """The largest per-parameter relative error, each parameter's error measured against its
+    own largest gradient or 1e-3 of the largest of all, whichever is larger: a parameter whose
+    gradient is 1e-5 of the others' (Mamba-2's A_log here: 2e-7 against 7e-2) is a
+    near-cancelled sum of terms the size of the others, and its float32 summation-order error
+    is of their size."""
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+    top = max(float(np.abs(np.asarray(b)).max()) for b in want)
+    return max(relative(a, b, floor=1e-3 * top) for a, b in zip(got, want))
+
+
+def check(mixers: list[str], sizes: tuple[int, ...]) -> dict:
+    model = model_for(mixers)
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    seg = segments()
+    tokens = jnp.asarray(rng.integers(1, 64, (B, T)), jnp.int32)
+    targets = jnp.asarray(rng.integers(1, 64, (B, T)), jnp.int32)
+    mask = jnp.asarray(seg != 0, jnp.float32)
+    seg = jnp.asarray(seg)
+    fn = jax.jit(loss_and_grads, static_argnums=0)
+    one = fn(graphdef, params, tokens, targets, mask, seg)
+
+    names = ("data", "fsdp", "sequence", "tensor")
+    cfg = load_config(None, [f"mesh.{a}={n}" for a, n in zip(names, sizes)])
+    mesh = make_mesh(cfg.mesh)
+    put = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
+    params_rep = jax.device_put(params, NamedSharding(mesh, P()))
+    with use_mesh(mesh):
+        lowered = fn.trace(graphdef, params_rep, put(tokens), put(targets), put(mask),
+                           put(seg)).lower()
+    compiled = lowered.compile()
+    got = compiled(params_rep, put(tokens), put(targets), put(mask), put(seg))
+    return {"loss": relative(got[0], one[0]), "logits": relative(got[1], one[1]),
+            "grads": gradient_error(got[2], one[2]),
+            "zero_grads": sum(int(np.abs(np.asarray(g)).max() == 0)
+                              for g in jax.tree.leaves(one[2])),
+            "gathers": full_length_gathers(compiled.as_text())}
+
+
+def train_curves(out_dir: Path, sequence: int) -> dict:
+    """Three training steps of train.py's loop (packed text, [attn, gated_deltanet]) on one
+    device or with mesh.sequence = `sequence`: the logged losses and gradient norms."""
+    from training.loop import train
+
+    run_dir = out_dir / f"train_seq{sequence}"
+    cfg = load_config(None, [
+        f"run_dir={run_dir}", "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
+        "model.mixers=[attn,gated_deltanet]", "model.dtype=float32", "model.vocab_size=64",
+        "model.max_len=32", "data.seq_len=32", "data.batch_size=4", "data.num_kv_pairs=4",
+        "train.steps=3", "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
+        "train.progress_bar=false", "optim.warmup_steps=1", "mesh.data=1",
+        f"mesh.sequence={sequence}"])
+    train(cfg, devices=jax.devices()[:sequence])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {key: [r[key] for r in rows if "loss" in r] for key in ("loss", "grad_norm")}
+
+
+def main(argv: list[str]) -> None:
+    out = {"devices": len(jax.devices())}
+    if argv and argv[0].startswith("train:"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            sequence = int(argv.pop(0).split(":")[1])
+            out["train"] = {"1": train_curves(Path(tmp), 1),
+                            str(sequence): train_curves(Path(tmp), sequence)}
+    for case in argv:
+        mixers, sizes = case.split("@")
+        out[case] = check(mixers.split(","), tuple(int(x) for x in sizes.split("x")))
+        print(case, json.dumps(out[case])[:400], file=sys.stderr, flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
