@@ -167,6 +167,11 @@ class MeshConfig:
     fsdp: int = 1
     sequence: int = 1
     tensor: int = 1
+    # How a row is laid out over the sequence shards: contiguous slices, or zigzag (shard r
+    # holds pieces r and 2N - 1 - r of 2N: causal attention's work balanced); auto: zigzag when
+    # the model has full causal attention and every mixer reads the layout, else contiguous
+    # (pallas_kernels/context_parallel).
+    sequence_layout: Literal["auto", "contiguous", "zigzag"] = "auto"
 
     def sizes(self) -> tuple[int, int, int, int]:
         return (self.data, self.fsdp, self.sequence, self.tensor)

@@ -21,7 +21,7 @@ from layers.cache import refuse_segments_with_cache, tree_nbytes
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import MixerWithAuxLoss, build_mixer
-from models.sharding import active_mesh, constrain
+from models.sharding import active_mesh, active_sequence_layout, constrain
 from pallas_kernels.backends import forward_only
 from pallas_kernels.context_parallel import shard_sequence
 from pallas_kernels.segments import document_positions
@@ -128,6 +128,12 @@ class LM(nnx.Module):
         if remat != "none" and cache is not None:
             raise ValueError("remat is for training (cache=None); decoding keeps no activations")
         b, t = tokens.shape
+        mesh = active_mesh()
+        zigzag = (mesh is not None and cache is None and mesh.shape.get("sequence", 1) > 1
+                  and active_sequence_layout() == "zigzag")
+        if zigzag and positions is None:
+            raise ValueError("a zigzag-laid-out batch needs its positions, computed before the "
+                             "reordering (models/sharding.lay_out_batch adds them)")
         if segment_ids is not None:
             refuse_segments_with_cache("", segment_ids, cache)
             if segment_ids.shape != (b, t):
@@ -147,9 +153,9 @@ class LM(nnx.Module):
         # take their forward-only choice (pallas_kernels/backends.AUTO_FORWARD).
         # Without a cache, a mesh with a sequence axis shards every activation's time axis and
         # the mixers exchange what their slices need (pallas_kernels/context_parallel).
-        mesh = active_mesh()
-        sharded = shard_sequence(mesh) if mesh is not None and cache is None \
-            else contextlib.nullcontext()
+        sharded = contextlib.nullcontext()
+        if mesh is not None and cache is None:
+            sharded = shard_sequence(mesh, active_sequence_layout())
         with forward_only() if cache is not None else contextlib.nullcontext(), sharded:
             for i, block in enumerate(self.blocks):
                 if remat != "none":

@@ -52,6 +52,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.segments import document_positions
+
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
@@ -62,7 +64,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
 }
 
-_ACTIVE: list[Mesh] = []
+_ACTIVE: list[tuple[Mesh, str]] = []     # (mesh, sequence layout) of each use_mesh block
 
 
 class MeshError(ValueError):
@@ -194,17 +196,50 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> N
                         f"{jax.process_count()} processes (each reads its own rows)")
 
 
-def check_sequence(seq_len: int, mesh: Mesh, what: str = "data.seq_len") -> None:
-    """Raises MeshError unless the sequence axis divides the batch's time axis."""
+def check_sequence(seq_len: int, mesh: Mesh, what: str = "data.seq_len",
+                   layout: str = "contiguous") -> None:
+    """Raises MeshError unless the sequence axis divides the batch's time axis (into 2N
+    pieces for the zigzag layout)."""
     n = mesh.shape.get("sequence", 1)
     if seq_len % n:
         raise MeshError(f"{what}={seq_len} must be a multiple of mesh.sequence = {n} (each "
                         f"sequence shard holds {what} / {n} tokens)")
+    if layout == "zigzag" and n > 1 and seq_len % (2 * n):
+        raise MeshError(f"{what}={seq_len} must be a multiple of 2 x mesh.sequence = {2 * n} "
+                        "for the zigzag layout (each shard holds two pieces), or set "
+                        "mesh.sequence_layout=contiguous")
 
 
 def active_mesh() -> Mesh | None:
     """The mesh of the innermost `use_mesh` block, or None."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    return _ACTIVE[-1][0] if _ACTIVE else None
+
+
+def active_sequence_layout() -> str:
+    """The sequence layout of the innermost `use_mesh` block ("contiguous" without one)."""
+    return _ACTIVE[-1][1] if _ACTIVE else "contiguous"
+
+
+def lay_out_batch(batch: dict, mesh: Mesh, layout: str) -> dict:
+    """A host batch of [B, T] arrays laid out for the sequence shards: unchanged when
+    contiguous (or one shard); zigzag: every array reordered along T (context_parallel's
+    zigzag_order) and "positions" added, the in-document positions (segment ids) or token
+    indices of the original order, which the model's position encodings need."""
+    n = mesh.shape.get("sequence", 1)
+    if layout != "zigzag" or n == 1:
+        return batch
+    from pallas_kernels.context_parallel import zigzag_order
+
+    first = next(iter(batch.values()))
+    order = zigzag_order(first.shape[1], n)
+    seg = batch.get("segment_ids")
+    if seg is None:
+        positions = np.broadcast_to(np.arange(first.shape[1], dtype=np.int32), first.shape)
+    else:
+        positions = np.asarray(document_positions(np.asarray(seg)))
+    out = {k: np.asarray(v)[:, order] for k, v in batch.items()}
+    out["positions"] = np.asarray(positions, np.int32)[:, order]
+    return out
 
 
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -220,9 +255,11 @@ def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
-    """Makes `mesh` the one `constrain` uses while tracing inside this block."""
-    _ACTIVE.append(mesh)
+def use_mesh(mesh: Mesh, sequence_layout: str = "contiguous") -> Iterator[Mesh]:
+    """Makes `mesh` the one `constrain` uses while tracing inside this block, and
+    sequence_layout how its batches' rows are laid out over the sequence axis (lay_out_batch;
+    the model's sequence exchanges read it)."""
+    _ACTIVE.append((mesh, sequence_layout))
     try:
         yield mesh
     finally:
@@ -233,7 +270,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names under the active mesh; identity without one."""
     if not _ACTIVE:
         return x
-    mesh = _ACTIVE[-1]
+    mesh = _ACTIVE[-1][0]
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape,
                                                                              mesh)))
 

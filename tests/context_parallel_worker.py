@@ -4,9 +4,11 @@ and with the time axis sharded over a mesh's `sequence` axis; and whether the sh
 compiled HLO all-gathers any activation's whole time axis. Prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python tests/context_parallel_worker.py [train:N] MIXER[,MIXER...]@DATAxFSDPxSEQxTENSOR ...
+        python tests/context_parallel_worker.py [train:N] [lower:P,..] \
+            MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag] ...
 
-(train:N first: train.py's loop for three steps on one device and with mesh.sequence = N.)
+(train:N first: train.py's loop for three steps on one device and with mesh.sequence = N;
+then lower:tpu,cuda: the sharded step lowered for those platforms.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from models.config_check import load_config  # noqa: E402
 from models.lm import build_model, lm_loss  # noqa: E402
-from models.sharding import batch_sharding, make_mesh, use_mesh  # noqa: E402
+from models.sharding import batch_sharding, lay_out_batch, make_mesh, use_mesh  # noqa: E402
+from pallas_kernels.context_parallel import zigzag_order  # noqa: E402
 
 B, T, D = 4, 64, 32
 # Documents of row r: lengths crossing the 8-token shard boundaries, one starting exactly on a
@@ -55,9 +58,9 @@ def model_for(mixers: list[str]):
     return build_model(cfg.model, seed=0)
 
 
-def loss_and_grads(graphdef, params, tokens, targets, mask, seg):
+def loss_and_grads(graphdef, params, tokens, targets, mask, seg, positions=None):
     def loss(params):
-        logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids=seg)
+        logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids=seg, positions=positions)
         return lm_loss(logits, targets, mask)[0], logits
 
     (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -95,7 +98,7 @@ def gradient_error(got, want) -> float:
     return max(relative(a, b, floor=1e-3 * top) for a, b in zip(got, want))
 
 
-def check(mixers: list[str], sizes: tuple[int, ...]) -> dict:
+def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous") -> dict:
     model = model_for(mixers)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -109,14 +112,20 @@ def check(mixers: list[str], sizes: tuple[int, ...]) -> dict:
 
     names = ("data", "fsdp", "sequence", "tensor")
     cfg = load_config(None, [f"mesh.{a}={n}" for a, n in zip(names, sizes)])
-    mesh = make_mesh(cfg.mesh)
-    put = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
+    mesh = make_mesh(cfg.mesh, jax.devices()[:int(np.prod(sizes))])
+    # The zigzag layout reorders the rows on the host and adds their original positions.
+    batch = lay_out_batch({"tokens": tokens, "targets": targets, "mask": mask, "seg": seg},
+                          mesh, layout)
+    args = [jax.device_put(jnp.asarray(batch[k]), batch_sharding(mesh))
+            for k in ("tokens", "targets", "mask", "seg", "positions") if k in batch]
     params_rep = jax.device_put(params, NamedSharding(mesh, P()))
-    with use_mesh(mesh):
-        lowered = fn.trace(graphdef, params_rep, put(tokens), put(targets), put(mask),
-                           put(seg)).lower()
+    with use_mesh(mesh, layout):
+        lowered = fn.trace(graphdef, params_rep, *args).lower()
     compiled = lowered.compile()
-    got = compiled(params_rep, put(tokens), put(targets), put(mask), put(seg))
+    got = compiled(params_rep, *args)
+    if layout == "zigzag":        # logits back in the original order
+        order = zigzag_order(T, sizes[2])
+        got = (got[0], np.asarray(got[1])[:, np.argsort(order)], got[2])
     return {"loss": relative(got[0], one[0]), "logits": relative(got[1], one[1]),
             "grads": gradient_error(got[2], one[2]),
             "zero_grads": sum(int(np.abs(np.asarray(g)).max() == 0)
@@ -142,6 +151,30 @@ def train_curves(out_dir: Path, sequence: int) -> dict:
     return {key: [r[key] for r in rows if "loss" in r] for key in ("loss", "grad_norm")}
 
 
+def lower_sharded_step(platforms: list[str]) -> dict:
+    """The sharded loss-and-gradient step of [attn, gated_deltanet] (mesh (1, 1, 8, 1),
+    zigzag) lowered for each platform ("tpu", "cuda") from this CPU, without running: its
+    partition count and how many all-gathers the module holds."""
+    graphdef, params = nnx.split(model_for(["attn", "gated_deltanet"]))
+    mesh = make_mesh(load_config(None, ["mesh.data=1", "mesh.sequence=8"]).mesh)
+    spec = lambda dtype: jax.ShapeDtypeStruct((B, T), dtype,  # noqa: E731
+                                              sharding=batch_sharding(mesh))
+    args = [spec(jnp.int32), spec(jnp.int32), spec(jnp.float32), spec(jnp.int32),
+            spec(jnp.int32)]
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, P())), params)
+    fn = jax.jit(loss_and_grads, static_argnums=0)
+    out = {}
+    for platform in platforms:
+        with use_mesh(mesh, "zigzag"):
+            text = fn.trace(graphdef, params, *args).lower(
+                lowering_platforms=(platform,)).as_text()
+        partitions = re.search(r"mhlo.num_partitions = (\d+)", text)
+        out[platform] = {"partitions": int(partitions.group(1)) if partitions else 1,
+                         "all_gathers": text.count("all_gather")}
+    return out
+
+
 def main(argv: list[str]) -> None:
     out = {"devices": len(jax.devices())}
     if argv and argv[0].startswith("train:"):
@@ -151,9 +184,13 @@ def main(argv: list[str]) -> None:
             sequence = int(argv.pop(0).split(":")[1])
             out["train"] = {"1": train_curves(Path(tmp), 1),
                             str(sequence): train_curves(Path(tmp), sequence)}
+    if argv and argv[0].startswith("lower:"):
+        out["lowered"] = lower_sharded_step(argv.pop(0).split(":")[1].split(","))
     for case in argv:
-        mixers, sizes = case.split("@")
-        out[case] = check(mixers.split(","), tuple(int(x) for x in sizes.split("x")))
+        mixers, rest = case.split("@")
+        sizes, _, layout = rest.partition(":")
+        out[case] = check(mixers.split(","), tuple(int(x) for x in sizes.split("x")),
+                          layout or "contiguous")
         print(case, json.dumps(out[case])[:400], file=sys.stderr, flush=True)
     print(json.dumps(out))
 

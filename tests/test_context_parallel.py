@@ -4,8 +4,9 @@ one device: for every registered mixer, float32 logits and every parameter gradi
 rows (documents crossing shard boundaries, one starting exactly on a boundary, trailing padding
 across one) equal the one-device run's; the mixers with an exchange of their own gather no
 activation's whole time axis (attention: only its keys and values); train.py's loop with
-mesh.sequence = 4 logs the one-device run's losses and gradient norms. Plus the mesh and
-config checks on one device."""
+mesh.sequence = 4 logs the one-device run's losses and gradient norms. Both layouts:
+contiguous and zigzag (the batch reordered on the host). Plus the layout, mesh and config
+checks on one device."""
 
 import json
 import math
@@ -14,22 +15,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from models.config_check import load_config
-from models.sharding import MeshError, check_sequence, make_mesh, resolve_mesh_shape
+from configs import ConfigError
+from models.config_check import load_config, sequence_layout
+from models.sharding import (
+    MeshError,
+    check_sequence,
+    lay_out_batch,
+    make_mesh,
+    resolve_mesh_shape,
+)
+from pallas_kernels.context_parallel import zigzag_order
 
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
 T, D = 64, 32     # the worker's sequence length and d_model
 # Mixer groups (one model each, a layer per mixer) on the issue's three meshes, as
-# (data, fsdp, sequence, tensor). EXCHANGING: every op of these mixers has its own exchange
-# (linear ops: state summaries; attention: all-gathered K / V; short convs: halos).
-EXCHANGING = {"attn,gated_deltanet,mamba2,kda": "1x1x8x1",
-              "swa,gla,deltanet,based": "2x1x4x1",
-              "conv,parallel,mom": "1x2x2x2"}
-# Left to XLA's SPMD partitioner (exact, gathering what they need): MLA, NSA, Titans. CCA,
-# CCGQA and Titans MAC / MAG were checked the same way by hand (the worker's command line),
-# not on every run (each group costs a minute of compile here).
+# (data, fsdp, sequence, tensor), in both layouts. EXCHANGING: every op of these mixers has its
+# own exchange (linear ops: state summaries; attention: all-gathered K / V; short convs: halos).
+EXCHANGING = {"attn,gated_deltanet,mamba2,kda": "1x1x8x1:zigzag",
+              "attn,swa,gla,deltanet": "2x1x4x1",
+              "conv,based,parallel,mom": "1x2x2x2",
+              "swa,gla,deltanet": "1x2x2x2:zigzag"}
+# Left to XLA's SPMD partitioner (exact in the contiguous layout, gathering what they need):
+# MLA, NSA, Titans. CCA, CCGQA and Titans MAC / MAG were checked the same way by hand (the
+# worker's command line), not on every run (each group costs a minute of compile here).
 PARTITIONED = {"mla,nsa,titans": "1x1x8x1"}
 ATTENTION = ("attn", "swa", "parallel")          # parallel's default branches include swa
 
@@ -39,7 +50,8 @@ def worker_result():
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     cases = [f"{m}@{mesh}" for m, mesh in {**EXCHANGING, **PARTITIONED}.items()]
-    proc = subprocess.run([sys.executable, str(WORKER), "train:4", *cases], env=env,
+    proc = subprocess.run([sys.executable, str(WORKER), "train:4", "lower:tpu,cuda", *cases],
+                          env=env,
                           text=True, capture_output=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,11 +91,52 @@ def test_exchanging_mixers_gather_no_whole_activation(worker_result, mixers):
 
 @pytest.mark.slow
 def test_train_py_with_a_sequence_axis_logs_the_one_device_run(worker_result):
+    """[attn, gated_deltanet] with mesh.sequence=4: the auto layout is zigzag (full causal
+    attention), so this is the reordered batch end to end (lay_out_batch, positions)."""
     curves = worker_result["train"]
     for key in ("loss", "grad_norm"):
         assert len(curves["1"][key]) == 3
         for a, b in zip(curves["4"][key], curves["1"][key]):
             assert abs(a - b) <= 1e-5 * abs(b), (key, curves)
+
+
+@pytest.mark.slow
+def test_sharded_step_lowers_for_tpu_and_gpu(worker_result):
+    """The zigzag [attn, gated_deltanet] loss-and-gradient step on mesh (1, 1, 8, 1), lowered
+    from this CPU for each platform: 8 partitions, its key / value all-gathers in the module.
+    (The ops inside the shards take their XLA forms here; the kernel backends are lowered on
+    their own in tests/test_lowering.py.)"""
+    for platform in ("tpu", "cuda"):
+        got = worker_result["lowered"][platform]
+        assert got["partitions"] == 8 and got["all_gathers"] > 0, got
+
+
+def test_zigzag_order_and_layout():
+    order = zigzag_order(16, 2)             # 4 pieces of 4: shard 0 holds 0 and 3, shard 1 1, 2
+    assert order.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]
+
+    class FakeMesh:
+        shape = {"data": 1, "fsdp": 1, "sequence": 2, "tensor": 1}
+
+    seg = np.array([[1] * 6 + [2] * 10])
+    batch = {"inputs": np.arange(16)[None], "segment_ids": seg}
+    out = lay_out_batch(batch, FakeMesh(), "zigzag")
+    assert out["inputs"].tolist() == [order.tolist()]
+    # positions are the original order's in-document positions, reordered with the tokens
+    want = np.array([list(range(6)) + list(range(10))])[:, order]
+    np.testing.assert_array_equal(out["positions"], want)
+    assert lay_out_batch(batch, FakeMesh(), "contiguous") is batch
+
+
+def test_layout_choice_and_refusal():
+    def cfg(*over):
+        return load_config(None, ["mesh.data=1", "mesh.sequence=2", *over])
+
+    assert sequence_layout(cfg("model.mixers=[attn,gated_deltanet]")) == "zigzag"
+    assert sequence_layout(cfg("model.mixers=[swa,gla]")) == "contiguous"   # no full attention
+    assert sequence_layout(cfg("model.mixers=[attn,mla]")) == "contiguous"  # mla: no exchange
+    with pytest.raises(ConfigError, match="mixer.s. mla have no sequence exchange"):
+        cfg("model.mixers=[attn,mla]", "mesh.sequence_layout=zigzag")
 
 
 def test_mesh_has_a_sequence_axis():

@@ -27,12 +27,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from configs.schema import Config, save_config
+from models.config_check import sequence_layout
 from models.lm import build_model, lm_loss_sums
 from models.sharding import (
     batch_sharding,
     check_batch,
     check_sequence,
     follow_params,
+    lay_out_batch,
     make_mesh,
     param_shardings,
     shard_batch,
@@ -63,8 +65,10 @@ def make_train_step(graphdef, optimizer, shardings=None, *, remat: str = "none",
     score different numbers of tokens).
     """
     def forward(params, batch):
+        # positions: present when the batch is zigzag-laid-out (models/sharding.lay_out_batch).
         return nnx.merge(graphdef, params)(batch["inputs"], return_aux=True, remat=remat,
-                                           segment_ids=batch.get("segment_ids"))
+                                           segment_ids=batch.get("segment_ids"),
+                                           positions=batch.get("positions"))
 
     def micro_objective(params, micro, n_tokens):
         # The training objective: the LM loss plus the layers' weighted auxiliary losses (MoM's
@@ -121,7 +125,8 @@ def make_train_step(graphdef, optimizer, shardings=None, *, remat: str = "none",
     def eval_step(params, batch):
         with forward_only():   # never differentiated: "auto" may take its forward-only choice
             logits, _ = nnx.merge(graphdef, params)(batch["inputs"],
-                                                    segment_ids=batch.get("segment_ids"))
+                                                    segment_ids=batch.get("segment_ids"),
+                                                    positions=batch.get("positions"))
         return lm_loss_sums(logits, batch["targets"], batch["loss_mask"])
 
     return train_step, eval_step
@@ -242,7 +247,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict
     # Everything that can fail on bad input happens before the run dir is written to.
     mesh = make_mesh(cfg.mesh, devices)
     check_batch(cfg.data.batch_size, mesh)
-    check_sequence(cfg.data.seq_len, mesh)
+    layout = sequence_layout(cfg)
+    check_sequence(cfg.data.seq_len, mesh, layout=layout)
     if cfg.train.grad_accum_steps > 1:   # every micro-batch splits over the devices too
         check_batch(cfg.data.batch_size // cfg.train.grad_accum_steps, mesh,
                     what="data.batch_size / train.grad_accum_steps")
@@ -261,9 +267,9 @@ def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict
                     make_eval_batches(cfg.data, cfg.model.vocab_size, cfg.train.eval_batches)]
     ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, warn=_primary_print)
     try:
-        with use_mesh(mesh):
+        with use_mesh(mesh, layout):
             return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
-                          tokenizer)
+                          tokenizer, layout)
     finally:
         ckpt.close()
 
@@ -304,7 +310,7 @@ def _eval_bytes(batches, tokenizer) -> list[int] | None:
 
 
 def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
-           tokenizer) -> dict:
+           tokenizer, layout) -> dict:
     graphdef, optimizer, params, opt_state, shardings = _initial_state(cfg, mesh)
     start_step, params, opt_state, data_state = _resume_newest(
         cfg, run_dir, ckpt, train_iter, params, opt_state, shardings)
@@ -316,8 +322,8 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
                                             remat=cfg.train.remat,
                                             grad_accum_steps=cfg.train.grad_accum_steps)
     batch_bytes = _eval_bytes(eval_batches, tokenizer)
-    eval_batches = [shard_batch(b, mesh) for b in eval_batches]
-    run = _Run(cfg=cfg, mesh=mesh, train_iter=train_iter, train_step=train_step,
+    eval_batches = [shard_batch(lay_out_batch(b, mesh, layout), mesh) for b in eval_batches]
+    run = _Run(cfg=cfg, mesh=mesh, layout=layout, train_iter=train_iter, train_step=train_step,
                evaluate=lambda params: evaluate(eval_step, params, eval_batches, batch_bytes),
                logger=logger, ckpt=ckpt, data_summary=data_summary)
     with _sigterm_flag() as flag:
@@ -406,6 +412,7 @@ class _Run:
 
     cfg: Config
     mesh: Mesh
+    layout: str                         # rows over the sequence shards (lay_out_batch)
     train_iter: Any                     # data/pipeline.py: next(), get_state(), set_state()
     train_step: Callable                # (params, opt_state, batch) -> (params, opt_state, m)
     evaluate: Callable[[Any], dict]     # params -> eval metrics (evaluate's dict)
@@ -450,7 +457,7 @@ def _step_loop(run: _Run, params, opt_state, start_step: int, stop_requested) ->
     meter = _Throughput(run.cfg.data.batch_size * run.cfg.data.seq_len, start_step)
     step, last_metrics = start_step, {}
     while step < t.steps:
-        batch = shard_batch(next(run.train_iter), run.mesh)
+        batch = shard_batch(lay_out_batch(next(run.train_iter), run.mesh, run.layout), run.mesh)
         params, opt_state, m = run.train_step(params, opt_state, batch)
         step += 1
         stop = stop_requested(step)

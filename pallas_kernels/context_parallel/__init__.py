@@ -22,7 +22,14 @@ what an op needs (correct on any mesh, not memory-efficient): tests/test_context
 checks both, equal logits and gradients for every mixer, and no gathered [B, T, D] activation
 where a mixer has its exchange.
 
-Layout: contiguous (shard r holds tokens r Tl .. (r + 1) Tl - 1).
+Layouts (mesh.sequence_layout): contiguous, shard r holds tokens r Tl .. (r + 1) Tl - 1; or
+zigzag, the row cut into 2N pieces of L = T / 2N tokens and shard r holding pieces r and
+2N - 1 - r (in that order), so every shard has as much causal-attention work as any other
+(the first pieces see few keys, the last ones many). The batch is reordered on the host before
+it reaches the devices (`zigzag_order`), with positions and document positions computed in the
+original order first; the exchanges below read the layout from SequenceShards. A mixer without
+an exchange would see the reordered row as if it were the row, so zigzag is refused for models
+that have one (configs: ZIGZAG_MIXERS).
 """
 
 from __future__ import annotations
@@ -34,12 +41,31 @@ import threading
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.segments import document_positions
 
 SEQUENCE = "sequence"
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
+LAYOUTS = ("contiguous", "zigzag")
+# Mixers whose every op has an exchange that reads the layout (the others are left to XLA's
+# partitioner, which keeps them exact only in the contiguous layout).
+ZIGZAG_MIXERS = ("attn", "swa", "gla", "mamba2", "deltanet", "gated_deltanet", "kda")
+
+
+def zigzag_order(t: int, n: int) -> np.ndarray:
+    """[T] int: the zigzag row's token i is the original row's token order[i] (shard r's
+    Tl = T / N tokens are pieces r and 2N - 1 - r of L = T / 2N tokens)."""
+    if t % (2 * n):
+        raise ValueError(f"the zigzag layout cuts each row into 2 x mesh.sequence = {2 * n} "
+                         f"pieces; the sequence length {t} is not a multiple of {2 * n}")
+    piece = t // (2 * n)
+    pieces = [p for r in range(n) for p in (r, 2 * n - 1 - r)]
+    return np.concatenate([np.arange(p * piece, (p + 1) * piece) for p in pieces])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +73,50 @@ class SequenceShards:
     """The mesh an op's time axis is sharded over, and how."""
 
     mesh: Mesh
+    layout: str = "contiguous"
 
     @property
     def n(self) -> int:
         return self.mesh.shape[SEQUENCE]
+
+    @property
+    def slots(self) -> int:
+        """Pieces per shard: 1 (contiguous) or 2 (zigzag)."""
+        return 2 if self.layout == "zigzag" else 1
+
+    @property
+    def n_pieces(self) -> int:
+        return self.n * self.slots
+
+    def piece_at(self, shard, slot):
+        """The original-order index of the piece in `slot` of `shard` (ints or traced)."""
+        if self.slots == 1:
+            return shard
+        return shard if slot == 0 else 2 * self.n - 1 - shard
+
+    def where_piece(self, piece: int) -> tuple[int, int]:
+        """(shard, slot) holding original piece `piece`."""
+        if self.slots == 1:
+            return piece, 0
+        return (piece, 0) if piece < self.n else (2 * self.n - 1 - piece, 1)
+
+    def order(self, t: int) -> np.ndarray:
+        """[T]: the row as laid out, by original token index."""
+        return np.arange(t) if self.slots == 1 else zigzag_order(t, self.n)
+
+    def local_tokens(self, tl: int):
+        """Inside a shard: [Tl] int32 original indices of its tokens."""
+        r = jax.lax.axis_index(SEQUENCE)
+        length = tl // self.slots
+        return jnp.concatenate([self.piece_at(r, s) * length + jnp.arange(length, dtype=jnp.int32)
+                                for s in range(self.slots)])
+
+    def document_positions(self, segment_ids: jax.Array) -> jax.Array:
+        """[B, T] in-document positions of a laid-out row, counted in the original order (a
+        global op: XLA gathers the [B, T] ids, not an activation)."""
+        order = self.order(segment_ids.shape[1])
+        inverse = np.argsort(order)
+        return document_positions(segment_ids[:, inverse])[:, order]
 
     def batch_spec(self, batch: int):
         """The batch axes when they divide the batch (else replicated)."""
@@ -71,14 +137,16 @@ class SequenceShards:
         return P(self.batch_spec(x.shape[0]), SEQUENCE, *rest)
 
     def check_length(self, op: str, t: int, at_least: int = 1) -> int:
-        """Tl, after checking that N divides T and Tl >= at_least."""
-        if t % self.n:
-            raise ValueError(f"{op}: the sequence length {t} must be a multiple of "
-                             f"mesh.sequence = {self.n} (each shard holds T / {self.n} tokens)")
-        if t // self.n < at_least:
-            raise ValueError(f"{op}: each of the {self.n} sequence shards holds {t // self.n} "
+        """Tl, after checking that the pieces divide T and each piece has >= at_least
+        tokens."""
+        pieces = self.n_pieces
+        if t % pieces:
+            raise ValueError(f"{op}: the sequence length {t} must be a multiple of {pieces} "
+                             f"(mesh.sequence = {self.n}, {self.layout} layout)")
+        if t // pieces < at_least:
+            raise ValueError(f"{op}: each of the {pieces} sequence pieces holds {t // pieces} "
                              f"tokens, fewer than the {at_least} it needs from the previous "
-                             "shard; use fewer shards or longer sequences")
+                             "one; use fewer shards or longer sequences")
         return t // self.n
 
 
@@ -100,12 +168,14 @@ def _set(value) -> Iterator[None]:
         _STATE.shards = previous
 
 
-def shard_sequence(mesh: Mesh):
-    """Inside this block ops run sequence-parallel over mesh's `sequence` axis (read when a
-    function is traced). A no-op context when that axis has size 1."""
+def shard_sequence(mesh: Mesh, layout: str = "contiguous"):
+    """Inside this block ops run sequence-parallel over mesh's `sequence` axis in `layout`
+    (read when a function is traced). A no-op context when that axis has size 1."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"sequence layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     if mesh.shape.get(SEQUENCE, 1) <= 1:
         return contextlib.nullcontext()
-    return _set(SequenceShards(mesh))
+    return _set(SequenceShards(mesh, layout))
 
 
 def inside_shard():
@@ -123,8 +193,32 @@ def run_sharded(shards: SequenceShards, local, args, in_specs, out_specs):
                          check_vma=False)(*args)
 
 
-def previous_shard(x: jax.Array, n: int, fill=0):
-    """Inside a shard: x of shard r - 1 (shard 0 gets `fill`)."""
-    got = jax.lax.ppermute(x, SEQUENCE, perm=[(i, i + 1) for i in range(n - 1)])
-    first = jax.lax.axis_index(SEQUENCE) == 0
-    return jax.numpy.where(first, jax.numpy.asarray(fill, x.dtype), got)
+def split_pieces(x: jax.Array, slots: int) -> jax.Array:
+    """Inside a shard: [B, Tl, ...] -> [slots * B, Tl / slots, ...], slot-major (the pieces as
+    rows of their own)."""
+    b, tl = x.shape[:2]
+    x = x.reshape(b, slots, tl // slots, *x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape(slots * b, tl // slots, *x.shape[3:])
+
+
+def merge_pieces(x: jax.Array, slots: int) -> jax.Array:
+    """split_pieces' inverse."""
+    sb, length = x.shape[:2]
+    x = x.reshape(slots, sb // slots, length, *x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape(sb // slots, slots * length, *x.shape[3:])
+
+
+def pieces_in_order(gathered: jax.Array, shards: SequenceShards) -> jax.Array:
+    """all_gather'd per-slot values [N, slots, ...] -> [pieces, ...] in original order."""
+    at = [shards.where_piece(p) for p in range(shards.n_pieces)]
+    return gathered[np.array([s for s, _ in at]), np.array([k for _, k in at])]
+
+
+def previous_pieces(last: jax.Array, shards: SequenceShards, fill=0) -> jax.Array:
+    """Inside a shard: last [slots, ...] (something of each local piece's end) -> for each
+    local piece, that of the piece before it in the original order (the first piece gets
+    `fill`). One all_gather of `last`: it is a few tokens per piece."""
+    ordered = pieces_in_order(jax.lax.all_gather(last, SEQUENCE), shards)
+    ordered = jnp.concatenate([jnp.full_like(ordered[:1], fill), ordered[:-1]])
+    r = jax.lax.axis_index(SEQUENCE)
+    return jnp.stack([ordered[shards.piece_at(r, s)] for s in range(shards.slots)])

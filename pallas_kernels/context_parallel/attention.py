@@ -4,18 +4,19 @@ and values (the all-gather form of MaxText and Llama 3's context parallelism).
 Shape legend: B batch, T tokens of the row, Tl = T / N of one shard, H query heads, Hkv
 key/value heads, Dh head dim.
 
-Only K and V (and the segment ids) are gathered, [B, T, Hkv, Dh] each: with GQA a fraction
-of the [B, T, D] residual stream, and no query, score or output leaves its shard. The mask is
-pallas_kernels/masks' definition with the shard's query indices r Tl .. (r + 1) Tl - 1 against
-all T keys (packed documents: same document, in-document causal order, windows and sinks by
-in-document position, so sinks are exact wherever a document's first tokens live). Scores
-[B, H, Tl, T] are dense here (the "xla" attention form on a slice of the queries); a ring
-exchange with an online softmax, which keeps only one key block per step, is not built.
-"""
+Only K and V (and the segment ids) are gathered, [B, T, Hkv, Dh] each: with GQA a fraction of
+the [B, T, D] residual stream, and no query, score or output leaves its shard. The mask is
+pallas_kernels/masks' definition with the shard's queries' original indices (r Tl .. (r + 1) Tl
+- 1 contiguous; pieces r and 2N - 1 - r zigzag) against all T keys (packed documents: same
+document, in-document causal order, windows and sinks by in-document position, so sinks are
+exact wherever a document's first tokens live). Scores [B, H, Tl, T] are dense here (the "xla"
+attention form on a slice of the queries); a ring exchange with an online softmax, which keeps
+only one key block per step, is not built."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -28,22 +29,23 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
     from pallas_kernels.attention.xla import softmax_attention
 
     tl = shards.check_length("attention", q.shape[1])
+    order = shards.order(q.shape[1])            # the laid-out row's original indices
+    inverse = np.argsort(order)
 
     def local(q, k, v, *seg):
         gather = lambda x: lax.all_gather(x, SEQUENCE, axis=1, tiled=True)  # noqa: E731
-        k_all, v_all = gather(k), gather(v)
-        t = k_all.shape[1]
-        first = lax.axis_index(SEQUENCE) * tl
-        qi = first + jnp.arange(tl)
+        k_all, v_all = gather(k), gather(v)     # laid out as the row: key i is token order[i]
+        qi = shards.local_tokens(tl)            # the shard's queries' original indices
         if seg:
             seg_all = gather(seg[0])
-            pos_all = document_positions(seg_all)
+            pos_all = document_positions(seg_all[:, inverse])[:, order]
+            first = lax.axis_index(SEQUENCE) * tl
             pos_q = lax.dynamic_slice_in_dim(pos_all, first, tl, axis=1)
             pi, pj = pos_q[:, :, None], pos_all[:, None, :]
             mask = (seg[0][:, :, None] == seg_all[:, None, :]) & (pj <= pi)
         else:
-            pi, pj = qi[None, :, None], jnp.arange(t)[None, None, :]
-            mask = jnp.broadcast_to(pj <= pi, (q.shape[0], tl, t))
+            pi, pj = qi[None, :, None], jnp.asarray(order)[None, None, :]
+            mask = jnp.broadcast_to(pj <= pi, (q.shape[0], tl, len(order)))
         if window is not None:
             mask &= (pi - pj < window) | (pj < n_sinks)
         return softmax_attention(q, k_all, v_all, mask, scale)

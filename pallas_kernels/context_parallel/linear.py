@@ -13,10 +13,12 @@ algorithm): values [v | 0_K] and initial state [0 | I_K] put b in the first V co
 final state and M = M I_K in the last K. Its cost is one run at width V + K instead of V, and
 the exchange is K x (K + V) floats per head and shard, independent of T.
 
-Then every shard gathers the N summaries, folds S_in(r + 1) = M_r S_in(r) + b_r in float32
-(S_in(r) = 0 when shard r's first token starts a document, which the slice alone cannot see:
-its first token continues "the row", as a row's first token does in every op), and runs its
-slice from S_in(its index). Exact up to float32 summation order. Normalised linear attention
+Then every shard gathers the summaries of all pieces (a shard holds one piece of the row, or
+two in the zigzag layout: each is summarised and run as a row of its own), folds
+S_in(p + 1) = M_p S_in(p) + b_p in the original piece order in float32 (S_in(p) = 0 when
+piece p's first token starts a document, which the piece alone cannot see: its first token
+continues "the row", as a row's first token does in every op), and runs its pieces from
+their S_in. Exact up to float32 summation order. Normalised linear attention
 carries the key sum z like one more value column (v = 1).
 """
 
@@ -27,7 +29,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.context_parallel import SEQUENCE, SequenceShards, previous_shard, run_sharded
+from pallas_kernels.context_parallel import (
+    SEQUENCE,
+    SequenceShards,
+    merge_pieces,
+    pieces_in_order,
+    previous_pieces,
+    run_sharded,
+    split_pieces,
+)
 
 F32 = jnp.float32
 
@@ -62,39 +72,50 @@ def sharded_linear_op(op: str, run, args, kwargs, shards: SequenceShards):
     normalize = kwargs.get("normalize", False)
     q, k, v = args[:3]
     shards.check_length(op, q.shape[1])
-    n = shards.n
+    slots = shards.slots
 
     present = [a is not None for a in args]      # delta_rule passes g = None
 
     def local(*arrays):
         *xs, sg = arrays if seg is not None else (*arrays, None)
         it = iter(xs)
-        q, k, v, *gates = [next(it) if p else None for p in present]
-        b, _, h, kd = k.shape
+        # The shard's pieces (1 contiguous, 2 zigzag) as rows of their own: [slots * B, L].
+        split = lambda x: None if x is None else split_pieces(x, slots)  # noqa: E731
+        q, k, v, *gates = [split(next(it)) if p else None for p in present]
+        sg = split(sg)
+        rows, _, h, kd = k.shape
+        b = rows // slots
         vd = v.shape[-1]
         ones = [jnp.ones(v.shape[:3] + (1,), v.dtype)] if normalize else []
         wide = jnp.concatenate([v, *ones, jnp.zeros(v.shape[:3] + (kd,), v.dtype)], axis=-1)
-        eye = jnp.broadcast_to(jnp.eye(kd, dtype=F32), (b, h, kd, kd))
-        s0 = jnp.concatenate([jnp.zeros((b, h, kd, wide.shape[-1] - kd), F32), eye], axis=-1)
+        eye = jnp.broadcast_to(jnp.eye(kd, dtype=F32), (rows, h, kd, kd))
+        s0 = jnp.concatenate([jnp.zeros((rows, h, kd, wide.shape[-1] - kd), F32), eye], axis=-1)
         summary_kw = dict(kwargs, normalize=False) if "normalize" in kwargs else kwargs
         _, fin = run(q, k, wide, *gates, initial_state=s0, output_final_state=True,
                      segment_ids=sg, **summary_kw)
-        m, bias = fin[..., -kd:], fin[..., :-kd]
+        per_slot = lambda x: x.reshape(slots, b, *x.shape[1:])  # noqa: E731
+        m, bias = per_slot(fin[..., -kd:]), per_slot(fin[..., :-kd])
         if sg is None:
-            start = jnp.zeros((b,), bool)
+            start = jnp.zeros((slots, b), bool)
         else:
-            start = (sg[:, 0] != previous_shard(sg[:, -1], n, fill=-1)) & (sg[:, 0] != 0)
-        gather = lambda x: lax.all_gather(x, SEQUENCE)  # noqa: E731
-        incoming = _fold(gather(m), gather(bias), gather(start))
-        s_in = incoming[lax.axis_index(SEQUENCE)]
+            first = per_slot(sg[:, 0])
+            before = previous_pieces(per_slot(sg[:, -1]), shards, fill=-1)
+            start = (first != before) & (first != 0)
+        ordered = lambda x: pieces_in_order(lax.all_gather(x, SEQUENCE), shards)  # noqa: E731
+        incoming = _fold(ordered(m), ordered(bias), ordered(start))       # [pieces, B, ...]
+        r = lax.axis_index(SEQUENCE)
+        s_in = jnp.concatenate([incoming[shards.piece_at(r, i)] for i in range(slots)])
         if normalize:
             s_in = (s_in[..., :vd], s_in[..., vd])
         o, fin = run(q, k, v, *gates, initial_state=s_in, output_final_state=want_final,
                      segment_ids=sg, **kwargs)
+        o = merge_pieces(o, slots)
         if not want_final:
             return o
-        last = lax.axis_index(SEQUENCE) == n - 1
-        fin = jax.tree.map(lambda s: lax.psum(jnp.where(last, s, 0.0), SEQUENCE), fin)
+        # The row's final state: the last piece's, wherever it lives.
+        shard, slot = shards.where_piece(shards.n_pieces - 1)
+        fin = jax.tree.map(lambda x: per_slot(x)[slot], fin)
+        fin = jax.tree.map(lambda x: lax.psum(jnp.where(r == shard, x, 0.0), SEQUENCE), fin)
         return o, fin
 
     given = tuple(a for a in args if a is not None)

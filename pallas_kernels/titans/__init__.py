@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.backends import resolve_backend
+from pallas_kernels.context_parallel import sequence_shards
+from pallas_kernels.context_parallel.ulysses import heads_divide, sharded_by_heads
 from pallas_kernels.segments import check_segment_ids, zero_padding
 from pallas_kernels.titans.reference import (
     TitansState,
@@ -127,6 +129,19 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
         raise ValueError(f"{_OP}: grad_clip must be > 0 or None; got {grad_clip}")
     if isinstance(chunk_offset, jax.Array) and chunk_offset.ndim != 0:
         raise ValueError(f"{_OP}: chunk_offset must be a scalar; got shape {chunk_offset.shape}")
+    shards = sequence_shards()
+    if (shards is not None and not output_final_state and momentum0 is None
+            and chunk_start0 is None and chunk_offset == 0 and heads_divide(shards, q.shape[2])):
+        # Time sharded over the mesh's sequence axis: the memory update is not affine in the
+        # state, so the shards trade the time split for a head split (context_parallel/
+        # ulysses.py) and run whole rows of their heads.
+        def whole_rows(q, k, v, theta, eta, alpha, memory0, segment_ids):
+            return titans_memory(q, k, v, theta, eta, alpha, memory0=memory0,
+                                 chunk_size=chunk_size, grad_clip=grad_clip, backend=backend,
+                                 segment_ids=segment_ids, chunk_capacity=chunk_capacity)[0]
+
+        return sharded_by_heads(whole_rows, (q, k, v, theta, eta, alpha), memory0,
+                                segment_ids, shards), None
     if segment_ids is not None:
         check_segment_ids(_OP, segment_ids, q)
         if output_final_state:
