@@ -4,6 +4,7 @@ T / N (weak scaling), on simulated CPU devices.
 
     python benchmarks/cp.py                      # gla, gated_deltanet, mamba2, attn; N 1 2 4 8
     python benchmarks/cp.py --mixers kda --T 4096 --shards 1 2 4
+    python benchmarks/cp.py --mixers attn --layout zigzag --attention ring
 
 Each row compiles the loss-and-gradient step of a small float32 LM (--layers layers of one
 mixer, d_model --d_model, packed rows of four documents) with mesh (1, 1, N, 1) and reads
@@ -42,12 +43,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from models.config_check import load_config  # noqa: E402
 from models.lm import build_model, lm_loss  # noqa: E402
-from models.sharding import batch_sharding, make_mesh, use_mesh  # noqa: E402
+from models.sharding import batch_sharding, lay_out_batch, make_mesh, use_mesh  # noqa: E402
 
 
 def step_fn(graphdef):
-    def loss(params, tokens, targets, mask, seg):
-        logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids=seg)
+    def loss(params, tokens, targets, mask, seg, positions=None):
+        logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids=seg, positions=positions)
         return lm_loss(logits, targets, mask)[0]
 
     return jax.jit(jax.value_and_grad(loss))
@@ -63,13 +64,15 @@ def measure(a, mixer: str, t: int, n: int) -> dict:
     mesh = make_mesh(cfg.mesh, jax.devices()[:n])
     rng = np.random.default_rng(0)
     seg = np.repeat(np.arange(1, 5), t // 4)[None].repeat(a.batch, 0)      # 4 documents
-    put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh))  # noqa: E731
-    batch = [put(rng.integers(0, 256, (a.batch, t)).astype(np.int32)),
-             put(rng.integers(0, 256, (a.batch, t)).astype(np.int32)),
-             put(np.ones((a.batch, t), np.float32)), put(seg.astype(np.int32))]
+    host = lay_out_batch({"tokens": rng.integers(0, 256, (a.batch, t)).astype(np.int32),
+                          "targets": rng.integers(0, 256, (a.batch, t)).astype(np.int32),
+                          "mask": np.ones((a.batch, t), np.float32),
+                          "seg": seg.astype(np.int32)}, mesh, a.layout)
+    batch = [jax.device_put(jnp.asarray(host[k]), batch_sharding(mesh))
+             for k in ("tokens", "targets", "mask", "seg", "positions") if k in host]
     params = jax.device_put(params, NamedSharding(mesh, P()))
     fn = step_fn(graphdef)
-    with use_mesh(mesh):
+    with use_mesh(mesh, a.layout, a.attention):
         compiled = fn.trace(params, *batch).lower().compile()
     mem = compiled.memory_analysis()
     jax.block_until_ready(compiled(params, *batch))
@@ -108,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip_weak", action="store_true")
+    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="contiguous")
+    p.add_argument("--attention", choices=["all_gather", "ring"], default="all_gather",
+                   help="softmax attention's exchange")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
     print(f"devices: {len(jax.devices())} simulated CPU", flush=True)
@@ -118,8 +124,9 @@ def main(argv=None) -> int:
     text = "\n".join([
         f"Context parallelism on {len(jax.devices())} simulated CPU devices (`python "
         f"benchmarks/cp.py {' '.join(argv or sys.argv[1:])}`): {a.layers}-layer float32 LM, "
-        f"d_model {a.d_model}, batch {a.batch}, loss + gradients; temp = compiled temp bytes "
-        "per device; time on shared cores (no speed-up expected here).", "",
+        f"d_model {a.d_model}, batch {a.batch}, 4 packed documents per row, {a.layout} layout, "
+        f"attention by {a.attention}, loss + gradients; temp = compiled temp bytes per device; "
+        "time on shared cores (no speed-up expected here).", "",
         *table(strong, f"Strong scaling (T = {a.T})"),
         *([] if a.skip_weak else table(weak, f"Weak scaling (T / N = {per_shard})"))])
     print("\n" + text)

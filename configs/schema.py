@@ -146,8 +146,9 @@ class TrainConfig:
     # Activation checkpointing per block (models/lm.py): none keeps every activation for the
     # backward pass; full keeps only each block's input and recomputes the rest; dots keeps
     # the matmul outputs and recomputes the cheap elementwise work around them; dots_no_batch
-    # keeps only the projections' outputs (models/lm.py: REMAT_POLICIES).
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # keeps only the projections' outputs; offload keeps those in host memory (models/lm.py:
+    # REMAT_POLICIES).
+    remat: Literal["none", "full", "dots", "dots_no_batch", "offload"] = "none"
     # Gradients summed over this many micro-batches of data.batch_size / grad_accum_steps rows
     # before one optimizer step (the same update as one batch of data.batch_size rows).
     grad_accum_steps: int = 1
@@ -172,6 +173,9 @@ class MeshConfig:
     # the model has full causal attention and every mixer reads the layout, else contiguous
     # (pallas_kernels/context_parallel).
     sequence_layout: Literal["auto", "contiguous", "zigzag"] = "auto"
+    # Softmax attention over the sequence shards: all_gather (keys / values gathered) or ring
+    # (passed shard to shard with an online softmax).
+    sequence_attention: Literal["all_gather", "ring"] = "all_gather"
 
     def sizes(self) -> tuple[int, int, int, int]:
         return (self.data, self.fsdp, self.sequence, self.tensor)

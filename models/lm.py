@@ -21,7 +21,12 @@ from layers.cache import refuse_segments_with_cache, tree_nbytes
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import MixerWithAuxLoss, build_mixer
-from models.sharding import active_mesh, active_sequence_layout, constrain
+from models.sharding import (
+    active_mesh,
+    active_sequence_attention,
+    active_sequence_layout,
+    constrain,
+)
 from pallas_kernels.backends import forward_only
 from pallas_kernels.context_parallel import shard_sequence
 from pallas_kernels.segments import document_positions
@@ -33,12 +38,17 @@ RESIDUAL = ("batch", "length", None)     # logical axes of the residual stream [
 # recomputes the whole block; "dots" saves every matmul output and recomputes the elementwise
 # work between them (norms, activations, gates); "dots_no_batch" saves only matmuls without
 # batch dimensions (the projections, not attention's score / value products, which grow with
-# T^2 or with the state). Policies: jax.checkpoint_policies.
+# T^2 or with the state); "offload" keeps what dots_no_batch keeps but in host memory
+# (pinned_host), copied there in the forward and back in the backward, so the device holds
+# none of it (the 1M-token MEMO paper's and MaxText's offloaded remat; a GPU / TPU moves the
+# copies alongside compute, a CPU has no separate host memory and keeps them in place).
+# Policies: jax.checkpoint_policies.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -155,7 +165,8 @@ class LM(nnx.Module):
         # the mixers exchange what their slices need (pallas_kernels/context_parallel).
         sharded = contextlib.nullcontext()
         if mesh is not None and cache is None:
-            sharded = shard_sequence(mesh, active_sequence_layout())
+            sharded = shard_sequence(mesh, active_sequence_layout(),
+                                     active_sequence_attention())
         with forward_only() if cache is not None else contextlib.nullcontext(), sharded:
             for i, block in enumerate(self.blocks):
                 if remat != "none":

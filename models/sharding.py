@@ -64,7 +64,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
 }
 
-_ACTIVE: list[tuple[Mesh, str]] = []     # (mesh, sequence layout) of each use_mesh block
+# (mesh, sequence layout, sequence attention exchange) of each use_mesh block
+_ACTIVE: list[tuple[Mesh, str, str]] = []
 
 
 class MeshError(ValueError):
@@ -220,6 +221,11 @@ def active_sequence_layout() -> str:
     return _ACTIVE[-1][1] if _ACTIVE else "contiguous"
 
 
+def active_sequence_attention() -> str:
+    """Softmax attention's sequence exchange in the innermost `use_mesh` block."""
+    return _ACTIVE[-1][2] if _ACTIVE else "all_gather"
+
+
 def lay_out_batch(batch: dict, mesh: Mesh, layout: str) -> dict:
     """A host batch of [B, T] arrays laid out for the sequence shards: unchanged when
     contiguous (or one shard); zigzag: every array reordered along T (context_parallel's
@@ -255,11 +261,12 @@ def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, sequence_layout: str = "contiguous") -> Iterator[Mesh]:
-    """Makes `mesh` the one `constrain` uses while tracing inside this block, and
-    sequence_layout how its batches' rows are laid out over the sequence axis (lay_out_batch;
-    the model's sequence exchanges read it)."""
-    _ACTIVE.append((mesh, sequence_layout))
+def use_mesh(mesh: Mesh, sequence_layout: str = "contiguous",
+             sequence_attention: str = "all_gather") -> Iterator[Mesh]:
+    """Makes `mesh` the one `constrain` uses while tracing inside this block, sequence_layout
+    how its batches' rows are laid out over the sequence axis (lay_out_batch; the model's
+    sequence exchanges read it) and sequence_attention softmax attention's exchange."""
+    _ACTIVE.append((mesh, sequence_layout, sequence_attention))
     try:
         yield mesh
     finally:

@@ -5,7 +5,7 @@ compiled HLO all-gathers any activation's whole time axis. Prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python tests/context_parallel_worker.py [train:N] [lower:P,..] \
-            MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag] ...
+            MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag][:ring] ...
 
 (train:N first: train.py's loop for three steps on one device and with mesh.sequence = N;
 then lower:tpu,cuda: the sharded step lowered for those platforms.)
@@ -58,9 +58,11 @@ def model_for(mixers: list[str]):
     return build_model(cfg.model, seed=0)
 
 
-def loss_and_grads(graphdef, params, tokens, targets, mask, seg, positions=None):
+def loss_and_grads(graphdef, params, tokens, targets, mask, seg, positions=None,
+                   remat="none"):
     def loss(params):
-        logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids=seg, positions=positions)
+        logits, _ = nnx.merge(graphdef, params)(tokens, segment_ids=seg, positions=positions,
+                                                remat=remat)
         return lm_loss(logits, targets, mask)[0], logits
 
     (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -98,7 +100,8 @@ def gradient_error(got, want) -> float:
     return max(relative(a, b, floor=1e-3 * top) for a, b in zip(got, want))
 
 
-def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous") -> dict:
+def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous",
+          attention: str = "all_gather") -> dict:
     model = model_for(mixers)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -119,7 +122,7 @@ def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous")
     args = [jax.device_put(jnp.asarray(batch[k]), batch_sharding(mesh))
             for k in ("tokens", "targets", "mask", "seg", "positions") if k in batch]
     params_rep = jax.device_put(params, NamedSharding(mesh, P()))
-    with use_mesh(mesh, layout):
+    with use_mesh(mesh, layout, attention):
         lowered = fn.trace(graphdef, params_rep, *args).lower()
     compiled = lowered.compile()
     got = compiled(params_rep, *args)
@@ -153,8 +156,9 @@ def train_curves(out_dir: Path, sequence: int) -> dict:
 
 def lower_sharded_step(platforms: list[str]) -> dict:
     """The sharded loss-and-gradient step of [attn, gated_deltanet] (mesh (1, 1, 8, 1),
-    zigzag) lowered for each platform ("tpu", "cuda") from this CPU, without running: its
-    partition count and how many all-gathers the module holds."""
+    zigzag, train.remat=offload) lowered for each platform ("tpu", "cuda") from this CPU,
+    without running: its partition count, how many all-gathers the module holds, and how many
+    values it places in pinned host memory (the offloaded remat)."""
     graphdef, params = nnx.split(model_for(["attn", "gated_deltanet"]))
     mesh = make_mesh(load_config(None, ["mesh.data=1", "mesh.sequence=8"]).mesh)
     spec = lambda dtype: jax.ShapeDtypeStruct((B, T), dtype,  # noqa: E731
@@ -163,15 +167,16 @@ def lower_sharded_step(platforms: list[str]) -> dict:
             spec(jnp.int32)]
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=NamedSharding(mesh, P())), params)
-    fn = jax.jit(loss_and_grads, static_argnums=0)
+    fn = jax.jit(loss_and_grads, static_argnums=(0, 7))
     out = {}
     for platform in platforms:
         with use_mesh(mesh, "zigzag"):
-            text = fn.trace(graphdef, params, *args).lower(
+            text = fn.trace(graphdef, params, *args, "offload").lower(
                 lowering_platforms=(platform,)).as_text()
         partitions = re.search(r"mhlo.num_partitions = (\d+)", text)
         out[platform] = {"partitions": int(partitions.group(1)) if partitions else 1,
-                         "all_gathers": text.count("all_gather")}
+                         "all_gathers": text.count("all_gather"),
+                         "offloaded": text.count("pinned_host")}
     return out
 
 
@@ -188,9 +193,11 @@ def main(argv: list[str]) -> None:
         out["lowered"] = lower_sharded_step(argv.pop(0).split(":")[1].split(","))
     for case in argv:
         mixers, rest = case.split("@")
-        sizes, _, layout = rest.partition(":")
-        out[case] = check(mixers.split(","), tuple(int(x) for x in sizes.split("x")),
-                          layout or "contiguous")
+        sizes, *options = rest.split(":")
+        layout = "zigzag" if "zigzag" in options else "contiguous"
+        attention = "ring" if "ring" in options else "all_gather"
+        out[case] = check(mixers.split(","), tuple(int(x) for x in sizes.split("x")), layout,
+                          attention)
         print(case, json.dumps(out[case])[:400], file=sys.stderr, flush=True)
     print(json.dumps(out))
 

@@ -32,16 +32,19 @@ from pallas_kernels.context_parallel import zigzag_order
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
 T, D = 64, 32     # the worker's sequence length and d_model
 # Mixer groups (one model each, a layer per mixer) on the issue's three meshes, as
-# (data, fsdp, sequence, tensor), in both layouts. EXCHANGING: every op of these mixers has its
-# own exchange (linear ops: state summaries; attention: all-gathered K / V; short convs: halos).
+# (data, fsdp, sequence, tensor), in both layouts, attention by all-gather or ring.
+# EXCHANGING: every op of these mixers has its own exchange (linear ops: state summaries;
+# attention: all-gathered or ringed K / V; short convs: halos; Titans: a head split).
 EXCHANGING = {"attn,gated_deltanet,mamba2,kda": "1x1x8x1:zigzag",
-              "attn,swa,gla,deltanet": "2x1x4x1",
+              "attn,swa,gla,deltanet": "2x1x4x1:ring",
               "conv,based,parallel,mom": "1x2x2x2",
-              "swa,gla,deltanet": "1x2x2x2:zigzag"}
+              "swa,gla,deltanet": "1x2x2x2:zigzag:ring",
+              # Titans: a head split (Ulysses), 4 heads over 4 sequence shards.
+              "titans,titans_mag": "2x1x4x1"}
 # Left to XLA's SPMD partitioner (exact in the contiguous layout, gathering what they need):
-# MLA, NSA, Titans. CCA, CCGQA and Titans MAC / MAG were checked the same way by hand (the
-# worker's command line), not on every run (each group costs a minute of compile here).
-PARTITIONED = {"mla,nsa,titans": "1x1x8x1"}
+# MLA, NSA, Titans MAC. CCA and CCGQA were checked the same way by hand (the worker's command
+# line), not on every run (each group costs a minute of compile here).
+PARTITIONED = {"mla,nsa,titans_mac": "1x1x8x1"}
 ATTENTION = ("attn", "swa", "parallel")          # parallel's default branches include swa
 
 
@@ -79,11 +82,13 @@ def test_sharded_sequence_equals_one_device(worker_result, mixers):
 def test_exchanging_mixers_gather_no_whole_activation(worker_result, mixers):
     """No all-gather of an activation's whole time axis in the compiled train step (an array
     [.., T, ..] with at least d_model floats per token), except attention's keys and values
-    [B, T, Hkv, Dh] (the all-gather form). Narrower whole-length gathers are allowed: MoM's
-    router weights [B, T, memories], which its per-row sort of (token, memory) pairs needs."""
+    [B, T, Hkv, Dh] in the all-gather form (the ring form passes blocks instead). Narrower
+    whole-length gathers are allowed: MoM's router weights [B, T, memories], which its per-row
+    sort of (token, memory) pairs needs."""
     gathers = worker_result[f"{mixers}@{EXCHANGING[mixers]}"]["gathers"]
     wide = [s for s in gathers if math.prod(s[s.index(T) + 1:]) >= D]
-    if any(m in ATTENTION for m in mixers.split(",")):
+    ring = EXCHANGING[mixers].endswith(":ring")
+    if any(m in ATTENTION for m in mixers.split(",")) and not ring:
         assert all(len(s) == 4 and s[1] == T for s in wide), gathers
     else:
         assert wide == [], gathers
@@ -102,13 +107,15 @@ def test_train_py_with_a_sequence_axis_logs_the_one_device_run(worker_result):
 
 @pytest.mark.slow
 def test_sharded_step_lowers_for_tpu_and_gpu(worker_result):
-    """The zigzag [attn, gated_deltanet] loss-and-gradient step on mesh (1, 1, 8, 1), lowered
-    from this CPU for each platform: 8 partitions, its key / value all-gathers in the module.
-    (The ops inside the shards take their XLA forms here; the kernel backends are lowered on
-    their own in tests/test_lowering.py.)"""
+    """The zigzag [attn, gated_deltanet] loss-and-gradient step on mesh (1, 1, 8, 1) with
+    train.remat=offload, lowered from this CPU for each platform: 8 partitions, its key /
+    value all-gathers, and kept matmul outputs placed in pinned host memory (the offloaded
+    remat composes with the sequence axis). (The ops inside the shards take their XLA forms
+    here; the kernel backends are lowered on their own in tests/test_lowering.py.)"""
     for platform in ("tpu", "cuda"):
         got = worker_result["lowered"][platform]
         assert got["partitions"] == 8 and got["all_gathers"] > 0, got
+        assert got["offloaded"] > 0, got
 
 
 def test_zigzag_order_and_layout():

@@ -131,6 +131,23 @@ def test_remat_compiled_memory(remat_setup):
     assert 0 < temp["full"] <= temp["none"]
 
 
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_offload_remat_moves_the_kept_matmuls_to_host(remat_setup, platform):
+    """train.remat=offload: lowered for a TPU / GPU from this CPU, the backward pass's kept
+    matmul outputs are placed in pinned host memory (annotate_device_placement to
+    pinned_host), and dots_no_batch, which keeps the same ones on the device, has none. (A CPU
+    has no separate host memory: XLA drops the placements when compiling for it, and the
+    values, checked in test_remat_same_values_and_less_kept_memory, are the same.)"""
+    params, loss = remat_setup
+
+    def lowered(policy):
+        fn = jax.jit(jax.grad(lambda p: loss(p, policy)))
+        return fn.trace(params).lower(lowering_platforms=(platform,)).as_text()
+
+    assert lowered("offload").count("pinned_host") > 0
+    assert lowered("dots_no_batch").count("pinned_host") == 0
+
+
 def test_remat_refused_with_a_cache():
     cfg = load_config(None, TINY)
     model = build_model(cfg.model)

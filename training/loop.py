@@ -267,7 +267,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None, devices=None) -> dict
                     make_eval_batches(cfg.data, cfg.model.vocab_size, cfg.train.eval_batches)]
     ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints, warn=_primary_print)
     try:
-        with use_mesh(mesh, layout):
+        with use_mesh(mesh, layout, cfg.mesh.sequence_attention):
             return _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
                           tokenizer, layout)
     finally:

@@ -13,9 +13,12 @@ slice under jax.shard_map with an exchange of their own:
     slice as an affine map of the incoming state, S_out = M S_in + b, folds the gathered
     summaries in shard order and runs its slice from the state it receives (linear.py);
   * softmax attention (pallas_kernels/attention): key / value slices all-gathered, each shard's
-    queries attend over them under the causal / window / sink / document mask (attention.py);
-  * short convolutions (layers/conv.py): the previous shard's last W - 1 inputs as a halo
-    (halo.py).
+    queries attend over them under the causal / window / sink / document mask (attention.py),
+    or passed around a ring with an online softmax (ring.py, mesh.sequence_attention=ring);
+  * short convolutions (layers/conv.py): the previous piece's last W - 1 inputs as a halo
+    (halo.py);
+  * Titans' memory (pallas_kernels/titans): not affine in its state, so a head split instead
+    (DeepSpeed-Ulysses, ulysses.py), when the shards divide the heads.
 
 Everything else is left to XLA's SPMD partitioner, which keeps the result exact by gathering
 what an op needs (correct on any mesh, not memory-efficient): tests/test_context_parallel.py
@@ -52,6 +55,7 @@ SEQUENCE = "sequence"
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 LAYOUTS = ("contiguous", "zigzag")
+ATTENTION_EXCHANGES = ("all_gather", "ring")
 # Mixers whose every op has an exchange that reads the layout (the others are left to XLA's
 # partitioner, which keeps them exact only in the contiguous layout).
 ZIGZAG_MIXERS = ("attn", "swa", "gla", "mamba2", "deltanet", "gated_deltanet", "kda")
@@ -74,6 +78,7 @@ class SequenceShards:
 
     mesh: Mesh
     layout: str = "contiguous"
+    attention: str = "all_gather"       # softmax attention's exchange: all_gather | ring
 
     @property
     def n(self) -> int:
@@ -168,14 +173,18 @@ def _set(value) -> Iterator[None]:
         _STATE.shards = previous
 
 
-def shard_sequence(mesh: Mesh, layout: str = "contiguous"):
-    """Inside this block ops run sequence-parallel over mesh's `sequence` axis in `layout`
-    (read when a function is traced). A no-op context when that axis has size 1."""
+def shard_sequence(mesh: Mesh, layout: str = "contiguous", attention: str = "all_gather"):
+    """Inside this block ops run sequence-parallel over mesh's `sequence` axis in `layout`,
+    softmax attention by `attention` ("all_gather" or "ring"), read when a function is traced.
+    A no-op context when that axis has size 1."""
     if layout not in LAYOUTS:
         raise ValueError(f"sequence layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    if attention not in ATTENTION_EXCHANGES:
+        raise ValueError(f"sequence attention must be one of {', '.join(ATTENTION_EXCHANGES)};"
+                         f" got {attention!r}")
     if mesh.shape.get(SEQUENCE, 1) <= 1:
         return contextlib.nullcontext()
-    return _set(SequenceShards(mesh, layout))
+    return _set(SequenceShards(mesh, layout, attention))
 
 
 def inside_shard():

@@ -11,7 +11,7 @@ pallas_kernels/masks' definition with the shard's queries' original indices (r T
 document, in-document causal order, windows and sinks by in-document position, so sinks are
 exact wherever a document's first tokens live). Scores [B, H, Tl, T] are dense here (the "xla"
 attention form on a slice of the queries); a ring exchange with an online softmax, which keeps
-only one key block per step, is not built."""
+only one key block per step, is ring.py (mesh.sequence_attention=ring)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
     tl = shards.check_length("attention", q.shape[1])
     order = shards.order(q.shape[1])            # the laid-out row's original indices
     inverse = np.argsort(order)
+    heads = shards.head_spec(k.shape[2]) and shards.head_spec(q.shape[2])
+    spec = P(shards.batch_spec(q.shape[0]), SEQUENCE, heads)
+    if shards.attention == "ring":
+        return _ring(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
+                     segment_ids=segment_ids, shards=shards, spec=spec, tl=tl)
 
     def local(q, k, v, *seg):
         gather = lambda x: lax.all_gather(x, SEQUENCE, axis=1, tiled=True)  # noqa: E731
@@ -51,10 +56,25 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
         return softmax_attention(q, k_all, v_all, mask, scale)
 
     # Heads over `tensor` only when it divides both H and Hkv: a shard keeps whole GQA groups.
-    heads = shards.head_spec(k.shape[2]) and shards.head_spec(q.shape[2])
-    spec = P(shards.batch_spec(q.shape[0]), SEQUENCE, heads)
     args = (q, k, v) + ((segment_ids,) if segment_ids is not None else ())
     specs = (spec,) * 3
     if segment_ids is not None:
         specs += (shards.spec(segment_ids, heads=False),)
     return run_sharded(shards, local, args, specs, spec)
+
+
+def _ring(q, k, v, *, window, n_sinks, scale, segment_ids, shards, spec, tl):
+    """The ring form (ring.py); packed documents bring their in-document positions, computed
+    on the whole row before the shards take their slices."""
+    from pallas_kernels.context_parallel.ring import ring_local
+
+    def local(q, k, v, *doc):
+        return ring_local(q, k, v, doc if doc else None, scale=scale, window=window,
+                          n_sinks=n_sinks, shards=shards, tl=tl)
+
+    if segment_ids is None:
+        return run_sharded(shards, local, (q, k, v), (spec,) * 3, spec)
+    pos = shards.document_positions(segment_ids)
+    row = shards.spec(segment_ids, heads=False)
+    return run_sharded(shards, local, (q, k, v, segment_ids, pos), (spec,) * 3 + (row, row),
+                       spec)

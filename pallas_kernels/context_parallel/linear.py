@@ -43,8 +43,8 @@ F32 = jnp.float32
 
 
 def _fold(m_all, b_all, starts_all):
-    """m_all [N, B, H, K, K], b_all [N, B, H, K, V], starts_all [N, B] -> each shard's incoming
-    state [N, B, H, K, V] float32."""
+    """m_all [P, B, H, K, K], b_all [P, B, H, K, V], starts_all [P, B] of the P pieces in the
+    row's order -> each piece's incoming state [P, B, H, K, V] float32."""
     def step(s, xs):
         m, b, start = xs
         s = jnp.where(start[:, None, None, None], 0.0, s)

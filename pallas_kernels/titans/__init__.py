@@ -130,18 +130,21 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
     if isinstance(chunk_offset, jax.Array) and chunk_offset.ndim != 0:
         raise ValueError(f"{_OP}: chunk_offset must be a scalar; got shape {chunk_offset.shape}")
     shards = sequence_shards()
-    if (shards is not None and not output_final_state and momentum0 is None
-            and chunk_start0 is None and chunk_offset == 0 and heads_divide(shards, q.shape[2])):
+    if (shards is not None and not output_final_state and isinstance(chunk_offset, int)
+            and heads_divide(shards, q.shape[2])):
         # Time sharded over the mesh's sequence axis: the memory update is not affine in the
         # state, so the shards trade the time split for a head split (context_parallel/
-        # ulysses.py) and run whole rows of their heads.
-        def whole_rows(q, k, v, theta, eta, alpha, memory0, segment_ids):
-            return titans_memory(q, k, v, theta, eta, alpha, memory0=memory0,
-                                 chunk_size=chunk_size, grad_clip=grad_clip, backend=backend,
+        # ulysses.py) and run whole rows of their heads from their heads' initial state.
+        def whole_rows(q, k, v, theta, eta, alpha, states, segment_ids):
+            memory, momentum, chunk_start = states
+            return titans_memory(q, k, v, theta, eta, alpha, memory0=memory,
+                                 momentum0=momentum, chunk_start0=chunk_start,
+                                 chunk_offset=chunk_offset, chunk_size=chunk_size,
+                                 grad_clip=grad_clip, backend=backend,
                                  segment_ids=segment_ids, chunk_capacity=chunk_capacity)[0]
 
-        return sharded_by_heads(whole_rows, (q, k, v, theta, eta, alpha), memory0,
-                                segment_ids, shards), None
+        return sharded_by_heads(whole_rows, (q, k, v, theta, eta, alpha),
+                                (memory0, momentum0, chunk_start0), segment_ids, shards), None
     if segment_ids is not None:
         check_segment_ids(_OP, segment_ids, q)
         if output_final_state:
