@@ -11,7 +11,8 @@ mixer, d_model --d_model, packed rows of four documents) with mesh (1, 1, N, 1) 
 `compiled.memory_analysis().temp_size_in_bytes`, which is per device (an SPMD program is one
 device's). Time: the median of --repeats steps; the N simulated devices share this machine's
 cores, so time does not fall with N here: it shows what the exchanges cost, not a speed-up
-(that needs N real devices). Writes benchmarks/results/cp_cpu.{md,json}.
+(that needs N real devices). Writes benchmarks/results/cp_cpu.{md,json} (another --layout or
+--attention: cp_cpu_<layout>_<attention>.{md,json}).
 """
 
 from __future__ import annotations
@@ -132,10 +133,14 @@ def main(argv=None) -> int:
     print("\n" + text)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cp_cpu.md").write_text(text)
-    (out / "cp_cpu.json").write_text(json.dumps({"strong": strong, "weak": weak,
-                                                 "settings": vars(a)}, indent=1))
-    print(f"saved {out / 'cp_cpu.md'}")
+    # Another layout or attention exchange: a file of its own beside the default's.
+    tag = "" if (a.layout, a.attention) == ("contiguous", "all_gather") \
+        else f"_{a.layout}_{a.attention}"
+    stem = out / f"cp_cpu{tag}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"strong": strong, "weak": weak,
+                                                     "settings": vars(a)}, indent=1))
+    print(f"saved {stem}.md")
     return 0
 
 

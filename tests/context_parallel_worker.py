@@ -33,6 +33,7 @@ from models.config_check import load_config  # noqa: E402
 from models.lm import build_model, lm_loss  # noqa: E402
 from models.sharding import batch_sharding, lay_out_batch, make_mesh, use_mesh  # noqa: E402
 from pallas_kernels.context_parallel import zigzag_order  # noqa: E402
+from tests.parity import packed_segment_ids  # noqa: E402
 
 B, T, D = 4, 64, 32
 # Documents of row r: lengths crossing the 8-token shard boundaries, one starting exactly on a
@@ -41,13 +42,7 @@ DOCS = [[5, 30, 29], [16, 8, 40], [64], [11, 21, 17]]
 
 
 def segments() -> np.ndarray:
-    seg = np.zeros((B, T), np.int32)
-    for r, lens in enumerate(DOCS):
-        at = 0
-        for d, n in enumerate(lens):
-            seg[r, at:at + n] = d + 1
-            at += n
-    return seg
+    return packed_segment_ids(DOCS, T)
 
 
 def model_for(mixers: list[str]):

@@ -49,6 +49,18 @@ def decode_paths(module, x, *, prefill: int, chunk: int, max_len: int, cache_dty
     return full, stepped, chunked
 
 
+def packed_segment_ids(doc_lengths, t: int) -> np.ndarray:
+    """[len(doc_lengths), T] int32 segment ids: row r holds documents of doc_lengths[r] tokens
+    (numbered from 1) in order, then padding (0)."""
+    seg = np.zeros((len(doc_lengths), t), np.int32)
+    for r, lens in enumerate(doc_lengths):
+        at = 0
+        for d, n in enumerate(lens):
+            seg[r, at:at + n] = d + 1
+            at += n
+    return seg
+
+
 def relative_error(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 

@@ -12,7 +12,7 @@ import pytest
 
 from pallas_kernels.attention.reference import attention_reference
 from pallas_kernels.nsa import Geometry, compression_slots, nsa
-from tests.parity import relative_error
+from tests.parity import packed_segment_ids, relative_error
 
 B, T, HQ, H, K = 2, 37, 4, 2, 8
 # Small blocks so a 37-token row has many of each: compressed tokens of 4 keys every 2,
@@ -165,13 +165,7 @@ DOCS = [[9, 20, 8], [16, 21]]      # documents crossing query chunks and selecti
 
 
 def packed_segments():
-    seg = np.zeros((B, T), np.int32)
-    for r, lens in enumerate(DOCS):
-        at = 0
-        for d, n in enumerate(lens):
-            seg[r, at:at + n] = d + 1
-            at += n
-    return seg          # row 1 ends in padding (37 - 37 = 0 in row 0, 0 in row 1)
+    return packed_segment_ids(DOCS, T)      # both rows exactly full (37 tokens)
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla"])

@@ -14,7 +14,7 @@ import pytest
 from pallas_kernels.backends import interpret_kernels
 from pallas_kernels.nsa import nsa
 from pallas_kernels.nsa.selected import tile_pairs
-from tests.parity import relative_error
+from tests.parity import packed_segment_ids, relative_error
 
 B, T, HQ, H, K, V = 2, 37, 6, 2, 8, 16
 GEO = dict(cmp_block=4, cmp_stride=2, block_size=4, block_count=4, window=5)
@@ -22,13 +22,7 @@ DOCS = [[9, 20, 8], [16, 18]]           # row 1: 3 tokens of padding at the end
 
 
 def segments():
-    seg = np.zeros((B, T), np.int32)
-    for r, lens in enumerate(DOCS):
-        at = 0
-        for d, n in enumerate(lens):
-            seg[r, at:at + n] = d + 1
-            at += n
-    return jnp.asarray(seg)
+    return jnp.asarray(packed_segment_ids(DOCS, T))
 
 
 def inputs(seed, dtype):

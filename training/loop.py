@@ -316,7 +316,8 @@ def _train(cfg, run_dir, ckpt, train_iter, eval_batches, stop_at_step, mesh,
         cfg, run_dir, ckpt, train_iter, params, opt_state, shardings)
     _write_run_files(cfg, run_dir)
     logger = _Logger(cfg, run_dir, start_step)
-    data_summary = _announce_start(cfg, run_dir, logger, params, start_step, data_state)
+    data_summary = _announce_start(cfg, run_dir, logger, params, start_step, data_state, mesh,
+                                   layout)
     train_step, eval_step = make_train_step(graphdef, optimizer,
                                             (*shardings, batch_sharding(mesh)),
                                             remat=cfg.train.remat,
@@ -389,7 +390,8 @@ def _write_run_files(cfg, run_dir) -> None:
             save_to_run_dir(cfg.data.tokenizer, run_dir)
 
 
-def _announce_start(cfg, run_dir, logger, params, start_step, data_state) -> str:
+def _announce_start(cfg, run_dir, logger, params, start_step, data_state, mesh=None,
+                    layout="contiguous") -> str:
     """Logs what the run is (or resumes); warns when the data differ from the checkpoint's.
     -> the data summary the checkpoints record."""
     from data import describe
@@ -400,9 +402,12 @@ def _announce_start(cfg, run_dir, logger, params, start_step, data_state) -> str
         logger.message(f"warning: the data differ from the checkpoint's "
                        f"({data_state.get('source')!r} then, {data_summary!r} now)")
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    shards = mesh.shape.get("sequence", 1) if mesh is not None else 1
+    sequence = (f", sequence over {shards} shards ({layout}, attention by "
+                f"{cfg.mesh.sequence_attention})" if shards > 1 else "")
     logger.message(f"{'resuming from step ' + str(start_step) if start_step else 'starting'}: "
                    f"{n_params / 1e6:.3f}M params, mixers {list(cfg.model.layer_mixers())}, "
-                   f"data {data_summary}, run dir {run_dir}")
+                   f"data {data_summary}{sequence}, run dir {run_dir}")
     return data_summary
 
 

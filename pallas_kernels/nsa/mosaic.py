@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.nsa.dots import dot, dot_nt
+
 F32 = jnp.float32
 MASK = -0.7 * float(jnp.finfo(F32).max)      # finite "minus infinity", as triton.py
 BQ = 16          # queries per program
@@ -62,19 +64,6 @@ class Cfg:
 def _pltpu():
     from jax.experimental.pallas import tpu as pltpu
     return pltpu
-
-
-def _precision(cfg):
-    return lax.Precision.HIGHEST if cfg.highest else lax.Precision.DEFAULT
-
-
-def _dot(a, b, cfg):            # a [M, K] @ b [K, N]
-    return jnp.dot(a, b, precision=_precision(cfg), preferred_element_type=F32)
-
-
-def _dot_nt(a, b, cfg):         # a [M, K] @ b [N, K]^T
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(cfg),
-                           preferred_element_type=F32)
 
 
 def _tiles_of_block(first, cfg, visit):
@@ -99,13 +88,43 @@ def _fetch(src, dst, sem_ref, slot):
     return _pltpu().make_async_copy(src, dst, sem_ref.at[slot])
 
 
+def _wait_all(copies):
+    for c in copies:
+        c.start()
+    for c in copies:
+        c.wait()
+
+
+def _fetch_tile(k_hbm, v_hbm, k_buf, v_buf, sem, b, h, tile, ts):
+    """Copies key / value tile `tile` of row b, head h from HBM into k_buf / v_buf."""
+    rows = pl.ds(pl.multiple_of(tile * ts, ts), ts)
+    _wait_all((_fetch(k_hbm.at[b, h, rows], k_buf, sem, 0),
+               _fetch(v_hbm.at[b, h, rows], v_buf, sem, 1)))
+
+
+def _for_each_block(starts_ref, i, cfg, attend):
+    """attend(tile, first) for each aligned key tile of each selected block of query i of the
+    program (starts_ref [1, BQ * n]; unused blocks, -1, skipped)."""
+    n = cfg.block_count
+
+    def per_block(s, _):
+        first = starts_ref[0, i * n + s]
+
+        @pl.when(first >= 0)
+        def _():
+            _tiles_of_block(first, cfg, lambda tile: attend(tile, first))
+        return 0
+
+    lax.fori_loop(0, n, per_block, 0)
+
+
 def _fwd_kernel(starts_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, acc_ref, m_ref,
                 sum_ref, sem, *, cfg: Cfg):
     # starts_ref [1, BQ * n] SMEM; q_ref [BQ, Gp, K]; k_hbm / v_hbm [B, H, Tp, K|V]; o_ref
     # [BQ, Gp, V]; lse_ref [BQ, Gp, 1]; k_buf [TS, K], v_buf [TS, V]; acc [Gp, V];
     # m, sum [Gp, 1].
     b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    ts, n = cfg.tile, cfg.block_count
+    ts = cfg.tile
 
     def per_query(i, _):
         t = qb * BQ + i
@@ -115,32 +134,19 @@ def _fwd_kernel(starts_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, a
         sum_ref[...] = jnp.zeros(sum_ref.shape, F32)
 
         def attend(tile, first):
-            rows = pl.ds(pl.multiple_of(tile * ts, ts), ts)
-            copies = (_fetch(k_hbm.at[b, h, rows], k_buf, sem, 0),
-                      _fetch(v_hbm.at[b, h, rows], v_buf, sem, 1))
-            for c in copies:
-                c.start()
-            for c in copies:
-                c.wait()
+            _fetch_tile(k_hbm, v_hbm, k_buf, v_buf, sem, b, h, tile, ts)
             vis = _visible(tile, first, t, cfg, (q.shape[0], ts), 1)
-            s = jnp.where(vis, _dot_nt(q, k_buf[...], cfg) * cfg.scale, MASK)
+            s = jnp.where(vis, dot_nt(q, k_buf[...], cfg.highest) * cfg.scale, MASK)
             m = m_ref[...]
             m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
             alpha = jnp.exp(m - m_new)
             p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
             sum_ref[...] = alpha * sum_ref[...] + p.sum(axis=-1, keepdims=True)
-            acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v_buf.dtype), v_buf[...], cfg)
+            acc_ref[...] = (alpha * acc_ref[...]
+                            + dot(p.astype(v_buf.dtype), v_buf[...], cfg.highest))
             m_ref[...] = m_new
 
-        def per_block(s, _):
-            first = starts_ref[0, i * n + s]
-
-            @pl.when(first >= 0)
-            def _():
-                _tiles_of_block(first, cfg, lambda tile: attend(tile, first))
-            return 0
-
-        lax.fori_loop(0, n, per_block, 0)
+        _for_each_block(starts_ref, i, cfg, attend)
         total = sum_ref[...]
         total = jnp.where(total == 0.0, 1.0, total)        # padded queries see no key
         o_ref[i] = acc_ref[...] / total
@@ -154,7 +160,7 @@ def _dq_kernel(starts_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, dq_r
                v_buf, dq_acc, sem, *, cfg: Cfg):
     # As _fwd_kernel; do_ref [BQ, Gp, V]; lse_ref, delta_ref [BQ, Gp, 1]; dq_ref [BQ, Gp, K].
     b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    ts, n = cfg.tile, cfg.block_count
+    ts = cfg.tile
 
     def per_query(i, _):
         t = qb * BQ + i
@@ -163,28 +169,14 @@ def _dq_kernel(starts_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, dq_r
         dq_acc[...] = jnp.zeros(dq_acc.shape, F32)
 
         def attend(tile, first):
-            rows = pl.ds(pl.multiple_of(tile * ts, ts), ts)
-            copies = (_fetch(k_hbm.at[b, h, rows], k_buf, sem, 0),
-                      _fetch(v_hbm.at[b, h, rows], v_buf, sem, 1))
-            for c in copies:
-                c.start()
-            for c in copies:
-                c.wait()
+            _fetch_tile(k_hbm, v_hbm, k_buf, v_buf, sem, b, h, tile, ts)
             vis = _visible(tile, first, t, cfg, (q.shape[0], ts), 1)
-            s = _dot_nt(q, k_buf[...], cfg) * cfg.scale
+            s = dot_nt(q, k_buf[...], cfg.highest) * cfg.scale
             p = jnp.where(vis, jnp.exp(s - lse), 0.0)
-            ds = p * (_dot_nt(do, v_buf[...], cfg) - delta)
-            dq_acc[...] += _dot(ds.astype(k_buf.dtype), k_buf[...], cfg)
+            ds = p * (dot_nt(do, v_buf[...], cfg.highest) - delta)
+            dq_acc[...] += dot(ds.astype(k_buf.dtype), k_buf[...], cfg.highest)
 
-        def per_block(s, _):
-            first = starts_ref[0, i * n + s]
-
-            @pl.when(first >= 0)
-            def _():
-                _tiles_of_block(first, cfg, lambda tile: attend(tile, first))
-            return 0
-
-        lax.fori_loop(0, n, per_block, 0)
+        _for_each_block(starts_ref, i, cfg, attend)
         dq_ref[i] = (dq_acc[...] * cfg.scale).astype(dq_ref.dtype)
         return 0
 
@@ -206,32 +198,24 @@ def _dkv_kernel(bounds_ref, k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm, pai
 
     def per_pair(e, _):
         t, first = t_buf[e], first_buf[e]
-        copies = (_fetch(q_hbm.at[b, h, t], q_buf, sem, 0),
-                  _fetch(do_hbm.at[b, h, t], do_buf, sem, 1),
-                  _fetch(lse_hbm.at[b, h, t], lse_buf, sem, 2),
-                  _fetch(delta_hbm.at[b, h, t], delta_buf, sem, 3))
-        for c in copies:
-            c.start()
-        for c in copies:
-            c.wait()
+        _wait_all((_fetch(q_hbm.at[b, h, t], q_buf, sem, 0),
+                   _fetch(do_hbm.at[b, h, t], do_buf, sem, 1),
+                   _fetch(lse_hbm.at[b, h, t], lse_buf, sem, 2),
+                   _fetch(delta_hbm.at[b, h, t], delta_buf, sem, 3)))
         q, do = q_buf[...], do_buf[...]
         # Transposed scores [TS, Gp]: key rows, head columns.
         vis = _visible(j, first, t, cfg, (k.shape[0], q.shape[0]), 0)
-        s_t = _dot_nt(k, q, cfg) * cfg.scale
+        s_t = dot_nt(k, q, cfg.highest) * cfg.scale
         p_t = jnp.where(vis, jnp.exp(s_t - lse_buf[...]), 0.0)
-        dv_acc[...] += _dot(p_t.astype(do.dtype), do, cfg)
-        ds_t = p_t * (_dot_nt(v, do, cfg) - delta_buf[...])
-        dk_acc[...] += _dot(ds_t.astype(q.dtype), q, cfg)
+        dv_acc[...] += dot(p_t.astype(do.dtype), do, cfg.highest)
+        ds_t = p_t * (dot_nt(v, do, cfg.highest) - delta_buf[...])
+        dk_acc[...] += dot(ds_t.astype(q.dtype), q, cfg.highest)
         return 0
 
     def per_chunk(c, _):
         base = lo + c * CH
-        copies = (_fetch(pair_t_hbm.at[b, h, pl.ds(base, CH)], t_buf, sem, 0),
-                  _fetch(pair_start_hbm.at[b, h, pl.ds(base, CH)], first_buf, sem, 1))
-        for cp in copies:
-            cp.start()
-        for cp in copies:
-            cp.wait()
+        _wait_all((_fetch(pair_t_hbm.at[b, h, pl.ds(base, CH)], t_buf, sem, 0),
+                   _fetch(pair_start_hbm.at[b, h, pl.ds(base, CH)], first_buf, sem, 1)))
         lax.fori_loop(0, jnp.minimum(CH, hi - base), per_pair, 0)
         return 0
 

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.nsa.dots import dot, dot_nt, dot_tn
+
 F32 = jnp.float32
 # Finite "minus infinity" (flash.py's): exp(MASK - m) is 0 for any real m, no inf - inf.
 MASK = -0.7 * float(jnp.finfo(F32).max)
@@ -59,24 +61,6 @@ class Cfg:
     scale: float
     interpret: bool
     highest: bool         # float32 operands: full-precision dots (not TF32)
-
-
-def _precision(cfg: Cfg):
-    return lax.Precision.HIGHEST if cfg.highest else lax.Precision.DEFAULT
-
-
-def _dot(a, b, cfg):            # a [M, K] @ b [K, N]
-    return jnp.dot(a, b, precision=_precision(cfg), preferred_element_type=F32)
-
-
-def _dot_nt(a, b, cfg):         # a [M, K] @ b [N, K]^T
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(cfg),
-                           preferred_element_type=F32)
-
-
-def _dot_tn(a, b, cfg):         # a [M, P]^T @ b [M, Q]
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_precision(cfg),
-                           preferred_element_type=F32)
 
 
 def _block_keys(starts_ref, i, t, cfg):
@@ -99,12 +83,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, starts_ref, o_ref, lse_ref, *, cfg: Cfg):
         lo, vis = _block_keys(starts_ref, i, t, cfg)
         k = k_ref[pl.ds(lo, bs), :]
         v = v_ref[pl.ds(lo, bs), :]
-        s = jnp.where(vis[None, :], _dot_nt(q, k, cfg) * cfg.scale, MASK)
+        s = jnp.where(vis[None, :], dot_nt(q, k, cfg.highest) * cfg.scale, MASK)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp(m - m_new)          # rescales what was summed under the old max
         p = jnp.where(vis[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         row_sum = alpha * row_sum + p.sum(axis=-1)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, cfg)
+        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, cfg.highest)
         return acc, m_new, row_sum
 
     gp = q.shape[0]
@@ -131,10 +115,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, starts_ref, do_ref, lse_ref, delta_ref, dq_r
         lo, vis = _block_keys(starts_ref, i, t, cfg)
         k = k_ref[pl.ds(lo, bs), :]
         v = v_ref[pl.ds(lo, bs), :]
-        s = _dot_nt(q, k, cfg) * cfg.scale
+        s = dot_nt(q, k, cfg.highest) * cfg.scale
         p = jnp.where(vis[None, :], jnp.exp(s - lse[:, None]), 0.0)
-        ds = p * (_dot_nt(do, v, cfg) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, cfg)
+        ds = p * (dot_nt(do, v, cfg.highest) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k, cfg.highest)
 
     dq = lax.fori_loop(0, cfg.block_count, body, jnp.zeros(q.shape, F32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -156,11 +140,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offsets_ref, pa
         first = pair_start_ref[e]
         q, do = q_ref[t], do_ref[t]
         vis = (key >= first) & (key < first + bs) & (key <= t)
-        s = _dot_nt(q, k, cfg) * cfg.scale
+        s = dot_nt(q, k, cfg.highest) * cfg.scale
         p = jnp.where(vis[None, :], jnp.exp(s - lse_ref[t][:, None]), 0.0)
-        dv = dv + _dot_tn(p.astype(do.dtype), do, cfg)
-        ds = p * (_dot_nt(do, v, cfg) - delta_ref[t][:, None])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q, cfg)
+        dv = dv + dot_tn(p.astype(do.dtype), do, cfg.highest)
+        ds = p * (dot_nt(do, v, cfg.highest) - delta_ref[t][:, None])
+        dk = dk + dot_tn(ds.astype(q.dtype), q, cfg.highest)
         return dk, dv
 
     init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
