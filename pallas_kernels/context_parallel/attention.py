@@ -16,12 +16,10 @@ only one key block per step, is ring.py (mesh.sequence_attention=ring)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.context_parallel import SEQUENCE, SequenceShards, run_sharded
-from pallas_kernels.segments import document_positions
 
 
 def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: SequenceShards):
@@ -30,7 +28,6 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
 
     tl = shards.check_length("attention", q.shape[1])
     order = shards.order(q.shape[1])            # the laid-out row's original indices
-    inverse = np.argsort(order)
     heads = shards.head_spec(k.shape[2]) and shards.head_spec(q.shape[2])
     spec = P(shards.batch_spec(q.shape[0]), SEQUENCE, heads)
     if shards.attention == "ring":
@@ -43,7 +40,7 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
         qi = shards.local_tokens(tl)            # the shard's queries' original indices
         if seg:
             seg_all = gather(seg[0])
-            pos_all = document_positions(seg_all[:, inverse])[:, order]
+            pos_all = shards.document_positions(seg_all)
             first = lax.axis_index(SEQUENCE) * tl
             pos_q = lax.dynamic_slice_in_dim(pos_all, first, tl, axis=1)
             pi, pj = pos_q[:, :, None], pos_all[:, None, :]
