@@ -68,6 +68,7 @@ from layers.conv import ConvCache
 from layers.delta_rule import l2_normalize
 from layers.projections import output_projection, projection
 from layers.rope import apply_rope
+from pallas_kernels.context_parallel import sequence_shards
 from pallas_kernels.masks import packed_visibility
 from pallas_kernels.segments import document_positions
 
@@ -98,6 +99,50 @@ def _geometry(cfg, args: CCAArgs) -> tuple[int, int, int]:
     hkv = args.n_kv_heads or h
     dh = cfg.d_model // max(args.compression, 1) // max(h, 1)
     return h, hkv, dh
+
+
+def qk_conv(u: jax.Array, past: jax.Array, k1: jax.Array, bias1: jax.Array, k2: jax.Array,
+            bias2: jax.Array, *, head_dim: int, doc_pos: jax.Array | None = None,
+            past_pos: jax.Array | None = None) -> jax.Array:
+    """Step 2. u [B, T, E] after past [B, P, E] (both compute dtype) -> c [B, T, E]; k1 [W, E],
+    k2 [W, H + Hkv, Dh, Dh] and the biases [E] are the two convolutions' weights.
+
+    Both convolutions are 'valid' over [past ; u]: the depthwise one leaves T + W - 1 rows
+    (its first W - 1 at times before u, which the grouped one needs), the grouped one T.
+
+    doc_pos: optional [B, T] in-document positions (packed documents). Each document then gets
+    what it gets alone, where everything before it is zero: a depthwise tap that reaches
+    before the document reads 0, and a grouped tap that reaches a row before the document
+    reads the depthwise conv of zeros, i.e. its bias. past_pos: [B, P] in-document positions
+    of the past rows when they are real tokens (a sequence shard's halo,
+    pallas_kernels/context_parallel/halo.py); None when the past is a cache or zeros, whose
+    rows are never masked.
+    """
+    b, t, e = u.shape
+    w, dh = k1.shape[0], head_dim
+    full = jnp.concatenate([past, u], axis=1)                       # [B, P + T, E]
+    n = t + w - 1
+    # W shifted multiply-adds (W is 2 or so), as layers/conv.py. Row m of mid is time
+    # m - (W - 1); its tap i reads time m - 2 (W - 1) + i, W - 1 - i steps back.
+    if doc_pos is None:
+        mid = sum(full[:, i:i + n] * k1[i] for i in range(w)) + bias1
+    else:
+        if past_pos is None:    # rows before time 0 only ever read the zero past: no mask
+            pos = jnp.pad(doc_pos, ((0, 0), (w - 1, 0)), constant_values=2 * w)
+        else:
+            pos = jnp.concatenate([past_pos[:, past_pos.shape[1] - (w - 1):], doc_pos], axis=1)
+        pos = pos[..., None]
+        mid = sum(jnp.where(pos >= w - 1 - i, full[:, i:i + n], 0) * k1[i]
+                  for i in range(w)) + bias1
+    mid = mid.reshape(b, n, e // dh, dh)                            # heads are the groups
+    if doc_pos is None:
+        taps = [mid[:, i:i + t] for i in range(w)]
+    else:
+        before = jnp.broadcast_to(bias1.reshape(e // dh, dh), mid.shape[2:])
+        taps = [jnp.where((doc_pos >= w - 1 - i)[..., None, None], mid[:, i:i + t], before)
+                for i in range(w)]
+    c = sum(jnp.einsum("btgi,gio->btgo", tap, k2[i]) for i, tap in enumerate(taps))
+    return c.reshape(b, t, e) + bias2
 
 
 class CCA(nnx.Module):
@@ -168,44 +213,45 @@ class CCA(nnx.Module):
         return CCACache(kv=kv, qk_conv=ConvCache(tail=tail),
                         v_prev=jnp.zeros((batch_size, hkv * dh // 2), dtype))
 
+    def _conv_weights(self) -> tuple[jax.Array, ...]:
+        """(depthwise kernel [W, E], its bias [E], grouped kernel [W, H + Hkv, Dh, Dh], its bias
+        [E]) in the compute dtype."""
+        return tuple(p[...].astype(self.dtype) for p in (
+            self.conv1_kernel, self.conv1_bias, self.conv2_kernel, self.conv2_bias))
+
     def _conv(self, u: jax.Array, past: jax.Array, doc_pos: jax.Array | None = None
               ) -> tuple[jax.Array, jax.Array]:
-        """Step 2. u [B, T, E] after past [B, P, E] (both compute dtype) -> c [B, T, E] and the
-        new tail [B, P, E], the last P rows of [past ; u].
+        """Step 2: qk_conv with this layer's weights, and the new tail [B, P, E], the last P
+        rows of [past ; u]."""
+        c = qk_conv(u, past, *self._conv_weights(), head_dim=self.head_dim, doc_pos=doc_pos)
+        return c, jnp.concatenate([past, u], axis=1)[:, u.shape[1]:]
 
-        Both convolutions are 'valid' over [past ; u]: the depthwise one leaves T + W - 1 rows
-        (its first W - 1 at times before u, which the grouped one needs), the grouped one T.
+    def _sharded_mixing(self, u, v_del, doc_pos, shards) -> tuple[jax.Array, jax.Array]:
+        """Steps 2 and 4 with the time axis sharded over the mesh's sequence axis
+        (pallas_kernels/context_parallel/halo.py): each piece takes the previous piece's last
+        2 (W - 1) rows of u, with their in-document positions, for the two convolutions, and
+        its last row of x W_v2 for the value shift -> (c [B, T, E], shifted [B, T, Vh])."""
+        from pallas_kernels.context_parallel.halo import with_halos
 
-        doc_pos: optional [B, T] in-document positions (packed documents, no cache). Each
-        document then gets what it gets alone, where everything before it is zero: a depthwise
-        tap that reaches before the document reads 0, and a grouped tap that reaches a row
-        before the document reads the depthwise conv of zeros, i.e. its bias.
-        """
-        b, t, e = u.shape
-        w, dh = self.width, self.head_dim
-        full = jnp.concatenate([past, u], axis=1)                   # [B, P + T, E]
-        k1 = self.conv1_kernel[...].astype(self.dtype)
-        bias1 = self.conv1_bias[...].astype(self.dtype)
-        n = t + w - 1
-        # W shifted multiply-adds (W is 2 or so), as layers/conv.py. Row m of mid is time
-        # m - (W - 1); its tap i reads time m - 2 (W - 1) + i, W - 1 - i steps back.
-        if doc_pos is None:
-            mid = sum(full[:, i:i + n] * k1[i] for i in range(w)) + bias1
-        else:
-            # Rows before time 0 only ever read the zero past: no mask needed there.
-            pos = jnp.pad(doc_pos, ((0, 0), (w - 1, 0)), constant_values=2 * w)[..., None]
-            mid = sum(jnp.where(pos >= w - 1 - i, full[:, i:i + n], 0) * k1[i]
-                      for i in range(w)) + bias1
-        mid = mid.reshape(b, n, e // dh, dh)                        # heads are the groups
-        k2 = self.conv2_kernel[...].astype(self.dtype)
-        if doc_pos is None:
-            taps = [mid[:, i:i + t] for i in range(w)]
-        else:
-            before = jnp.broadcast_to(bias1.reshape(e // dh, dh), mid.shape[2:])
-            taps = [jnp.where((doc_pos >= w - 1 - i)[..., None, None], mid[:, i:i + t], before)
-                    for i in range(w)]
-        c = sum(jnp.einsum("btgi,gio->btgo", tap, k2[i]) for i, tap in enumerate(taps))
-        return c.reshape(b, t, e) + self.conv2_bias[...].astype(self.dtype), full[:, t:]
+        p, head_dim = 2 * (self.width - 1), self.head_dim
+
+        def mix(pieces, halos, *weights):
+            u, v_del, *pos = pieces
+            past, prev, *past_pos = halos
+            doc_pos = pos[0] if pos else None
+            if past is None:                                    # width 1: no past
+                past, past_pos = u[:, :0], [None if doc_pos is None else doc_pos[:, :0]]
+            c = qk_conv(u, past, *weights, head_dim=head_dim, doc_pos=doc_pos,
+                        past_pos=past_pos[0] if pos else None)
+            shifted = jnp.concatenate([prev, v_del], axis=1)[:, :v_del.shape[1]]
+            if doc_pos is not None:   # a document's first token sees x_{-1} = 0
+                shifted = jnp.where((doc_pos > 0)[..., None], shifted, 0)
+            return c, shifted
+
+        xs, rows = [u, v_del], [p, 1]
+        if doc_pos is not None:
+            xs, rows = xs + [doc_pos], rows + [p]
+        return with_halos(mix, xs, rows, shards, self._conv_weights(), what="cca")
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
                  cache: CCACache | None = None, segment_ids: jax.Array | None = None
@@ -215,7 +261,13 @@ class CCA(nnx.Module):
         be in-document positions (RoPE), as the LM passes them."""
         b, t, _ = x.shape
         refuse_segments_with_cache("cca", segment_ids, cache)
-        doc_pos = None if segment_ids is None else document_positions(segment_ids)
+        shards = sequence_shards() if cache is None else None
+        if segment_ids is None:
+            doc_pos = None
+        elif shards is None:
+            doc_pos = document_positions(segment_ids)
+        else:   # counted in the original order (the zigzag layout reorders the row)
+            doc_pos = shards.document_positions(segment_ids)
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         g = h // hkv
         vh = hkv * dh // 2
@@ -230,8 +282,16 @@ class CCA(nnx.Module):
         else:
             past = cache.qk_conv.tail.astype(self.dtype)
             prev = cache.v_prev[:, None].astype(self.dtype)
-        # Step 2.
-        c, tail = self._conv(u, past, doc_pos)
+        if shards is not None:      # steps 2 and 4 with halos from the previous pieces
+            c, shifted = self._sharded_mixing(u, v_del, doc_pos, shards)
+        else:
+            # Step 2.
+            c, tail = self._conv(u, past, doc_pos)
+            # Step 4, value shift: the x_{t-1} W_v2 half comes one token late.
+            v_del = jnp.concatenate([prev, v_del], axis=1)          # [B, T + 1, Vh]
+            shifted = v_del[:, :t]
+            if doc_pos is not None:   # a document's first token sees x_{-1} = 0
+                shifted = jnp.where((doc_pos > 0)[..., None], shifted, 0)
         c_q = c[..., :h * dh].reshape(b, t, hkv, g, dh)
         c_k = c[..., h * dh:].reshape(b, t, hkv, dh)
         # Step 3, q-k mean: m = (q0 + repeat_G(k0)) / 2; k adds the mean of m over each group.
@@ -240,11 +300,6 @@ class CCA(nnx.Module):
         m = (q0 + k0[:, :, :, None]) / 2
         q = (c_q + m).reshape(b, t, h, dh)
         k = c_k + jnp.mean(m, axis=3)
-        # Step 4, value shift: the x_{t-1} W_v2 half comes one token late.
-        v_del = jnp.concatenate([prev, v_del], axis=1)              # [B, T + 1, Vh]
-        shifted = v_del[:, :t]
-        if doc_pos is not None:   # a document's first token sees x_{-1} = 0
-            shifted = jnp.where((doc_pos > 0)[..., None], shifted, 0)
         v = jnp.concatenate([v_cur, shifted], axis=-1).reshape(b, t, hkv, dh)
         # Step 5. L2 norm in float32 (bf16 squares lose small vectors), to norm sqrt(Dh).
         q = l2_normalize(q, self.eps) * math.sqrt(dh)
@@ -254,6 +309,12 @@ class CCA(nnx.Module):
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, positions, self.rope_theta)
         q, k = q.astype(self.dtype), k.astype(self.dtype)
+        if shards is not None:      # keys and values all-gathered or ringed
+            from pallas_kernels.context_parallel.attention import sharded_attention
+
+            o = sharded_attention(q, k, v, window=self.window, n_sinks=0, scale=dh ** -0.5,
+                                  segment_ids=segment_ids, shards=shards)
+            return self.out(o.reshape(b, t, h * dh)), None
         if cache is None:
             keys, values, k_pos = k, v, positions
         else:

@@ -49,6 +49,7 @@ from layers.checks import head_errors
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from layers.rope import apply_rope
+from pallas_kernels.context_parallel import sequence_shards
 from pallas_kernels.masks import packed_visibility
 
 ABSORB_MODES = ("decode", "always", "never")
@@ -89,6 +90,25 @@ class MLACache(CacheBytes):
         int32 slot positions (4 bytes per slot) are bookkeeping, counted in nbytes only."""
         return (self.c_kv.shape[-1] * self.c_kv.dtype.itemsize
                 + self.k_rope.shape[-1] * self.k_rope.dtype.itemsize)
+
+
+def expand_latents(c_kv: jax.Array, k_rope: jax.Array, w_ukv: jax.Array, *, nope_dim: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The expanded form's keys and values: c_kv [B, S, R], k_rope [B, S, P], W_ukv
+    [R, H, N + V] -> k = [c_kv W_uk_i ; k_rope] [B, S, H, N + P], v = c_kv W_uv_i
+    [B, S, H, V] (eqs. 12-13, 15). H is W_ukv's: a shard of the heads expands its own."""
+    kv = jnp.einsum("bsr,rhn->bshn", c_kv, w_ukv.astype(c_kv.dtype))
+    k_nope, v = kv[..., :nope_dim], kv[..., nope_dim:]
+    h = w_ukv.shape[1]
+    k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, k_rope.shape[-1]))
+    return jnp.concatenate([k_nope, k_rope], axis=-1), v
+
+
+def latent_keys(c_kv: jax.Array, k_rope: jax.Array, _unused=None
+                ) -> tuple[jax.Array, jax.Array]:
+    """The absorbed form's one shared key [c_kv ; k_rope] [B, S, 1, R + P] and value c_kv
+    [B, S, 1, R] (V2 Sec. 2.1.2)."""
+    return (jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None, :], c_kv[:, :, None, :])
 
 
 class MLA(nnx.Module):
@@ -188,12 +208,8 @@ class MLA(nnx.Module):
 
     def _expanded(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
         """Per-head keys and values from the latents, then softmax attention -> [B, T, H, V]."""
-        h, n = self.n_heads, self.nope_dim
-        kv = jnp.einsum("bsr,rhn->bshn", c_kv, self.wkv_b[...].astype(c_kv.dtype))
-        k_nope, v = kv[..., :n], kv[..., n:]
-        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, self.rope_dim))
+        k, v = expand_latents(c_kv, k_rope, self.wkv_b[...], nope_dim=self.nope_dim)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
-        k = jnp.concatenate([k_nope, k_rope], axis=-1)
         return softmax_attention(q, k, v, mask, scale)
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, scale):
@@ -204,8 +220,30 @@ class MLA(nnx.Module):
         q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk,
                            preferred_element_type=jnp.float32).astype(q_nope.dtype)
         q = jnp.concatenate([q_lat, q_rope], axis=-1)                  # [B, T, H, R + P]
-        k = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None, :]    # [B, S, 1, R + P]
-        o_lat = softmax_attention(q, k, c_kv[:, :, None, :], mask, scale)   # [B, T, H, R]
+        o_lat = softmax_attention(q, *latent_keys(c_kv, k_rope), mask, scale)  # [B, T, H, R]
+        return jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32
+                          ).astype(q_nope.dtype)
+
+    def _sharded(self, q_nope, q_rope, c_kv, k_rope, segment_ids, scale, shards):
+        """Time sharded over the mesh's sequence axis (pallas_kernels/context_parallel): the
+        latents travel, R + P numbers a token, and each shard up-projects its own heads' keys
+        and values from them (expanded form), or attends over them as MQA (absorbed form,
+        absorb: always) -> [B, T, H, V]."""
+        from pallas_kernels.context_parallel.attention import sharded_attention
+
+        common = dict(window=self.window, n_sinks=self.n_sinks, scale=scale,
+                      segment_ids=segment_ids, shards=shards)
+        if self.absorb != "always":
+            return sharded_attention(
+                jnp.concatenate([q_nope, q_rope], axis=-1), c_kv, k_rope, **common,
+                expand=functools.partial(expand_latents, nope_dim=self.nope_dim),
+                weights=self.wkv_b[...])
+        w = self.wkv_b[...].astype(q_nope.dtype)
+        w_uk, w_uv = w[..., :self.nope_dim], w[..., self.nope_dim:]
+        q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk,
+                           preferred_element_type=jnp.float32).astype(q_nope.dtype)
+        o_lat = sharded_attention(jnp.concatenate([q_lat, q_rope], axis=-1), c_kv, k_rope,
+                                  **common, expand=latent_keys)
         return jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32
                           ).astype(q_nope.dtype)
 
@@ -219,6 +257,12 @@ class MLA(nnx.Module):
         refuse_segments_with_cache("mla", segment_ids, cache)
         q_nope, q_rope = self._queries(x, positions)
         c_kv, k_rope = self._latents(x, positions)
+        # The scale uses the full query-key width N + P (V2 Sec. 2.1.3), in both forms.
+        scale = (self.nope_dim + self.rope_dim) ** -0.5
+        shards = sequence_shards()
+        if cache is None and shards is not None:
+            o = self._sharded(q_nope, q_rope, c_kv, k_rope, segment_ids, scale, shards)
+            return self.out(o.reshape(b, t, self.n_heads * self.v_dim)), None
         if cache is None:
             c_all, r_all, k_pos = c_kv, k_rope, positions
         else:
@@ -229,8 +273,6 @@ class MLA(nnx.Module):
         mask = (attention_mask(positions, k_pos, self.window, self.n_sinks)
                 if segment_ids is None else packed_visibility(segment_ids, self.window,
                                                               self.n_sinks))
-        # The scale uses the full query-key width N + P (V2 Sec. 2.1.3), in both forms.
-        scale = (self.nope_dim + self.rope_dim) ** -0.5
         # Absorbed for decode: a step reads S x (R + P) cached values, where the expanded form
         # would first up-project all S latents to H x (N + V). With many queries (training,
         # prefill) the up-projection is shared, and the expanded products are N + P and V

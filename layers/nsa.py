@@ -29,12 +29,15 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from layers.attention import Attention, AttentionArgs, KVCache, write_cache
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from layers.projections import dense, output_projection, output_std, projection
 from layers.rope import apply_rope
 from pallas_kernels.backends import NSABackend
+from pallas_kernels.context_parallel import SEQUENCE, run_sharded, sequence_shards, whole_rows
 from pallas_kernels.nsa import Geometry, compression_slots, n_slots, nsa, slot_windows
 from pallas_kernels.nsa.selection import geometry_errors
 from pallas_kernels.segments import zero_padding
@@ -161,6 +164,44 @@ class NSA(nnx.Module):
         return cache.replace(kv=kv, k_cmp=put(cache.k_cmp, new_k),
                              v_cmp=put(cache.v_cmp, new_v))
 
+    def _sharded(self, q, k, v, gates, segment_ids, settings, shards) -> jax.Array:
+        """The cache-free call with the time axis sharded over the mesh's sequence axis
+        (pallas_kernels/context_parallel): keys and values (and the document ids) are
+        all-gathered into whole rows in the original order, as attention's all-gather form;
+        the compressed tokens are computed C / N per shard and gathered (T / d of them); each
+        shard picks blocks for its own queries at their original indices (the op's q_index,
+        the "xla" form). No [B, T, D] activation travels -> o [B, T, HQ, K]."""
+        b, t, hq, _ = q.shape
+        tl = shards.check_length("nsa", t)
+        heads = shards.head_spec(self.n_kv_heads) and shards.head_spec(hq)
+        whole = [k, v] + ([] if segment_ids is None else [segment_ids])
+        k_all, v_all, *seg_all = whole_rows(shards, whole, heads)
+        seg_all = seg_all[0] if seg_all else None
+        if seg_all is not None:                    # padding inert before phi sees it
+            k_all, v_all = zero_padding(seg_all, k_all, v_all)
+        slots = compression_slots(seg_all, b, t, self.geometry)
+        # Each shard compresses C / N of the slots (phi runs once per slot, as on one device),
+        # and the compressed tokens, T / d of them, are gathered for every shard's queries.
+        batch = shards.batch_spec(b)
+        spread = NamedSharding(shards.mesh, P(batch, SEQUENCE, None, heads, None))
+        width = self.geometry.cmp_block
+        k_cmp, v_cmp = (
+            compress(jax.lax.with_sharding_constraint(slot_windows(x, slots.end, width), spread))
+            for compress, x in ((self.k_compress, k_all), (self.v_compress, v_all)))
+
+        def local(q, gates, k, v, k_cmp, v_cmp, *seg):
+            q_index = jnp.broadcast_to(shards.local_tokens(tl), q.shape[:2])
+            return nsa(q, k, v, gates[..., 0], gates[..., 1], gates[..., 2], k_cmp=k_cmp,
+                       v_cmp=v_cmp, segment_ids=seg[0] if seg else None, q_index=q_index,
+                       **settings)
+
+        local_spec, row_spec = P(batch, SEQUENCE, heads), P(batch, None, heads)
+        args = (q, gates, k_all, v_all, k_cmp, v_cmp) + ((seg_all,) if seg_all is not None
+                                                         else ())
+        specs = (local_spec,) * 2 + (row_spec,) * 4 + ((P(batch, None),) if seg_all is not None
+                                                       else ())
+        return run_sharded(shards, local, args, specs, local_spec)
+
     def __call__(self, x: jax.Array, *, positions: jax.Array, cache: NSACache | None = None,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, NSACache | None]:
         """segment_ids: optional [B, T] packed-document ids (cache-free call): no branch
@@ -179,7 +220,10 @@ class NSA(nnx.Module):
         settings = dict(cmp_block=g.cmp_block, cmp_stride=g.cmp_stride,
                         block_size=g.block_size, block_count=g.block_count, window=g.window,
                         scale=kd ** -0.5, backend=self.backend, query_chunk=self.query_chunk)
-        if cache is None:
+        shards = sequence_shards() if cache is None else None
+        if shards is not None:
+            o = self._sharded(q, k, v, gates, segment_ids, settings, shards)
+        elif cache is None:
             if segment_ids is not None:            # padding inert before phi sees it
                 k, v = zero_padding(segment_ids, k, v)
             slots = compression_slots(segment_ids, b, t, g)

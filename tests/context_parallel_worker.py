@@ -5,7 +5,7 @@ compiled HLO all-gathers any activation's whole time axis. Prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python tests/context_parallel_worker.py [train:N] [lower:P,..] \
-            MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag][:ring] ...
+            MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag][:ring][:absorb] ...
 
 (train:N first: train.py's loop for three steps on one device and with mesh.sequence = N;
 then lower:tpu,cuda: the sharded step lowered for those platforms.)
@@ -45,11 +45,19 @@ def segments() -> np.ndarray:
     return packed_segment_ids(DOCS, T)
 
 
-def model_for(mixers: list[str]):
+# NSA's blocks scaled to the 64-token rows, so that selection, compression and the window
+# each see keys the others do not (the defaults' 512-token window would cover the row).
+SMALL = {"nsa": ["cmp_block=8", "cmp_stride=4", "block_size=8", "block_count=3", "window=8",
+                 "query_chunk=16"]}
+
+
+def model_for(mixers: list[str], extra: tuple[str, ...] = ()):
+    small = [f"model.mixer_args.{m}.{kv}" for m in mixers for kv in SMALL.get(m, [])]
+    small += list(extra)
     cfg = load_config(None, [f"model.d_model={D}", "model.n_heads=4", f"model.n_layers="
                              f"{len(mixers)}", f"model.mixers=[{','.join(mixers)}]",
                              "model.dtype=float32", "model.vocab_size=64",
-                             f"model.max_len={T}", f"data.seq_len={T}"])
+                             f"model.max_len={T}", f"data.seq_len={T}", *small])
     return build_model(cfg.model, seed=0)
 
 
@@ -96,8 +104,8 @@ def gradient_error(got, want) -> float:
 
 
 def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous",
-          attention: str = "all_gather") -> dict:
-    model = model_for(mixers)
+          attention: str = "all_gather", extra: tuple[str, ...] = ()) -> dict:
+    model = model_for(mixers, extra)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
     seg = segments()
@@ -112,10 +120,11 @@ def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous",
     cfg = load_config(None, [f"mesh.{a}={n}" for a, n in zip(names, sizes)])
     mesh = make_mesh(cfg.mesh, jax.devices()[:int(np.prod(sizes))])
     # The zigzag layout reorders the rows on the host and adds their original positions.
-    batch = lay_out_batch({"tokens": tokens, "targets": targets, "mask": mask, "seg": seg},
-                          mesh, layout)
+    # (lay_out_batch finds the documents under "segment_ids", train.py's name for them.)
+    batch = lay_out_batch({"tokens": tokens, "targets": targets, "mask": mask,
+                           "segment_ids": seg}, mesh, layout)
     args = [jax.device_put(jnp.asarray(batch[k]), batch_sharding(mesh))
-            for k in ("tokens", "targets", "mask", "seg", "positions") if k in batch]
+            for k in ("tokens", "targets", "mask", "segment_ids", "positions") if k in batch]
     params_rep = jax.device_put(params, NamedSharding(mesh, P()))
     with use_mesh(mesh, layout, attention):
         lowered = fn.trace(graphdef, params_rep, *args).lower()
@@ -191,8 +200,10 @@ def main(argv: list[str]) -> None:
         sizes, *options = rest.split(":")
         layout = "zigzag" if "zigzag" in options else "contiguous"
         attention = "ring" if "ring" in options else "all_gather"
+        # absorb: MLA in its absorbed form (multi-query attention over the latents).
+        extra = ("model.mixer_args.mla.absorb=always",) if "absorb" in options else ()
         out[case] = check(mixers.split(","), tuple(int(x) for x in sizes.split("x")), layout,
-                          attention)
+                          attention, extra)
         print(case, json.dumps(out[case])[:400], file=sys.stderr, flush=True)
     print(json.dumps(out))
 

@@ -224,6 +224,28 @@ def test_cache_queries_equal_the_full_call():
         np.testing.assert_array_equal(np.asarray(b), np.asarray(sl(blocks)))
 
 
+def test_queries_at_given_key_indices_equal_the_full_call():
+    """q_index (a sequence shard's queries, any order, packed documents allowed): a shuffled
+    subset of the queries equals the same queries of the full call, values and blocks, and
+    padding queries give 0."""
+    q, k, v, *gates = inputs(9)
+    seg = packed_segments()
+    seg[1, -3:] = 0                                                      # trailing padding
+    seg = jnp.asarray(seg)
+    full, blocks = run(q, k, v, *gates, seg, backend="xla")
+    idx = np.random.default_rng(0).permutation(T - 1)[:16].tolist() + [T - 1]
+    pick = lambda x: x[:, idx]  # noqa: E731
+    q_index = jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (B, len(idx)))
+    o, b = nsa(pick(q), k, v, *(pick(g) for g in gates), segment_ids=seg, q_index=q_index,
+               backend="xla", return_block_indices=True, **GEO)
+    assert relative_error(np.asarray(o), np.asarray(pick(full))) < 1e-6
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(pick(blocks)))
+    padding = np.asarray(pick(seg)) == 0
+    assert padding.any() and np.all(np.asarray(o)[padding] == 0)
+    with pytest.raises(ValueError, match="not both"):
+        nsa(pick(q), k, v, *(pick(g) for g in gates), q_start=0, q_index=q_index, **GEO)
+
+
 def test_compression_slots_of_packed_documents():
     """Each document gets its own compressed tokens, counted from its first token."""
     seg = jnp.asarray(packed_segments())

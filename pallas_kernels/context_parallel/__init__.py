@@ -12,18 +12,24 @@ slice under jax.shard_map with an exchange of their own:
     gla, simple_gla / Mamba-2, delta_rule, gated_delta_rule, kda): each shard summarises its
     slice as an affine map of the incoming state, S_out = M S_in + b, folds the gathered
     summaries in shard order and runs its slice from the state it receives (linear.py);
-  * softmax attention (pallas_kernels/attention): key / value slices all-gathered, each shard's
-    queries attend over them under the causal / window / sink / document mask (attention.py),
-    or passed around a ring with an online softmax (ring.py, mesh.sequence_attention=ring);
-  * short convolutions (layers/conv.py): the previous piece's last W - 1 inputs as a halo
-    (halo.py);
+  * softmax attention (pallas_kernels/attention, and CCA / CCGQA's): key / value slices
+    all-gathered, each shard's queries attend over them under the causal / window / sink /
+    document mask (attention.py), or passed around a ring with an online softmax and its own
+    recomputing backward (ring.py, mesh.sequence_attention=ring); MLA sends its latents
+    instead and each shard up-projects them (layers/mla.py);
+  * short convolutions (layers/conv.py) and CCA's two convolutions and value shift: the
+    previous piece's last rows as a halo (halo.py);
+  * NSA (layers/nsa.py): keys and values gathered into whole rows, the compressed tokens
+    computed C / N per shard and gathered, blocks chosen for the shard's own queries;
   * Titans' memory (pallas_kernels/titans): not affine in its state, so a head split instead
     (DeepSpeed-Ulysses, ulysses.py), when the shards divide the heads.
 
 Everything else is left to XLA's SPMD partitioner, which keeps the result exact by gathering
-what an op needs (correct on any mesh, not memory-efficient): tests/test_context_parallel.py
-checks both, equal logits and gradients for every mixer, and no gathered [B, T, D] activation
-where a mixer has its exchange.
+what an op needs (correct on any mesh, not memory-efficient): Titans MAC, whose segment scan
+carries a memory written from every head's attention output (an exact exchange there is a
+pipeline, the state passed shard to shard, N serial steps; not built). tests/
+test_context_parallel.py checks both: equal logits and gradients for every mixer, and no
+gathered [B, T, D] activation where a mixer has its exchange.
 
 Layouts (mesh.sequence_layout): contiguous, shard r holds tokens r Tl .. (r + 1) Tl - 1; or
 zigzag, the row cut into 2N pieces of L = T / 2N tokens and shard r holding pieces r and
@@ -57,8 +63,10 @@ HEAD_AXIS = "tensor"
 LAYOUTS = ("contiguous", "zigzag")
 ATTENTION_EXCHANGES = ("all_gather", "ring")
 # Mixers whose every op has an exchange that reads the layout (the others are left to XLA's
-# partitioner, which keeps them exact only in the contiguous layout).
-ZIGZAG_MIXERS = ("attn", "swa", "gla", "mamba2", "deltanet", "gated_deltanet", "kda")
+# partitioner, which keeps them exact only in the contiguous layout; Titans' head split reads
+# it, but falls back to the partitioner when the shards do not divide its heads).
+ZIGZAG_MIXERS = ("attn", "swa", "gla", "mamba2", "deltanet", "gated_deltanet", "kda", "mla",
+                 "cca", "ccgqa", "nsa")
 
 
 def zigzag_order(t: int, n: int) -> np.ndarray:
@@ -176,7 +184,10 @@ def _set(value) -> Iterator[None]:
 def shard_sequence(mesh: Mesh, layout: str = "contiguous", attention: str = "all_gather"):
     """Inside this block ops run sequence-parallel over mesh's `sequence` axis in `layout`,
     softmax attention by `attention` ("all_gather" or "ring"), read when a function is traced.
-    A no-op context when that axis has size 1."""
+    A no-op context when that axis has size 1. (Being trace-time state, it is not part of
+    jax.jit's cache key: a jitted function already traced for the same input shapes and
+    shardings outside the block, or in another layout, is not traced again inside it. Jit a
+    fresh function per layout; train.py fixes one per run.)"""
     if layout not in LAYOUTS:
         raise ValueError(f"sequence layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     if attention not in ATTENTION_EXCHANGES:
@@ -231,3 +242,21 @@ def previous_pieces(last: jax.Array, shards: SequenceShards, fill=0) -> jax.Arra
     ordered = jnp.concatenate([jnp.full_like(ordered[:1], fill), ordered[:-1]])
     r = jax.lax.axis_index(SEQUENCE)
     return jnp.stack([ordered[shards.piece_at(r, s)] for s in range(shards.slots)])
+
+
+def whole_rows(shards: SequenceShards, xs, heads=None):
+    """Arrays [B, T, ...] sharded over the sequence axis -> the same rows whole on every shard
+    of it and in the original token order (one all-gather each, the layout's order undone by
+    a static permutation). heads: the spec of axis 2 (kept sharded, e.g. over `tensor`).
+    For ops that read every key of a row (NSA's selection and compression); the gradient
+    flows back as a reduce-scatter."""
+    inverse = np.argsort(shards.order(xs[0].shape[1]))
+    batch = shards.batch_spec(xs[0].shape[0])
+
+    def local(*xs):
+        return tuple(jax.lax.all_gather(x, SEQUENCE, axis=1, tiled=True)[:, inverse]
+                     for x in xs)
+
+    in_specs = tuple(P(batch, SEQUENCE, *([heads] if x.ndim > 2 else [])) for x in xs)
+    out_specs = tuple(P(batch, None, *([heads] if x.ndim > 2 else [])) for x in xs)
+    return run_sharded(shards, local, tuple(xs), in_specs, out_specs)

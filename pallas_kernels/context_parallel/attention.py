@@ -2,18 +2,24 @@
 and values (the all-gather form of MaxText and Llama 3's context parallelism).
 
 Shape legend: B batch, T tokens of the row, Tl = T / N of one shard, H query heads, Hkv
-key/value heads, Dh head dim.
+key/value heads, Dh head dim, Dv value head dim.
 
 Only K and V (and the segment ids) are gathered, [B, T, Hkv, Dh] each: with GQA a fraction of
-the [B, T, D] residual stream, and no query, score or output leaves its shard. The mask is
-pallas_kernels/masks' definition with the shard's queries' original indices (r Tl .. (r + 1) Tl
-- 1 contiguous; pieces r and 2N - 1 - r zigzag) against all T keys (packed documents: same
-document, in-document causal order, windows and sinks by in-document position, so sinks are
-exact wherever a document's first tokens live). Scores [B, H, Tl, T] are dense here (the "xla"
-attention form on a slice of the queries); a ring exchange with an online softmax, which keeps
-only one key block per step, is ring.py (mesh.sequence_attention=ring)."""
+the [B, T, D] residual stream, and no query, score or output leaves its shard. A layer whose
+keys and values are an up-projection of something narrower passes that instead, with an
+`expand` that rebuilds them inside each shard: MLA sends its latents c_kv and k_rope, R + P
+numbers a token (DeepSeek-V2 Sec. 2.1), against H (N + P + V) for its per-head keys and
+values. The mask is pallas_kernels/masks' definition with the shard's queries' original
+indices (r Tl .. (r + 1) Tl - 1 contiguous; pieces r and 2N - 1 - r zigzag) against all T keys
+(packed documents: same document, in-document causal order, windows and sinks by in-document
+position, so sinks are exact wherever a document's first tokens live). Scores [B, H, Tl, T]
+are dense here (the "xla" attention form on a slice of the queries); a ring exchange with an
+online softmax, which keeps one key block per step, is ring.py
+(mesh.sequence_attention=ring)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax import lax
@@ -22,22 +28,42 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.context_parallel import SEQUENCE, SequenceShards, run_sharded
 
 
-def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: SequenceShards):
-    """attention()'s result for q, k, v [B, T, H|Hkv, Dh] sharded over the sequence axis."""
+def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: SequenceShards,
+                      expand: Callable | None = None, weights=None, weights_head_axis: int = 1):
+    """attention()'s result for q [B, T, H, Dh] sharded over the sequence axis.
+
+    k, v: the keys and values [B, T, Hkv, Dh|Dv]; or, with `expand`, any two per-token arrays
+    [B, T, ...] that travel instead and expand(k, v, weights) -> (keys [B, S, Hkv, Dh], values
+    [B, S, Hkv, Dv]) inside a shard, for S = T (all-gather) or Tl (one ring block). weights:
+    the array expand reads (replicated over the sequence axis; its `weights_head_axis` sharded
+    like q's heads, so a shard expands its own heads only)."""
     from pallas_kernels.attention.xla import softmax_attention
 
     tl = shards.check_length("attention", q.shape[1])
     order = shards.order(q.shape[1])            # the laid-out row's original indices
-    heads = shards.head_spec(k.shape[2]) and shards.head_spec(q.shape[2])
-    spec = P(shards.batch_spec(q.shape[0]), SEQUENCE, heads)
-    if shards.attention == "ring":
-        return _ring(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
-                     segment_ids=segment_ids, shards=shards, spec=spec, tl=tl)
+    batch = shards.batch_spec(q.shape[0])
+    if expand is None:
+        # Heads over `tensor` only when it divides both H and Hkv: a shard keeps whole groups.
+        heads = shards.head_spec(k.shape[2]) and shards.head_spec(q.shape[2])
+        kv_spec = P(batch, SEQUENCE, heads)
+    else:
+        heads = shards.head_spec(q.shape[2])
+        kv_spec = P(batch, SEQUENCE)
+    spec = P(batch, SEQUENCE, heads)
+    with_weights = expand is not None and weights is not None
 
-    def local(q, k, v, *seg):
+    def unpack(rest):
+        """(expand bound to this shard's weights, the row inputs that follow them)."""
+        if expand is None:
+            return (lambda k, v: (k, v)), rest
+        w = rest[0] if with_weights else None
+        return (lambda k, v: expand(k, v, w)), rest[1:] if with_weights else rest
+
+    def local(q, k, v, *rest):
+        make, seg = unpack(rest)
         gather = lambda x: lax.all_gather(x, SEQUENCE, axis=1, tiled=True)  # noqa: E731
-        k_all, v_all = gather(k), gather(v)     # laid out as the row: key i is token order[i]
-        qi = shards.local_tokens(tl)            # the shard's queries' original indices
+        keys, values = make(gather(k), gather(v))   # laid out as the row: key i is token order[i]
+        qi = shards.local_tokens(tl)                # the shard's queries' original indices
         if seg:
             seg_all = gather(seg[0])
             pos_all = shards.document_positions(seg_all)
@@ -50,28 +76,31 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
             mask = jnp.broadcast_to(pj <= pi, (q.shape[0], tl, len(order)))
         if window is not None:
             mask &= (pi - pj < window) | (pj < n_sinks)
-        return softmax_attention(q, k_all, v_all, mask, scale)
+        return softmax_attention(q, keys, values, mask, scale)
 
-    # Heads over `tensor` only when it divides both H and Hkv: a shard keeps whole GQA groups.
-    args = (q, k, v) + ((segment_ids,) if segment_ids is not None else ())
-    specs = (spec,) * 3
-    if segment_ids is not None:
-        specs += (shards.spec(segment_ids, heads=False),)
-    return run_sharded(shards, local, args, specs, spec)
+    def ring(q, k, v, *rest):
+        from pallas_kernels.context_parallel.ring import ring_local
 
-
-def _ring(q, k, v, *, window, n_sinks, scale, segment_ids, shards, spec, tl):
-    """The ring form (ring.py); packed documents bring their in-document positions, computed
-    on the whole row before the shards take their slices."""
-    from pallas_kernels.context_parallel.ring import ring_local
-
-    def local(q, k, v, *doc):
+        w = rest[0] if with_weights else None
+        doc = rest[1:] if with_weights else rest
         return ring_local(q, k, v, doc if doc else None, scale=scale, window=window,
-                          n_sinks=n_sinks, shards=shards, tl=tl)
+                          n_sinks=n_sinks, shards=shards, tl=tl, expand=expand, weights=w)
 
-    if segment_ids is None:
-        return run_sharded(shards, local, (q, k, v), (spec,) * 3, spec)
-    pos = shards.document_positions(segment_ids)
-    row = shards.spec(segment_ids, heads=False)
-    return run_sharded(shards, local, (q, k, v, segment_ids, pos), (spec,) * 3 + (row, row),
-                       spec)
+    args, specs = [q, k, v], [spec, kv_spec, kv_spec]
+    if with_weights:
+        w_spec = [None] * weights.ndim
+        w_spec[weights_head_axis] = heads
+        args.append(weights)
+        specs.append(P(*w_spec))
+    row = shards.spec(segment_ids, heads=False) if segment_ids is not None else None
+    if shards.attention == "ring":
+        # Packed documents bring their in-document positions, computed on the whole row
+        # before the shards take their slices; they travel with each block.
+        if segment_ids is not None:
+            args += [segment_ids, shards.document_positions(segment_ids)]
+            specs += [row, row]
+        return run_sharded(shards, ring, tuple(args), tuple(specs), spec)
+    if segment_ids is not None:
+        args.append(segment_ids)
+        specs.append(row)
+    return run_sharded(shards, local, tuple(args), tuple(specs), spec)

@@ -14,8 +14,9 @@ how they attend:
   * "pallas" ("pallas_gpu" / "pallas_tpu"): selected.py, the selected branch in a Pallas
     kernel (triton.py for the GPU, mosaic.py for the TPU) and the window branch in the
     platform's attention kernel (flash / splash); compressed branch and selection as "xla".
-    Cache calls (q_start given: a decode step or a chunk of prefill) take the "xla" form:
-    their few queries read n l' + w keys each, and the kernels assume queries = keys.
+    Cache calls (q_start given: a decode step or a chunk of prefill) and queries at given
+    key indices (q_index: a sequence shard's) take the "xla" form: the kernels assume
+    queries = keys.
   * "auto": per platform from pallas_kernels/backends.py's AUTO table.
 Arguments follow flash-linear-attention's parallel_nsa (q, k, v, g_cmp, g_slc, g_swa,
 block_size, block_counts, window_size, scale), with the paper's compression (blocks of l keys
@@ -44,7 +45,7 @@ __all__ = ["Geometry", "compression_slots", "n_slots", "nsa", "nsa_reference", "
            "select_blocks", "slot_windows"]
 
 
-def _check(q, k, v, gates, k_cmp, v_cmp, segment_ids, q_start, geometry):
+def _check(q, k, v, gates, k_cmp, v_cmp, segment_ids, q_start, q_index, geometry):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError("nsa: q, k, v must be [B, Tq, HQ, K] / [B, Tk, H, K] / [B, Tk, H, V]; "
                          f"got {q.shape}, {k.shape}, {v.shape}")
@@ -69,9 +70,14 @@ def _check(q, k, v, gates, k_cmp, v_cmp, segment_ids, q_start, geometry):
                               or v_cmp.shape != (b, c, h, v.shape[3])):
         raise ValueError(f"nsa: k_cmp / v_cmp must be [B, C, H, K|V] with C = (Tk - l) // d + 1 "
                          f"= {c} (compression_slots' layout); got {k_cmp.shape}, {v_cmp.shape}")
-    if q_start is None and tq != k.shape[1]:
+    if q_start is not None and q_index is not None:
+        raise ValueError("nsa: pass q_start (queries q_start .. q_start + Tq - 1) or q_index "
+                         "(each query's key index), not both")
+    if q_index is not None and q_index.shape != (b, tq):
+        raise ValueError(f"nsa: q_index must be [B, Tq] = {(b, tq)}; got {q_index.shape}")
+    if q_start is None and q_index is None and tq != k.shape[1]:
         raise ValueError(f"nsa: {tq} queries over {k.shape[1]} keys need q_start (the key "
-                         "index of the first query)")
+                         "index of the first query) or q_index")
     if segment_ids is not None:
         check_segment_ids("nsa", segment_ids, k)
         if q_start is not None:
@@ -81,7 +87,8 @@ def _check(q, k, v, gates, k_cmp, v_cmp, segment_ids, q_start, geometry):
 
 def nsa(q, k, v, g_cmp, g_slc, g_swa, *, k_cmp=None, v_cmp=None, cmp_block: int = 32,
         cmp_stride: int = 16, block_size: int = 64, block_count: int = 16, window: int = 512,
-        scale: float | None = None, segment_ids=None, q_start=None, backend: str = "auto",
+        scale: float | None = None, segment_ids=None, q_start=None, q_index=None,
+        backend: str = "auto",
         query_chunk: int = 128, return_block_indices: bool = False):
     """Native Sparse Attention.
 
@@ -101,6 +108,9 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, k_cmp=None, v_cmp=None, cmp_block: int 
             document's first token; padding is inert (outputs and gradients zero there).
         q_start: the key index of the first query (a cache: queries q_start .. q_start + Tq - 1
             over the cache's keys, later keys unseen); None: queries are the keys.
+        q_index: instead of q_start, each query's key index [B, Tq] int (any order; a sequence
+            shard's queries, pallas_kernels/context_parallel): with segment_ids, a query's
+            document is its key's.
         backend: "auto", "xla", "pallas", "pallas_gpu", "pallas_tpu" or "reference" (module
             docstring).
         query_chunk: queries per step of the "xla" form (its memory is one chunk's gathers).
@@ -115,27 +125,33 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, k_cmp=None, v_cmp=None, cmp_block: int 
     """
     geometry = Geometry(cmp_block, cmp_stride, block_size, block_count, window)
     gates = (g_cmp, g_slc, g_swa)
-    _check(q, k, v, gates, k_cmp, v_cmp, segment_ids, q_start, geometry)
+    _check(q, k, v, gates, k_cmp, v_cmp, segment_ids, q_start, q_index, geometry)
     impl = resolve_backend("nsa", backend)
     b, tq, _, kd = q.shape
     tk = k.shape[1]
     scale = kd ** -0.5 if scale is None else scale
     seg_q = None
     if segment_ids is not None:
-        q, k, v = zero_padding(segment_ids, q, k, v)
+        k, v = zero_padding(segment_ids, k, v)
         seg_q = segment_ids.astype(jnp.int32)
+        if q_index is not None:
+            seg_q = jnp.take_along_axis(seg_q, q_index, axis=1)
+        (q,) = zero_padding(seg_q, q)
     slots = compression_slots(segment_ids, b, tk, geometry)
     if k_cmp is None:
         k_cmp = jnp.mean(slot_windows(k.astype(jnp.float32), slots.end, cmp_block), axis=2)
         v_cmp = jnp.mean(slot_windows(v.astype(jnp.float32), slots.end, cmp_block), axis=2)
         k_cmp, v_cmp = k_cmp.astype(k.dtype), v_cmp.astype(v.dtype)
-    start = 0 if q_start is None else q_start
-    t = jnp.broadcast_to(start + jnp.arange(tq, dtype=jnp.int32), (b, tq))
+    if q_index is not None:
+        t = q_index.astype(jnp.int32)
+    else:
+        start = 0 if q_start is None else q_start
+        t = jnp.broadcast_to(start + jnp.arange(tq, dtype=jnp.int32), (b, tq))
     gate = jnp.stack(gates, axis=-1)
     kwargs = dict(t=t, seg_q=seg_q, slots=slots, geometry=geometry, scale=scale)
     if impl == "reference":
         o, blocks = nsa_reference(q, k, v, k_cmp, v_cmp, gate, **kwargs)
-    elif impl.startswith("pallas") and q_start is None:
+    elif impl.startswith("pallas") and q_start is None and q_index is None:
         from pallas_kernels.nsa.selected import nsa_pallas
         o, blocks = nsa_pallas(q, k, v, k_cmp, v_cmp, gate, query_chunk=query_chunk,
                                segment_ids=segment_ids, driver=impl.removeprefix("pallas_"),
@@ -143,7 +159,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, k_cmp=None, v_cmp=None, cmp_block: int 
     else:
         o, blocks = nsa_xla(q, k, v, k_cmp, v_cmp, gate, query_chunk=query_chunk, **kwargs)
     if segment_ids is not None:
-        o = jnp.where((segment_ids != 0)[..., None, None], o, 0.0)
+        o = jnp.where((seg_q != 0)[..., None, None], o, 0.0)
     o = o.astype(q.dtype)
     if blocks.shape[-1] < block_count:      # fewer blocks in the row than n: unused places
         blocks = jnp.pad(blocks, [(0, 0)] * 3 + [(0, block_count - blocks.shape[-1])],
