@@ -3,6 +3,7 @@ against the number of sequence shards N, at a fixed total T (strong scaling) and
 T / N (weak scaling), on simulated CPU devices.
 
     python benchmarks/cp.py                      # gla, gated_deltanet, mamba2, attn; N 1 2 4 8
+    python benchmarks/cp.py --mixers gla gated_deltanet mamba2 attn swa   # + a window (halos)
     python benchmarks/cp.py --mixers kda --T 4096 --shards 1 2 4
     python benchmarks/cp.py --mixers attn --layout zigzag --attention ring
 

@@ -251,7 +251,7 @@ class CCA(nnx.Module):
         xs, rows = [u, v_del], [p, 1]
         if doc_pos is not None:
             xs, rows = xs + [doc_pos], rows + [p]
-        return with_halos(mix, xs, rows, shards, self._conv_weights(), what="cca")
+        return with_halos(mix, xs, rows, shards, self._conv_weights())
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
                  cache: CCACache | None = None, segment_ids: jax.Array | None = None

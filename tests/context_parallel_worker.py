@@ -4,11 +4,12 @@ and with the time axis sharded over a mesh's `sequence` axis; and whether the sh
 compiled HLO all-gathers any activation's whole time axis. Prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python tests/context_parallel_worker.py [train:N] [lower:P,..] \
+        python tests/context_parallel_worker.py [train:N] [lower:P,..] [windows] \
             MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag][:ring][:absorb] ...
 
 (train:N first: train.py's loop for three steps on one device and with mesh.sequence = N;
-then lower:tpu,cuda: the sharded step lowered for those platforms.)
+then lower:tpu,cuda: the sharded step lowered for those platforms; then windows: the
+windowed attention op's cases.)
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def segments() -> np.ndarray:
 
 # NSA's blocks scaled to the 64-token rows, so that selection, compression and the window
 # each see keys the others do not (the defaults' 512-token window would cover the row).
+# SWA's window shorter than the pieces (its halo one hop; window_cases covers longer ones),
+# with sinks.
 SMALL = {"nsa": ["cmp_block=8", "cmp_stride=4", "block_size=8", "block_count=3", "window=8",
-                 "query_chunk=16"]}
+                 "query_chunk=16"],
+         "swa": ["window=6", "n_sinks=2"]}
 
 
 def model_for(mixers: list[str], extra: tuple[str, ...] = ()):
@@ -158,6 +162,47 @@ def train_curves(out_dir: Path, sequence: int) -> dict:
     return {key: [r[key] for r in rows if "loss" in r] for key in ("loss", "grad_norm")}
 
 
+# (layout, window, sinks, packed): halos of one hop (window - 1 <= piece length) and of
+# several pieces (20 - 1 > 4), sinks inside the halo and far before it.
+WINDOW_CASES = [("contiguous", 3, 0, True), ("zigzag", 3, 2, True), ("zigzag", 20, 3, True),
+                ("contiguous", 2, 4, True), ("zigzag", 5, 1, False)]
+
+
+def window_cases() -> dict:
+    """The attention op with a window (context_parallel/window.py) on mesh (1, 1, 8, 1), 8
+    pieces of 8 tokens (contiguous) or 16 of 4 (zigzag), GQA, packed rows: the largest
+    relative error of the output and of the q / k / v gradients against one device, per
+    case."""
+    from pallas_kernels.attention import attention
+    from pallas_kernels.context_parallel import shard_sequence
+
+    mesh = make_mesh(load_config(None, ["mesh.data=1", "mesh.sequence=8"]).mesh)
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(B, T, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, T, 2, 8)), jnp.float32) for _ in range(2))
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    out = {}
+    for layout, window, sinks, packed in WINDOW_CASES:
+        seg = jnp.asarray(segments()) if packed else None
+
+        def f(q, k, v, seg, ct, window=window, sinks=sinks):
+            o = attention(q, k, v, window=window, n_sinks=sinks, backend="xla",
+                          segment_ids=seg)
+            return jnp.sum(o * ct), o
+
+        grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+        order = np.arange(T) if layout == "contiguous" else zigzag_order(T, 8)
+        one = grads(q, k, v, seg, cotangent)
+        lay = lambda x, order=order: None if x is None else x[:, order]  # noqa: E731
+        with shard_sequence(mesh, layout):
+            got = jax.jit(grads)(lay(q), lay(k), lay(v), lay(seg), lay(cotangent))
+        back = np.argsort(order)
+        out[f"{layout}:{window}:{sinks}:{packed}"] = {
+            "values": relative(np.asarray(got[0][1])[:, back], one[0][1]),
+            "grads": max(relative(np.asarray(a)[:, back], b) for a, b in zip(got[1], one[1]))}
+    return out
+
+
 def lower_sharded_step(platforms: list[str]) -> dict:
     """The sharded loss-and-gradient step of [attn, gated_deltanet] (mesh (1, 1, 8, 1),
     zigzag, train.remat=offload) lowered for each platform ("tpu", "cuda") from this CPU,
@@ -195,6 +240,9 @@ def main(argv: list[str]) -> None:
                             str(sequence): train_curves(Path(tmp), sequence)}
     if argv and argv[0].startswith("lower:"):
         out["lowered"] = lower_sharded_step(argv.pop(0).split(":")[1].split(","))
+    if argv and argv[0] == "windows":
+        argv.pop(0)
+        out["windows"] = window_cases()
     for case in argv:
         mixers, rest = case.split("@")
         sizes, *options = rest.split(":")

@@ -49,8 +49,9 @@ EXCHANGING = {"attn,gated_deltanet,mamba2,kda,nsa": "1x1x8x1:zigzag",
 # attention outputs (pallas_kernels/context_parallel's docstring).
 PARTITIONED = {"titans_mac": "1x1x8x1"}
 # Mixers whose all-gather form gathers whole-length keys / values [B, T, Hkv, Dh] (parallel's
-# default branches include swa), and MLA, whose gathers are its latents [B, T, R] and [B, T, P].
-KEYS_GATHERED = ("attn", "swa", "parallel", "cca", "ccgqa", "nsa")
+# default branches include full attention; a window takes a halo instead), and MLA, whose
+# gathers are its latents [B, T, R] and [B, T, P].
+KEYS_GATHERED = ("attn", "parallel", "cca", "ccgqa", "nsa")
 MLA_LATENTS = (32, 8)       # MLAArgs' kv_lora_rank and qk_rope_head_dim (base.yaml)
 
 
@@ -59,7 +60,8 @@ def worker_result():
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     cases = [f"{m}@{mesh}" for m, mesh in {**EXCHANGING, **PARTITIONED}.items()]
-    proc = subprocess.run([sys.executable, str(WORKER), "train:4", "lower:tpu,cuda", *cases],
+    proc = subprocess.run([sys.executable, str(WORKER), "train:4", "lower:tpu,cuda", "windows",
+                           *cases],
                           env=env,
                           text=True, capture_output=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,8 +88,9 @@ def test_sharded_sequence_equals_one_device(worker_result, mixers):
 def test_exchanging_mixers_gather_no_whole_activation(worker_result, mixers):
     """No all-gather of an activation's whole time axis in the compiled train step (an array
     [.., T, ..] with at least d_model floats per token), except attention's keys and values
-    [B, T, Hkv, Dh] in the all-gather form (the ring form passes blocks instead; NSA always
-    gathers them) and MLA's latents [B, T, R] (R = d_model here). Narrower whole-length
+    [B, T, Hkv, Dh] in full attention's all-gather form (the ring passes blocks instead, a
+    window takes a halo; NSA always gathers them) and MLA's latents [B, T, R] (R = d_model
+    here). Narrower whole-length
     gathers are allowed: MoM's router weights [B, T, memories], which its per-row sort of
     (token, memory) pairs needs, and MLA's shared RoPE key [B, T, P]."""
     gathers = worker_result[f"{mixers}@{EXCHANGING[mixers]}"]["gathers"]
@@ -100,6 +103,18 @@ def test_exchanging_mixers_gather_no_whole_activation(worker_result, mixers):
     assert bool(keys) == bool(gathering), (gathers, gathering)
     assert bool(latents) == ("mla" in names and not ring), gathers
     assert sorted(keys + latents) == sorted(wide), gathers
+
+
+@pytest.mark.slow
+def test_sliding_windows_take_halos_and_sinks(worker_result):
+    """The attention op with a window on 8 sequence shards (context_parallel/window.py),
+    packed rows and not, both layouts: halos of one hop and of several pieces (a window
+    longer than a piece), sinks inside the halo and far before it (a document begun shards
+    back): output and q / k / v gradients equal one device's to float32 summation order."""
+    cases = worker_result["windows"]
+    assert len(cases) == 5, cases
+    for name, got in cases.items():
+        assert got["values"] <= 1e-6 and got["grads"] <= 1e-5, (name, got)
 
 
 @pytest.mark.slow

@@ -13,9 +13,10 @@ slice under jax.shard_map with an exchange of their own:
     slice as an affine map of the incoming state, S_out = M S_in + b, folds the gathered
     summaries in shard order and runs its slice from the state it receives (linear.py);
   * softmax attention (pallas_kernels/attention, and CCA / CCGQA's): key / value slices
-    all-gathered, each shard's queries attend over them under the causal / window / sink /
-    document mask (attention.py), or passed around a ring with an online softmax and its own
-    recomputing backward (ring.py, mesh.sequence_attention=ring); MLA sends its latents
+    all-gathered, each shard's queries attend over them under the causal / document mask
+    (attention.py), or passed around a ring with an online softmax and its own recomputing
+    backward (ring.py, mesh.sequence_attention=ring); with a window, only the w - 1 keys
+    before each piece as a halo and a small bank of sinks (window.py); MLA sends its latents
     instead and each shard up-projects them (layers/mla.py);
   * short convolutions (layers/conv.py) and CCA's two convolutions and value shift: the
     previous piece's last rows as a halo (halo.py);

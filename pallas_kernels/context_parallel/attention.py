@@ -11,11 +11,10 @@ keys and values are an up-projection of something narrower passes that instead, 
 numbers a token (DeepSeek-V2 Sec. 2.1), against H (N + P + V) for its per-head keys and
 values. The mask is pallas_kernels/masks' definition with the shard's queries' original
 indices (r Tl .. (r + 1) Tl - 1 contiguous; pieces r and 2N - 1 - r zigzag) against all T keys
-(packed documents: same document, in-document causal order, windows and sinks by in-document
-position, so sinks are exact wherever a document's first tokens live). Scores [B, H, Tl, T]
-are dense here (the "xla" attention form on a slice of the queries); a ring exchange with an
-online softmax, which keeps one key block per step, is ring.py
-(mesh.sequence_attention=ring)."""
+(packed documents: same document, in-document causal order). Scores [B, H, Tl, T] are dense
+here (the "xla" attention form on a slice of the queries); a ring exchange with an online
+softmax, which keeps one key block per step, is ring.py (mesh.sequence_attention=ring). A
+window (with or without sinks) takes neither: its halo form is window.py."""
 
 from __future__ import annotations
 
@@ -51,6 +50,21 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
         kv_spec = P(batch, SEQUENCE)
     spec = P(batch, SEQUENCE, heads)
     with_weights = expand is not None and weights is not None
+    w_spec = None
+    if with_weights:
+        w_spec = [None] * weights.ndim
+        w_spec[weights_head_axis] = heads
+        w_spec = P(*w_spec)
+    if window is not None:
+        # A window needs only the w - 1 keys before each piece: a halo, whichever exchange
+        # full attention takes (window.py).
+        from pallas_kernels.context_parallel.window import windowed_attention
+
+        return windowed_attention(q, k, v, window=window, n_sinks=n_sinks, scale=scale,
+                                  segment_ids=segment_ids, shards=shards, spec=spec,
+                                  kv_spec=kv_spec, expand=expand,
+                                  weights=weights if with_weights else None,
+                                  weights_spec=w_spec)
 
     def unpack(rest):
         """(expand bound to this shard's weights, the row inputs that follow them)."""
@@ -74,8 +88,6 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
         else:
             pi, pj = qi[None, :, None], jnp.asarray(order)[None, None, :]
             mask = jnp.broadcast_to(pj <= pi, (q.shape[0], tl, len(order)))
-        if window is not None:
-            mask &= (pi - pj < window) | (pj < n_sinks)
         return softmax_attention(q, keys, values, mask, scale)
 
     def ring(q, k, v, *rest):
@@ -83,15 +95,13 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
 
         w = rest[0] if with_weights else None
         doc = rest[1:] if with_weights else rest
-        return ring_local(q, k, v, doc if doc else None, scale=scale, window=window,
-                          n_sinks=n_sinks, shards=shards, tl=tl, expand=expand, weights=w)
+        return ring_local(q, k, v, doc if doc else None, scale=scale, shards=shards, tl=tl,
+                          expand=expand, weights=w)
 
     args, specs = [q, k, v], [spec, kv_spec, kv_spec]
     if with_weights:
-        w_spec = [None] * weights.ndim
-        w_spec[weights_head_axis] = heads
         args.append(weights)
-        specs.append(P(*w_spec))
+        specs.append(w_spec)
     row = shards.spec(segment_ids, heads=False) if segment_ids is not None else None
     if shards.attention == "ring":
         # Packed documents bring their in-document positions, computed on the whole row

@@ -1,5 +1,5 @@
 """Sequence-parallel causal windows: each piece of a shard's slice gets the last rows of the
-piece before it in the original order (its halo) and computes what one call over the whole
+piece(s) before it in the original order (its halo) and computes what one call over the whole
 row would.
 
 Shape legend: B batch, T tokens of the row, Tl = T / N of one shard, L tokens of one piece
@@ -7,14 +7,18 @@ Shape legend: B batch, T tokens of the row, Tl = T / N of one shard, L tokens of
 
 A short convolution y_t = sum_{i < W} w_i x_{t - W + 1 + i} (layers/conv.py) needs the W - 1
 inputs before t; CCA's two stacked convolutions need 2 (W - 1) and its value shift one
-(layers/cca.py). For the first rows of a piece (a shard's slice, or each of its two zigzag
-pieces) these live at the end of the piece before it in the original order (the row's first
-piece: zeros, as before the row): one all-gather of every piece's last R rows, R tokens per
-piece rather than the row. Packed documents drop the taps that reach before a document's
-start by the in-document positions of the whole row, computed before the slices are taken (and
-passed through the halo like any input), so a document that began on an earlier shard keeps
-its taps and one that starts on this shard's first token drops them. A piece shorter than R
-would need several pieces back: refused."""
+(layers/cca.py); a sliding window of w keys needs w - 1 (window.py). For the first rows of a
+piece (a shard's slice, or each of its two zigzag pieces) these live at the end of the piece
+before it in the original order (the row's first piece: `fill`, zeros as before the row).
+When R <= L that is one hop: the previous piece's last R rows come by one ppermute per slot
+(contiguous: shard r - 1 to r; zigzag: slot 0 from shard r - 1, slot 1 from shard r + 1, and
+shard N - 1's slot 1 from its own slot 0), R rows a piece whatever N is. A piece shorter than
+R needs several pieces back: then the pieces themselves are all-gathered (the row is then at
+most R x 2N tokens, so this is no long-sequence cost) and each takes its last R rows before
+it. Packed documents drop the taps that reach before a document's start by the in-document
+positions of the whole row, computed before the slices are taken (and passed through the
+halo like any input), so a document that began on an earlier shard keeps its taps and one
+that starts on this shard's first token drops them."""
 
 from __future__ import annotations
 
@@ -22,41 +26,69 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.context_parallel import (
     SEQUENCE,
     SequenceShards,
     merge_pieces,
-    previous_pieces,
+    pieces_in_order,
     run_sharded,
     split_pieces,
 )
 
 
+def previous_rows(pieces: jax.Array, rows: int, shards: SequenceShards, fill=0) -> jax.Array:
+    """Inside a shard: pieces [P B, L, ...] (split_pieces' slot-major layout) -> [P B, R, ...],
+    for each local piece the R rows before it in the original order (`fill` before the row).
+    """
+    slots, n = shards.slots, shards.n
+    length = pieces.shape[1]
+    rest = pieces.shape[2:]
+    by_slot = pieces.reshape(slots, -1, length, *rest)                  # [slots, B, L, ...]
+    r = lax.axis_index(SEQUENCE)
+    if rows <= length:
+        tails = by_slot[:, :, length - rows:]
+        forward = [(i, i + 1) for i in range(n - 1)]        # piece r - 1 lives on shard r - 1
+        got = [lax.ppermute(tails[0], SEQUENCE, forward)]
+        if slots == 2:
+            # Slot 1 holds piece 2N - 1 - r, whose predecessor 2N - 2 - r is shard r + 1's
+            # slot 1, or for r = N - 1 piece N - 1: this shard's own slot 0.
+            back = lax.ppermute(tails[1], SEQUENCE, [(i, i - 1) for i in range(1, n)])
+            got.append(jnp.where(r == n - 1, tails[0], back))
+        got[0] = jnp.where(r == 0, jnp.full_like(got[0], fill), got[0])
+        return jnp.concatenate(got, axis=0)
+    back = -(-rows // length)                               # pieces the halo reaches back
+    ordered = pieces_in_order(lax.all_gather(by_slot, SEQUENCE), shards)  # [pieces, B, L, ...]
+    ordered = jnp.concatenate([jnp.full((back,) + ordered.shape[1:], fill, ordered.dtype),
+                               ordered])
+    out = []
+    for slot in range(slots):
+        before = lax.dynamic_slice_in_dim(ordered, shards.piece_at(r, slot), back, axis=0)
+        before = jnp.moveaxis(before, 0, 1).reshape(-1, back * length, *rest)
+        out.append(before[:, back * length - rows:])
+    return jnp.concatenate(out, axis=0)
+
+
 def with_halos(fn: Callable, xs: Sequence[jax.Array], rows: Sequence[int],
-               shards: SequenceShards, weights: Sequence = (), what: str = "halo"):
+               shards: SequenceShards, weights: Sequence = (), fills: Sequence | None = None):
     """fn over every piece of the row with its halos, sharded over the sequence axis.
 
-    xs: arrays [B, T, ...] laid out as the row; rows[i]: how many of the previous piece's last
-    rows xs[i] needs (0: none). fn(pieces, halos, *weights) gets the pieces [P B, L, ...]
-    (P = pieces per shard, slot-major) and their halos [P B, R_i, ...] (zeros before the row;
-    None where R_i = 0) and returns [P B, L, ...] arrays (one or a tuple), merged back into
-    [B, T, ...] rows. weights: replicated arrays fn reads."""
-    shards.check_length(what, xs[0].shape[1], at_least=max(rows))
+    xs: arrays [B, T, ...] laid out as the row; rows[i]: how many rows before each piece xs[i]
+    needs (0: none); fills[i]: their value before the row (default 0). fn(pieces, halos,
+    *weights) gets the pieces [P B, L, ...] (P = pieces per shard, slot-major) and their halos
+    [P B, R_i, ...] (None where R_i = 0) and returns [P B, L, ...] arrays (one or a tuple),
+    merged back into [B, T, ...] rows. weights: replicated arrays fn reads."""
+    shards.check_length("halo", xs[0].shape[1])
     slots = shards.slots
     batch = shards.batch_spec(xs[0].shape[0])
+    fills = fills or [0] * len(xs)
 
     def local(*args):
         pieces = [split_pieces(x, slots) for x in args[:len(xs)]]     # [slots * B, L, ...]
-        halos = []
-        for x, r in zip(pieces, rows):
-            if not r:
-                halos.append(None)
-                continue
-            tails = x[:, x.shape[1] - r:]
-            tails = tails.reshape(slots, -1, *tails.shape[1:])
-            halos.append(previous_pieces(tails, shards).reshape(-1, r, *x.shape[2:]))
+        halos = [previous_rows(x, r, shards, f) if r else None
+                 for x, r, f in zip(pieces, rows, fills)]
         out = fn(pieces, halos, *args[len(xs):])
         return jax.tree.map(lambda y: merge_pieces(y, slots), out)
 
@@ -83,4 +115,4 @@ def sharded_short_conv(x, kernel, bias, segment_ids, shards: SequenceShards):
 
     xs = [x] if segment_ids is None else [x, shards.document_positions(segment_ids)]
     weights = (kernel,) if bias is None else (kernel, bias)
-    return with_halos(conv, xs, [w - 1, 0][:len(xs)], shards, weights, what="short conv")
+    return with_halos(conv, xs, [w - 1, 0][:len(xs)], shards, weights)

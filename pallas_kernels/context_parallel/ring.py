@@ -39,8 +39,8 @@ def _identity(k, v, w):
     return k, v
 
 
-def ring_local(q, k, v, doc, *, scale, window, n_sinks, shards: SequenceShards, tl: int,
-               expand=None, weights=None):
+def ring_local(q, k, v, doc, *, scale, shards: SequenceShards, tl: int, expand=None,
+               weights=None):
     """Inside a shard: q [B, Tl, H, Dh]; k / v [B, Tl, Hkv, Dh|Dv] (or, with expand, what
     expand(k, v, weights) turns into them); doc None or (segment ids, in-document positions)
     [B, Tl] each -> [B, Tl, H, Dv] in q's dtype."""
@@ -50,18 +50,16 @@ def ring_local(q, k, v, doc, *, scale, window, n_sinks, shards: SequenceShards, 
         q_pos, q_seg = jnp.broadcast_to(idx, (b, tl)), None
     else:
         q_seg, q_pos = doc
-    run = functools.partial(_ring, shards.n, expand or _identity, scale, window, n_sinks)
+    run = functools.partial(_ring, shards.n, expand or _identity, scale)
     return run(q, k, v, weights, q_pos, q_seg)
 
 
-def _mask(q_pos, q_seg, k_pos, k_seg, window, n_sinks):
-    """[B, 1, 1, Tl, Tl]: key j visible to query i (pallas_kernels/masks' definition)."""
-    pi, pj = q_pos[:, :, None], k_pos[:, None, :]
-    mask = pj <= pi
+def _mask(q_pos, q_seg, k_pos, k_seg):
+    """[B, 1, 1, Tl, Tl]: key j visible to query i (pallas_kernels/masks' definition, full
+    causal: a window takes the halo form, window.py)."""
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
     if q_seg is not None:
         mask &= q_seg[:, :, None] == k_seg[:, None, :]
-    if window is not None:
-        mask &= (pi - pj < window) | (pj < n_sinks)
     return mask[:, None, None]
 
 
@@ -76,9 +74,9 @@ def _grouped(q, hkv):
     return q.reshape(b, tl, hkv, h // hkv, dh)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _ring(n, expand, scale, window, n_sinks, q, k, v, weights, q_pos, q_seg):
-    return _forward(n, expand, scale, window, n_sinks, q, k, v, weights, q_pos, q_seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ring(n, expand, scale, q, k, v, weights, q_pos, q_seg):
+    return _forward(n, expand, scale, q, k, v, weights, q_pos, q_seg)[0]
 
 
 def _steps(n, step, carry, block):
@@ -96,7 +94,7 @@ def _steps(n, step, carry, block):
     return carry
 
 
-def _forward(n, expand, scale, window, n_sinks, q, k, v, weights, q_pos, q_seg):
+def _forward(n, expand, scale, q, k, v, weights, q_pos, q_seg):
     """(out [B, Tl, H, Dv], lse [B, Hkv, G, Tl] float32)."""
     b, tl, h, _ = q.shape
     kb, vb = jax.eval_shape(expand, k, v, weights)
@@ -107,7 +105,7 @@ def _forward(n, expand, scale, window, n_sinks, q, k, v, weights, q_pos, q_seg):
         acc, m, total = carry
         kv_src, kv_dst, k_pos, k_seg = block
         kb, vb = expand(kv_src, kv_dst, weights)
-        mask = _mask(q_pos, q_seg, k_pos, k_seg, window, n_sinks)
+        mask = _mask(q_pos, q_seg, k_pos, k_seg)
         s = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=F32) * scale
         s = jnp.where(mask, s, MASK)
         m_new = jnp.maximum(m, s.max(-1))
@@ -128,12 +126,12 @@ def _forward(n, expand, scale, window, n_sinks, q, k, v, weights, q_pos, q_seg):
     return out, lse
 
 
-def _ring_fwd(n, expand, scale, window, n_sinks, q, k, v, weights, q_pos, q_seg):
-    out, lse = _forward(n, expand, scale, window, n_sinks, q, k, v, weights, q_pos, q_seg)
+def _ring_fwd(n, expand, scale, q, k, v, weights, q_pos, q_seg):
+    out, lse = _forward(n, expand, scale, q, k, v, weights, q_pos, q_seg)
     return out, (q, k, v, weights, q_pos, q_seg, out, lse)
 
 
-def _ring_bwd(n, expand, scale, window, n_sinks, res, d_out):
+def _ring_bwd(n, expand, scale, res, d_out):
     q, k, v, weights, q_pos, q_seg, out, lse = res
     b, tl, h, _ = q.shape
     hkv = jax.eval_shape(expand, k, v, weights)[0].shape[2]
@@ -147,7 +145,7 @@ def _ring_bwd(n, expand, scale, window, n_sinks, res, d_out):
         (dq, d_weights), block, grads = carry
         kv_src, kv_dst, k_pos, k_seg = block
         (kb, vb), pull_back = jax.vjp(expand, kv_src, kv_dst, weights)
-        mask = _mask(q_pos, q_seg, k_pos, k_seg, window, n_sinks)
+        mask = _mask(q_pos, q_seg, k_pos, k_seg)
         s = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=F32) * scale
         p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
         dv = jnp.einsum("bkgts,btkgd->bskd", p, dog)
