@@ -203,12 +203,18 @@ def window_cases() -> dict:
     return out
 
 
+# The lowered step's mixers: one of each exchange (state summaries, K / V, MLA's latents,
+# halos of convs and of a window with sinks, NSA's whole rows).
+LOWERED = ["attn", "gated_deltanet", "swa", "mla", "cca", "nsa"]
+
+
 def lower_sharded_step(platforms: list[str]) -> dict:
-    """The sharded loss-and-gradient step of [attn, gated_deltanet] (mesh (1, 1, 8, 1),
-    zigzag, train.remat=offload) lowered for each platform ("tpu", "cuda") from this CPU,
-    without running: its partition count, how many all-gathers the module holds, and how many
-    values it places in pinned host memory (the offloaded remat)."""
-    graphdef, params = nnx.split(model_for(["attn", "gated_deltanet"]))
+    """The sharded loss-and-gradient step of a model of LOWERED (mesh (1, 1, 8, 1), zigzag,
+    full attention by ring, train.remat=offload) lowered for each platform ("tpu", "cuda")
+    from this CPU, without running: its partition count, how many all-gathers and collective
+    permutes (ring steps, halos) the module holds, and how many values it places in pinned
+    host memory (the offloaded remat)."""
+    graphdef, params = nnx.split(model_for(LOWERED))
     mesh = make_mesh(load_config(None, ["mesh.data=1", "mesh.sequence=8"]).mesh)
     spec = lambda dtype: jax.ShapeDtypeStruct((B, T), dtype,  # noqa: E731
                                               sharding=batch_sharding(mesh))
@@ -219,12 +225,13 @@ def lower_sharded_step(platforms: list[str]) -> dict:
     fn = jax.jit(loss_and_grads, static_argnums=(0, 7))
     out = {}
     for platform in platforms:
-        with use_mesh(mesh, "zigzag"):
+        with use_mesh(mesh, "zigzag", "ring"):
             text = fn.trace(graphdef, params, *args, "offload").lower(
                 lowering_platforms=(platform,)).as_text()
         partitions = re.search(r"mhlo.num_partitions = (\d+)", text)
         out[platform] = {"partitions": int(partitions.group(1)) if partitions else 1,
                          "all_gathers": text.count("all_gather"),
+                         "permutes": text.count("collective_permute"),
                          "offloaded": text.count("pinned_host")}
     return out
 

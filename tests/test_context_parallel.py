@@ -130,15 +130,17 @@ def test_train_py_with_a_sequence_axis_logs_the_one_device_run(worker_result):
 
 @pytest.mark.slow
 def test_sharded_step_lowers_for_tpu_and_gpu(worker_result):
-    """The zigzag [attn, gated_deltanet] loss-and-gradient step on mesh (1, 1, 8, 1) with
-    train.remat=offload, lowered from this CPU for each platform: 8 partitions, its key /
-    value all-gathers, and kept matmul outputs placed in pinned host memory (the offloaded
-    remat composes with the sequence axis). (The ops inside the shards take their XLA forms
-    here; the kernel backends are lowered on their own in tests/test_lowering.py.)"""
+    """The zigzag loss-and-gradient step of a model with one mixer of each exchange (the
+    worker's LOWERED: attention by ring, state summaries, MLA's latents, conv and window
+    halos, NSA's rows) on mesh (1, 1, 8, 1) with train.remat=offload, lowered from this CPU
+    for each platform: 8 partitions, its all-gathers and collective permutes, and kept matmul
+    outputs placed in pinned host memory (the offloaded remat composes with the sequence
+    axis). (The ops inside the shards take their XLA forms here; the kernel backends are
+    lowered on their own in tests/test_lowering.py.)"""
     for platform in ("tpu", "cuda"):
         got = worker_result["lowered"][platform]
         assert got["partitions"] == 8 and got["all_gathers"] > 0, got
-        assert got["offloaded"] > 0, got
+        assert got["permutes"] > 0 and got["offloaded"] > 0, got
 
 
 def test_zigzag_order_and_layout():
