@@ -26,49 +26,16 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.context_parallel import (
     SEQUENCE,
     SequenceShards,
     merge_pieces,
-    pieces_in_order,
+    previous_rows,
     run_sharded,
     split_pieces,
 )
-
-
-def previous_rows(pieces: jax.Array, rows: int, shards: SequenceShards, fill=0) -> jax.Array:
-    """Inside a shard: pieces [P B, L, ...] (split_pieces' slot-major layout) -> [P B, R, ...],
-    for each local piece the R rows before it in the original order (`fill` before the row).
-    """
-    slots, n = shards.slots, shards.n
-    length = pieces.shape[1]
-    rest = pieces.shape[2:]
-    by_slot = pieces.reshape(slots, -1, length, *rest)                  # [slots, B, L, ...]
-    r = lax.axis_index(SEQUENCE)
-    if rows <= length:
-        tails = by_slot[:, :, length - rows:]
-        forward = [(i, i + 1) for i in range(n - 1)]        # piece r - 1 lives on shard r - 1
-        got = [lax.ppermute(tails[0], SEQUENCE, forward)]
-        if slots == 2:
-            # Slot 1 holds piece 2N - 1 - r, whose predecessor 2N - 2 - r is shard r + 1's
-            # slot 1, or for r = N - 1 piece N - 1: this shard's own slot 0.
-            back = lax.ppermute(tails[1], SEQUENCE, [(i, i - 1) for i in range(1, n)])
-            got.append(jnp.where(r == n - 1, tails[0], back))
-        got[0] = jnp.where(r == 0, jnp.full_like(got[0], fill), got[0])
-        return jnp.concatenate(got, axis=0)
-    back = -(-rows // length)                               # pieces the halo reaches back
-    ordered = pieces_in_order(lax.all_gather(by_slot, SEQUENCE), shards)  # [pieces, B, L, ...]
-    ordered = jnp.concatenate([jnp.full((back,) + ordered.shape[1:], fill, ordered.dtype),
-                               ordered])
-    out = []
-    for slot in range(slots):
-        before = lax.dynamic_slice_in_dim(ordered, shards.piece_at(r, slot), back, axis=0)
-        before = jnp.moveaxis(before, 0, 1).reshape(-1, back * length, *rest)
-        out.append(before[:, back * length - rows:])
-    return jnp.concatenate(out, axis=0)
 
 
 def with_halos(fn: Callable, xs: Sequence[jax.Array], rows: Sequence[int],

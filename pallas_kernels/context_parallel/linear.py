@@ -34,7 +34,7 @@ from pallas_kernels.context_parallel import (
     SequenceShards,
     merge_pieces,
     pieces_in_order,
-    previous_pieces,
+    previous_rows,
     run_sharded,
     split_pieces,
 )
@@ -99,7 +99,7 @@ def sharded_linear_op(op: str, run, args, kwargs, shards: SequenceShards):
             start = jnp.zeros((slots, b), bool)
         else:
             first = per_slot(sg[:, 0])
-            before = previous_pieces(per_slot(sg[:, -1]), shards, fill=-1)
+            before = per_slot(previous_rows(sg, 1, shards, fill=-1)[:, 0])
             start = (first != before) & (first != 0)
         ordered = lambda x: pieces_in_order(lax.all_gather(x, SEQUENCE), shards)  # noqa: E731
         incoming = _fold(ordered(m), ordered(bias), ordered(start))       # [pieces, B, ...]

@@ -30,10 +30,10 @@ from pallas_kernels.context_parallel import (
     SequenceShards,
     merge_pieces,
     pieces_in_order,
+    previous_rows,
     run_sharded,
     split_pieces,
 )
-from pallas_kernels.context_parallel.halo import previous_rows
 
 
 def windowed_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: SequenceShards,
