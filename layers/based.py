@@ -49,6 +49,7 @@ from layers.cache import CacheBytes
 from layers.checks import head_errors
 from layers.projections import output_projection, projection
 from pallas_kernels.backends import OwnLinearBackend
+from pallas_kernels.context_parallel import sequence_shards
 from pallas_kernels.linear_attention import EPS, linear_attention
 from pallas_kernels.masks import packed_visibility
 from pallas_kernels.precision import HIGHEST
@@ -95,21 +96,35 @@ def taylor_kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     o_i = sum_{j<=i} K~_ij v_j / (sum_{j<=i} K~_ij + EPS), K~_ij = 1 + s_ij + s_ij^2 / 2,
     s_ij = q_i.k_j / sqrt(Fd). With segment_ids [B, T] (0 = padding) j ranges over i's own
     document only and padding rows are 0, as the linear-attention op's features give them.
+    With the time axis sharded (pallas_kernels/context_parallel) each shard's queries take the
+    all-gathered keys and values, as softmax attention's all-gather form.
     """
-    fd = q.shape[-1]
     if segment_ids is not None:   # padding inputs may be anything (NaN too): zero them first,
         q, k, v = zero_padding(segment_ids, q, k, v)   # so no 0 * NaN reaches a sum or a grad
+    shards = sequence_shards()
+    if shards is not None:
+        from pallas_kernels.context_parallel.attention import sharded_attention
+
+        return sharded_attention(q, k, v, window=None, n_sinks=0, scale=None,
+                                 segment_ids=segment_ids, shards=shards, core=taylor_kernel)
+    t = q.shape[1]
+    # Causal within each document (padding sees only padding, whose zeroed v gives o = 0).
+    mask = (jnp.tril(jnp.ones((t, t), bool))[None] if segment_ids is None
+            else packed_visibility(segment_ids, None, 0))                     # [B, T, T]
+    return taylor_kernel(q, k, v, mask)
+
+
+def taylor_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """taylor_kernel_attention's core: q [B, Tq, H, Fd] over k [B, S, H, Fd], v [B, S, H, V]
+    under mask [B | 1, Tq, S] -> [B, Tq, H, V] float32."""
+    fd = q.shape[-1]
     # float32, as taylor_feature_map computes the features: the square doubles a rounding
     # error, and the sums run over up to T terms. EPS is the op's, so both forms normalize alike.
     s = jnp.einsum("bihf,bjhf->bhij", q.astype(jnp.float32), k.astype(jnp.float32),
                    precision=HIGHEST) * fd ** -0.5
-    t = q.shape[1]
-    # Causal within each document (padding sees only padding, whose zeroed v gives o = 0).
-    mask = (jnp.tril(jnp.ones((t, t), bool)) if segment_ids is None
-            else packed_visibility(segment_ids, None, 0)[:, None])            # [B, 1, T, T]
-    kern = jnp.where(mask, 1.0 + s + 0.5 * s * s, 0.0)                   # [B, H, T, T]
+    kern = jnp.where(mask[:, None], 1.0 + s + 0.5 * s * s, 0.0)          # [B, H, Tq, S]
     num = jnp.einsum("bhij,bjhv->bihv", kern, v.astype(jnp.float32), precision=HIGHEST)
-    den = jnp.sum(kern, axis=-1).transpose(0, 2, 1)[..., None]           # [B, T, H, 1]
+    den = jnp.sum(kern, axis=-1).transpose(0, 2, 1)[..., None]           # [B, Tq, H, 1]
     return num / (den + EPS)
 
 

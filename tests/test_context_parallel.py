@@ -38,10 +38,10 @@ T, D = 64, 32     # the worker's sequence length and d_model
 # attention, CCA, NSA: all-gathered or ringed K / V; MLA: its latents; short convs and CCA's
 # convs: halos; Titans: a head split).
 EXCHANGING = {"attn,gated_deltanet,mamba2,kda,nsa": "1x1x8x1:zigzag",
-              "attn,swa,gla,deltanet": "2x1x4x1:ring",
-              "conv,based,parallel,mom": "1x2x2x2",
+              "attn,swa,gla,deltanet,conv,based": "2x1x4x1:ring",
+              "conv,based,parallel,mom": "1x2x2x2:zigzag",
               "swa,gla,deltanet,mla,cca,ccgqa": "1x2x2x2:zigzag:ring",
-              "mla,cca,nsa": "2x1x4x1:absorb",      # MLA in its absorbed form
+              "mla,cca,nsa,parallel,mom": "2x1x4x1:absorb",   # MLA in its absorbed form
               # Titans: a head split (Ulysses), 4 heads over 4 sequence shards.
               "titans,titans_mag": "2x1x4x1"}
 # Left to XLA's SPMD partitioner (exact in the contiguous layout, gathering what it needs):
@@ -49,9 +49,11 @@ EXCHANGING = {"attn,gated_deltanet,mamba2,kda,nsa": "1x1x8x1:zigzag",
 # attention outputs (pallas_kernels/context_parallel's docstring).
 PARTITIONED = {"titans_mac": "1x1x8x1"}
 # Mixers whose all-gather form gathers whole-length keys / values [B, T, Hkv, Dh] (parallel's
-# default branches include full attention; a window takes a halo instead), and MLA, whose
-# gathers are its latents [B, T, R] and [B, T, P].
-KEYS_GATHERED = ("attn", "parallel", "cca", "ccgqa", "nsa")
+# default branches include full attention; a window takes a halo instead); NSA and Based's
+# quadratic form gather them whatever the exchange. MLA's gathers are its latents [B, T, R]
+# and [B, T, P].
+KEYS_GATHERED = ("attn", "parallel", "cca", "ccgqa", "nsa", "based")
+ALWAYS_GATHERED = ("nsa", "based")
 MLA_LATENTS = (32, 8)       # MLAArgs' kv_lora_rank and qk_rope_head_dim (base.yaml)
 
 
@@ -89,15 +91,15 @@ def test_exchanging_mixers_gather_no_whole_activation(worker_result, mixers):
     """No all-gather of an activation's whole time axis in the compiled train step (an array
     [.., T, ..] with at least d_model floats per token), except attention's keys and values
     [B, T, Hkv, Dh] in full attention's all-gather form (the ring passes blocks instead, a
-    window takes a halo; NSA always gathers them) and MLA's latents [B, T, R] (R = d_model
-    here). Narrower whole-length
+    window takes a halo; NSA and Based's quadratic form always gather them) and MLA's latents
+    [B, T, R] (R = d_model here). Narrower whole-length
     gathers are allowed: MoM's router weights [B, T, memories], which its per-row sort of
     (token, memory) pairs needs, and MLA's shared RoPE key [B, T, P]."""
     gathers = worker_result[f"{mixers}@{EXCHANGING[mixers]}"]["gathers"]
     wide = [s for s in gathers if math.prod(s[s.index(T) + 1:]) >= D]
     ring = "ring" in EXCHANGING[mixers].split(":")
     names = mixers.split(",")
-    gathering = [m for m in names if m in KEYS_GATHERED and (m == "nsa" or not ring)]
+    gathering = [m for m in names if m in KEYS_GATHERED and (m in ALWAYS_GATHERED or not ring)]
     keys = [s for s in wide if len(s) == 4 and s[1] == T]
     latents = [s for s in wide if len(s) == 3 and s[1:] == [T, MLA_LATENTS[0]]]
     assert bool(keys) == bool(gathering), (gathers, gathering)

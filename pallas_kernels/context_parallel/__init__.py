@@ -12,7 +12,8 @@ slice under jax.shard_map with an exchange of their own:
     gla, simple_gla / Mamba-2, delta_rule, gated_delta_rule, kda): each shard summarises its
     slice as an affine map of the incoming state, S_out = M S_in + b, folds the gathered
     summaries in shard order and runs its slice from the state it receives (linear.py);
-  * softmax attention (pallas_kernels/attention, and CCA / CCGQA's): key / value slices
+  * softmax attention (pallas_kernels/attention, CCA / CCGQA's; and Based's quadratic form,
+    its Taylor kernel in place of the softmax, all-gather only): key / value slices
     all-gathered, each shard's queries attend over them under the causal / document mask
     (attention.py), or passed around a ring with an online softmax and its own recomputing
     backward (ring.py, mesh.sequence_attention=ring); with a window, only the w - 1 keys
@@ -67,7 +68,7 @@ ATTENTION_EXCHANGES = ("all_gather", "ring")
 # partitioner, which keeps them exact only in the contiguous layout; Titans' head split reads
 # it, but falls back to the partitioner when the shards do not divide its heads).
 ZIGZAG_MIXERS = ("attn", "swa", "gla", "mamba2", "deltanet", "gated_deltanet", "kda", "mla",
-                 "cca", "ccgqa", "nsa")
+                 "cca", "ccgqa", "nsa", "conv", "based", "parallel", "mom")
 
 
 def zigzag_order(t: int, n: int) -> np.ndarray:

@@ -28,14 +28,18 @@ from pallas_kernels.context_parallel import SEQUENCE, SequenceShards, run_sharde
 
 
 def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: SequenceShards,
-                      expand: Callable | None = None, weights=None, weights_head_axis: int = 1):
+                      expand: Callable | None = None, weights=None, weights_head_axis: int = 1,
+                      core: Callable | None = None):
     """attention()'s result for q [B, T, H, Dh] sharded over the sequence axis.
 
     k, v: the keys and values [B, T, Hkv, Dh|Dv]; or, with `expand`, any two per-token arrays
     [B, T, ...] that travel instead and expand(k, v, weights) -> (keys [B, S, Hkv, Dh], values
     [B, S, Hkv, Dv]) inside a shard, for S = T (all-gather) or Tl (one ring block). weights:
     the array expand reads (replicated over the sequence axis; its `weights_head_axis` sharded
-    like q's heads, so a shard expands its own heads only)."""
+    like q's heads, so a shard expands its own heads only). core: instead of the softmax,
+    core(q, keys, values, mask [B, Tl, T]) -> [B, Tl, H, Dv] over the all-gathered keys (Based's
+    Taylor kernel); it takes the all-gather form whatever mesh.sequence_attention says (the
+    ring's online form is the softmax's)."""
     from pallas_kernels.attention.xla import softmax_attention
 
     tl = shards.check_length("attention", q.shape[1])
@@ -88,6 +92,8 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
         else:
             pi, pj = qi[None, :, None], jnp.asarray(order)[None, None, :]
             mask = jnp.broadcast_to(pj <= pi, (q.shape[0], tl, len(order)))
+        if core is not None:
+            return core(q, keys, values, mask)
         return softmax_attention(q, keys, values, mask, scale)
 
     def ring(q, k, v, *rest):
@@ -103,7 +109,7 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
         args.append(weights)
         specs.append(w_spec)
     row = shards.spec(segment_ids, heads=False) if segment_ids is not None else None
-    if shards.attention == "ring":
+    if shards.attention == "ring" and core is None:
         # Packed documents bring their in-document positions, computed on the whole row
         # before the shards take their slices; they travel with each block.
         if segment_ids is not None:
