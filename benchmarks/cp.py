@@ -6,6 +6,8 @@ T / N (weak scaling), on simulated CPU devices.
     python benchmarks/cp.py --mixers gla gated_deltanet mamba2 attn swa   # + a window (halos)
     python benchmarks/cp.py --mixers kda --T 4096 --shards 1 2 4
     python benchmarks/cp.py --mixers attn --layout zigzag --attention ring
+    python benchmarks/cp.py --mixers titans titans_mag titans_mac --heads 8 --layout zigzag \
+        --tag titans                             # head split (H % N == 0) and MAC's pipeline
 
 Each row compiles the loss-and-gradient step of a small float32 LM (--layers layers of one
 mixer, d_model --d_model, packed rows of four documents) with mesh (1, 1, N, 1) and reads
@@ -57,7 +59,7 @@ def step_fn(graphdef):
 
 
 def measure(a, mixer: str, t: int, n: int) -> dict:
-    cfg = load_config(None, [f"model.d_model={a.d_model}", "model.n_heads=4",
+    cfg = load_config(None, [f"model.d_model={a.d_model}", f"model.n_heads={a.heads}",
                              f"model.n_layers={a.layers}", f"model.mixers=[{mixer}]",
                              "model.dtype=float32", "model.vocab_size=256",
                              f"model.max_len={t}", f"data.seq_len={t}", "mesh.data=1",
@@ -69,9 +71,9 @@ def measure(a, mixer: str, t: int, n: int) -> dict:
     host = lay_out_batch({"tokens": rng.integers(0, 256, (a.batch, t)).astype(np.int32),
                           "targets": rng.integers(0, 256, (a.batch, t)).astype(np.int32),
                           "mask": np.ones((a.batch, t), np.float32),
-                          "seg": seg.astype(np.int32)}, mesh, a.layout)
+                          "segment_ids": seg.astype(np.int32)}, mesh, a.layout)
     batch = [jax.device_put(jnp.asarray(host[k]), batch_sharding(mesh))
-             for k in ("tokens", "targets", "mask", "seg", "positions") if k in host]
+             for k in ("tokens", "targets", "mask", "segment_ids", "positions") if k in host]
     params = jax.device_put(params, NamedSharding(mesh, P()))
     fn = step_fn(graphdef)
     with use_mesh(mesh, a.layout, a.attention):
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=2048, help="total T (strong scaling)")
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--d_model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4,
+                   help="model.n_heads (Titans' head split needs N to divide it)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=["all_gather", "ring"], default="all_gather",
                    help="softmax attention's exchange")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default=None,
+                   help="the results' file suffix (default: the layout and attention, when "
+                        "not contiguous and all_gather)")
     a = p.parse_args(argv)
     print(f"devices: {len(jax.devices())} simulated CPU", flush=True)
     strong = [measure(a, m, a.T, n) for m in a.mixers for n in a.shards]
@@ -126,7 +133,8 @@ def main(argv=None) -> int:
     text = "\n".join([
         f"Context parallelism on {len(jax.devices())} simulated CPU devices (`python "
         f"benchmarks/cp.py {' '.join(argv or sys.argv[1:])}`): {a.layers}-layer float32 LM, "
-        f"d_model {a.d_model}, batch {a.batch}, 4 packed documents per row, {a.layout} layout, "
+        f"d_model {a.d_model}, {a.heads} heads, batch {a.batch}, 4 packed documents per row, "
+        f"{a.layout} layout, "
         f"attention by {a.attention}, loss + gradients; temp = compiled temp bytes per device; "
         "time on shared cores (no speed-up expected here).", "",
         *table(strong, f"Strong scaling (T = {a.T})"),
@@ -137,6 +145,7 @@ def main(argv=None) -> int:
     # Another layout or attention exchange: a file of its own beside the default's.
     tag = "" if (a.layout, a.attention) == ("contiguous", "all_gather") \
         else f"_{a.layout}_{a.attention}"
+    tag = f"_{a.tag}" if a.tag else tag
     stem = out / f"cp_cpu{tag}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"strong": strong, "weak": weak,

@@ -32,6 +32,7 @@ from layers.rope import apply_rope
 from pallas_kernels.attention import attention as attention_op
 from pallas_kernels.attention.xla import softmax_attention  # noqa: F401 (re-exported)
 from pallas_kernels.backends import AttentionBackend, resolve_backend
+from pallas_kernels.context_parallel import sequence_shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +278,10 @@ class Attention(nnx.Module):
         else:
             kv, k_pos, cache = cached_keys(cache, positions, k=k, v=v)
             keys, values = kv["k"], kv["v"]
+        # The op also when the time axis is sharded over the mesh's sequence axis: its
+        # exchange (context_parallel) instead of the partitioner's gathers of the dense form.
         if cache is None and (resolve_backend("attention", self.backend) != "xla"
-                              or segment_ids is not None):
+                              or segment_ids is not None or sequence_shards() is not None):
             o = attention_op(q, k, v, window=self.window, n_sinks=self.n_sinks,
                              scale=dh ** -0.5, backend=self.backend, segment_ids=segment_ids)
         else:

@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from layers.cache import CacheBytes, refuse_segments_with_cache
 from pallas_kernels.context_parallel import sequence_shards
-from pallas_kernels.context_parallel.halo import sharded_short_conv
+from pallas_kernels.context_parallel.halo import sharded_short_conv, short_conv_taps
 from pallas_kernels.segments import document_positions
 
 
@@ -60,11 +60,11 @@ class ShortConv(nnx.Module):
         w = self.width
         x = x.astype(self.dtype)
         shards = sequence_shards()
-        if shards is not None and cache is None and document_tail is None:
+        if shards is not None and cache is None:
             # Time sharded over the mesh's sequence axis: a halo from the previous shard.
             bias = None if self.bias is None else self.bias[...].astype(self.dtype)
             return sharded_short_conv(x, self.kernel[...].astype(self.dtype), bias,
-                                      segment_ids, shards), None
+                                      segment_ids, shards, document_tail), None
         if cache is None:
             past = jnp.zeros((b, w - 1, c), self.dtype)
         else:
@@ -72,21 +72,11 @@ class ShortConv(nnx.Module):
         full = jnp.concatenate([past, x], axis=1)             # [B, W - 1 + T, C]
         kernel = self.kernel[...].astype(self.dtype)
         # W shifted multiply-adds: W is 4 or so, and this form is the same on every backend.
-        if segment_ids is None:
-            y = sum(full[:, i:i + t] * kernel[i] for i in range(w))
-        else:
+        positions = None
+        if segment_ids is not None:
             refuse_segments_with_cache("ShortConv", segment_ids, cache)
-            pos = document_positions(segment_ids)[..., None]          # [B, T, 1]
-            y = sum(jnp.where(pos >= w - 1 - i, full[:, i:i + t], 0) * kernel[i]
-                    for i in range(w))
-            if document_tail is not None and w > 1:
-                # Tap i of a token at in-document position pos < W - 1 - i reads the input
-                # W - 1 - i - pos steps before the document: tail slot pos + i.
-                tail = document_tail.astype(self.dtype)
-                for i in range(w - 1):
-                    at = jnp.minimum(pos[..., 0] + i, w - 2)
-                    before = jnp.take_along_axis(tail, at[..., None], axis=1)   # [B, T, C]
-                    y = y + jnp.where(pos < w - 1 - i, before, 0) * kernel[i]
+            positions = document_positions(segment_ids)                  # [B, T]
+        y = short_conv_taps(full, kernel, positions, document_tail)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if cache is not None:

@@ -86,6 +86,7 @@ from layers.delta_rule import l2_normalize
 from layers.norm import RMSNorm
 from layers.projections import output_projection, projection
 from pallas_kernels.backends import TitansBackend
+from pallas_kernels.context_parallel import sequence_shards
 from pallas_kernels.titans import TitansState, memory_read, titans_memory, titans_step
 
 
@@ -312,6 +313,12 @@ class TitansMemory(nnx.Module):
         if segment_ids is not None:
             return self.readout(self.packed_memory(x, segment_ids), x), None
         t = x.shape[1]
+        if cache is None and self.persistent is not None and sequence_shards() is not None:
+            # Time sharded over the mesh's sequence axis: P tokens prepended to it would not
+            # split into its pieces. The row as one document computes the same: it starts from
+            # the state and conv tails the persistent tokens leave.
+            ones = jnp.ones(x.shape[:2], jnp.int32)
+            return self.readout(self.packed_memory(x, ones), x), None
         if cache is None and self.persistent is not None:
             # Training: the persistent tokens open every sequence; their outputs are dropped.
             o, _ = self._mix(self._prepend_persistent(x), None)

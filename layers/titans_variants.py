@@ -59,7 +59,7 @@ chunks count from its own first token (TitansMAC.packed_forward lays the documen
 segment-aligned and restarts the memory and conv tails at each; an exact token-by-token path
 covers rows that do not fit). MAG: the memory branch is TitansMemory's packed path (every
 document after the persistent tokens), the attention branch masks so that each document sees
-the persistent tokens and its own window (TitansMAG._packed_attention).
+the persistent tokens and its own window (TitansMAG._prefixed_attention).
 
 Decode. MACCache: the memory state (float32) after the last token, the memory weights at the
 current segment's start (for h), the segment's keys / values and those of its h's (C slots
@@ -85,7 +85,9 @@ from layers.conv import ConvCache
 from layers.norm import RMSNorm
 from layers.projections import output_projection
 from layers.titans import TitansArgs, TitansCache, TitansMemory
+from layers.titans_mac_sharded import sharded_mac_forward
 from pallas_kernels.backends import TitansBackend
+from pallas_kernels.context_parallel import sequence_shards
 from pallas_kernels.masks import packed_visibility
 from pallas_kernels.segments import document_layout, document_positions
 from pallas_kernels.titans import TitansState
@@ -265,6 +267,10 @@ class TitansMAC(nnx.Module):
         """segment_ids: optional [B, T] packed-document ids (cache-free call; packed_forward)."""
         del positions
         refuse_segments_with_cache("TitansMAC", segment_ids, cache)
+        shards = sequence_shards() if cache is None else None
+        if shards is not None:
+            # Time sharded over the mesh's sequence axis: the segment scan as a pipeline.
+            return sharded_mac_forward(self, x, segment_ids, shards), None
         if segment_ids is not None:
             return self.packed_forward(x, segment_ids), None
         if cache is None:
@@ -281,10 +287,14 @@ class TitansMAC(nnx.Module):
         qx, _ = self._memory_query(xp, None)
         return self._segments(xp, qx)[:, :t]
 
-    def _segments(self, xp: jax.Array, qx: jax.Array, opens: jax.Array | None = None):
+    def _segments(self, xp: jax.Array, qx: jax.Array, opens: jax.Array | None = None,
+                  start: tuple | None = None, capture: jax.Array | None = None):
         """xp [B, N*C, D] and its memory queries -> out [B, N*C, D], segment by segment; opens
         [B, N] bool (packed documents): the memory and the y-stream conv tails restart at the
-        segments marked."""
+        segments marked. start: (TitansState, y conv tails) before the first segment (None:
+        the initial ones; the state's offset must be 0). capture: [B] int, also return, per
+        row, the (state, conv tails) entering segment capture[b] (N: after the last), the
+        state without its offset (0 at every segment start of this path)."""
         b, tp, d = xp.shape
         c, p = self.segment_length, self.n_persistent
         n = tp // c
@@ -296,10 +306,14 @@ class TitansMAC(nnx.Module):
         mask = jnp.concatenate([jnp.ones((c, p), bool), causal, causal], axis=1)
         mask = jnp.broadcast_to(mask, (b, c, p + 2 * c))
         fresh = (self.memory.initial_state(b), self._init_conv(b))
+        kept_fields = ("memory", "momentum", "chunk_start")
+
+        def captured(state, conv):
+            return tuple(getattr(state, f) for f in kept_fields), conv
 
         def body(carry, seg):
-            state, conv = carry
-            x_s, qx_s, q_s, k_s, v_s, opens_s = seg
+            (state, conv), kept = carry
+            x_s, qx_s, q_s, k_s, v_s, opens_s, index = seg
             if opens is not None:
                 pick = lambda f, a: jnp.where(  # noqa: E731
                     opens_s.reshape((b,) + (1,) * (a.ndim - 1)), f, a)
@@ -309,16 +323,30 @@ class TitansMAC(nnx.Module):
                                                           getattr(state, f))
                                           for f in ("memory", "momentum", "chunk_start")})
                 conv = jax.tree.map(pick, fresh[1], conv)
+            if capture is not None:
+                here = capture == index                                           # [B]
+                kept = jax.tree.map(lambda now, k: jnp.where(
+                    here.reshape((b,) + (1,) * (k.ndim - 1)), now, k), captured(state, conv),
+                    kept)
             hk, hv = self._retrieved_kv(qx_s, x_s, state.memory, h_pos)   # M_{n-1}
             y = self._attend(q_s, jnp.concatenate([pk, hk, k_s], axis=1),
                              jnp.concatenate([pv, hv, v_s], axis=1), mask)
             out, state, conv = self._write_and_gate(y, state, conv)
-            return (state, conv), out
+            return ((state, conv), kept), out
 
         segs = lambda a: jnp.moveaxis(a.reshape(b, n, c, *a.shape[2:]), 1, 0)  # noqa: E731
         flags = jnp.zeros((n, b), bool) if opens is None else opens.T
-        _, out = jax.lax.scan(body, fresh, (*(segs(a) for a in (xp, qx, q, k, v)), flags))
-        return jnp.moveaxis(out, 0, 1).reshape(b, n * c, d)
+        first = fresh if start is None else start
+        carry = (first, captured(*first))
+        (last, kept), out = jax.lax.scan(body, carry, (*(segs(a) for a in (xp, qx, q, k, v)),
+                                                       flags, jnp.arange(n)))
+        out = jnp.moveaxis(out, 0, 1).reshape(b, n * c, d)
+        if capture is None:
+            return out
+        after = (capture >= n).reshape(b)
+        kept = jax.tree.map(lambda now, k: jnp.where(
+            after.reshape((b,) + (1,) * (k.ndim - 1)), now, k), captured(*last), kept)
+        return out, kept
 
     def packed_forward(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """Packed documents, x [B, T, D] -> out [B, T, D] (0 at padding): each document runs as
@@ -364,11 +392,16 @@ class TitansMAC(nnx.Module):
             return exact(x)
         return jax.lax.cond(lay.fits, fast, exact, x)
 
-    def _decode(self, x: jax.Array, cache: MACCache) -> tuple[jax.Array, MACCache]:
-        """Prefill or decode: the one-token step over the new tokens, in order."""
+    def _decode(self, x: jax.Array, cache: MACCache, qx: jax.Array | None = None
+                ) -> tuple[jax.Array, MACCache]:
+        """Prefill or decode: the one-token step over the new tokens, in order. qx: their
+        memory queries when already computed (the cache's x conv tail is then left as is)."""
         b, t, _ = x.shape
         c, p = self.segment_length, self.n_persistent
-        qx, x_conv = self._memory_query(x, cache.x_conv)
+        if qx is None:
+            qx, x_conv = self._memory_query(x, cache.x_conv)
+        else:
+            x_conv = cache.x_conv
         local = (cache.length + jnp.arange(t)) % c
         q, k, v = self.attn.project(x, jnp.broadcast_to(p + c + local, (b, t)))
         pk, pv = self._persistent_kv(b, x.dtype)
@@ -457,21 +490,35 @@ class TitansMAG(nnx.Module):
         memory = jax.tree.map(jnp.array, self.memory.init_cache(batch_size, max_len, dtype))
         return MAGCache(attn=kv, memory=memory)
 
-    def _packed_attention(self, x: jax.Array, positions: jax.Array, segment_ids) -> jax.Array:
-        """The attention branch over packed documents: each document sees the persistent
-        tokens (RoPE positions 0..P-1, always visible) and its own tokens (positions P + its
-        in-document positions, within the window), as over [p || document] alone. An explicit
-        [B, T, P + T] mask with the xla softmax; the attention op's sinks would be each
-        document's own first tokens instead."""
+    def _prefixed_attention(self, x: jax.Array, positions: jax.Array, segment_ids
+                            ) -> jax.Array:
+        """The attention branch over [p || x] computed beside x instead of over their
+        concatenation: x's queries see the persistent tokens (RoPE positions 0..P-1, always
+        visible) and their own document's tokens (positions P + their in-document positions,
+        within the window), as over [p || document] alone. Used for packed documents (the
+        attention op's sinks would be each document's own first tokens instead), and whenever
+        the time axis is sharded over the mesh's sequence axis (P tokens prepended to it would
+        not split into its pieces): then the window's halo exchange with p as prefix keys
+        beside every piece (context_parallel/window.py); else an explicit [B, T, P + T] mask
+        with the xla softmax."""
         a, p = self.attn, self.n_persistent
         b, t, _ = x.shape
-        z = jnp.concatenate([self._persistent(b, x.dtype), x], axis=1)
-        pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)),
-                               positions + p], axis=1)
-        q, k, v = a.project(z, pos)
-        own = packed_visibility(segment_ids, a.window, 0)                 # [B, T, T]
-        mask = jnp.concatenate([jnp.ones((b, t, p), bool), own], axis=-1)
-        o = softmax_attention(q[:, p:], k, v, mask, a.head_dim ** -0.5)
+        q, k, v = a.project(x, positions + p)
+        _, p_k, p_v = a.project(self._persistent(b, x.dtype),
+                                jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (b, p)))
+        scale = a.head_dim ** -0.5
+        shards = sequence_shards()
+        if shards is not None:
+            from pallas_kernels.context_parallel.attention import sharded_attention
+
+            o = sharded_attention(q, k, v, window=a.window, n_sinks=0, scale=scale,
+                                  segment_ids=segment_ids, shards=shards,
+                                  prefix=(p_k, p_v) if p else None)
+        else:
+            own = packed_visibility(segment_ids, a.window, 0)                 # [B, T, T]
+            mask = jnp.concatenate([jnp.ones((b, t, p), bool), own], axis=-1)
+            o = softmax_attention(q, jnp.concatenate([p_k, k], axis=1),
+                                  jnp.concatenate([p_v, v], axis=1), mask, scale)
         return a.out(o.reshape(b, t, -1))
 
     def __call__(self, x: jax.Array, *, positions: jax.Array,
@@ -481,9 +528,9 @@ class TitansMAG(nnx.Module):
         in-document, as the LM passes them): both branches restart at every document."""
         p = self.n_persistent
         refuse_segments_with_cache("TitansMAG", segment_ids, cache)
-        if segment_ids is not None:
+        if segment_ids is not None or (cache is None and sequence_shards() is not None):
             m, _ = self.memory(x, positions=positions, segment_ids=segment_ids)
-            return self.gate(self._packed_attention(x, positions, segment_ids), m), None
+            return self.gate(self._prefixed_attention(x, positions, segment_ids), m), None
         if cache is None:
             m, _ = self.memory(x, positions=positions)     # prepends the persistent tokens
             z, pos = x, positions + p

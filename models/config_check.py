@@ -20,27 +20,47 @@ from configs import Config, ConfigError, parse_config, read_config_tree
 from layers.registry import resolve_mixer_args
 from pallas_kernels.context_parallel import ZIGZAG_MIXERS
 
+# Mixers whose memory runs by a head split under a sharded sequence (context_parallel/
+# ulysses.py): zigzag needs mesh.sequence to divide their heads.
+HEAD_SPLIT_MIXERS = ("titans", "titans_mag")
+
+
+def zigzag_blockers(model, sequence: int) -> list[str]:
+    """Why the zigzag layout cannot take this model on `sequence` shards (empty: it can)."""
+    out = []
+    others = sorted(set(model.mixers) - set(ZIGZAG_MIXERS))
+    if others:
+        out.append(f"mixer(s) {', '.join(others)} have no sequence exchange that reads the "
+                   f"layout; zigzag takes {', '.join(ZIGZAG_MIXERS)}")
+    if sequence > 1:
+        for name in sorted(set(model.mixers) & set(HEAD_SPLIT_MIXERS)):
+            heads = model.mixer_args[name].n_heads or model.n_heads
+            if heads % sequence:
+                out.append(f"the memory of {name} runs by a head split, and mesh.sequence="
+                           f"{sequence} does not divide its {heads} heads "
+                           f"(model.mixer_args.{name}.n_heads or model.n_heads)")
+    return out
+
 
 def check_mixers(cfg: Config) -> Config:
     """cfg with model.mixer_args resolved into checked Args objects (ConfigError otherwise)."""
     model = dataclasses.replace(cfg.model, mixer_args=resolve_mixer_args(cfg.model))
     if cfg.mesh.sequence_layout == "zigzag":
-        others = sorted(set(cfg.model.mixers) - set(ZIGZAG_MIXERS))
-        if others:
-            raise ConfigError(f"mesh.sequence_layout=zigzag: mixer(s) {', '.join(others)} have "
-                              "no sequence exchange that reads the layout; zigzag takes "
-                              f"{', '.join(ZIGZAG_MIXERS)} (use contiguous or auto)")
+        blockers = zigzag_blockers(model, cfg.mesh.sequence)
+        if blockers:
+            raise ConfigError(f"mesh.sequence_layout=zigzag: {'; '.join(blockers)} (use "
+                              "contiguous or auto)")
     return dataclasses.replace(cfg, model=model)
 
 
 def sequence_layout(cfg: Config) -> str:
     """The layout a run's rows take over the sequence shards: mesh.sequence_layout, with auto
-    resolved (zigzag when the model has full causal attention and every mixer reads the
-    layout: causal attention's work is then the same on every shard)."""
+    resolved (zigzag when the model has full causal attention and the layout can take every
+    mixer: causal attention's work is then the same on every shard)."""
     if cfg.mesh.sequence_layout != "auto":
         return cfg.mesh.sequence_layout
-    mixers = set(cfg.model.mixers)
-    return "zigzag" if "attn" in mixers and mixers <= set(ZIGZAG_MIXERS) else "contiguous"
+    zigzag = "attn" in cfg.model.mixers and not zigzag_blockers(cfg.model, cfg.mesh.sequence)
+    return "zigzag" if zigzag else "contiguous"
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -4,12 +4,12 @@ and with the time axis sharded over a mesh's `sequence` axis; and whether the sh
 compiled HLO all-gathers any activation's whole time axis. Prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python tests/context_parallel_worker.py [train:N] [lower:P,..] [windows] \
-            MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag][:ring][:absorb] ...
+        python tests/context_parallel_worker.py [train:N] [lower:P,..] [windows] [poison] \
+            MIXERS@DATAxFSDPxSEQxTENSOR[:zigzag][:ring][:absorb][:unpacked][:tokenwise] ...
 
 (train:N first: train.py's loop for three steps on one device and with mesh.sequence = N;
 then lower:tpu,cuda: the sharded step lowered for those platforms; then windows: the
-windowed attention op's cases.)
+windowed attention op's cases; then poison: sharded ops on rows whose padding holds NaN.)
 """
 
 from __future__ import annotations
@@ -52,7 +52,17 @@ def segments() -> np.ndarray:
 # with sinks.
 SMALL = {"nsa": ["cmp_block=8", "cmp_stride=4", "block_size=8", "block_count=3", "window=8",
                  "query_chunk=16"],
-         "swa": ["window=6", "n_sinks=2"]}
+         "swa": ["window=6", "n_sinks=2"],
+         # Persistent tokens (their conv tails and memory state open every document; MAG's
+         # attention sees them as prefix keys beside every piece) and a window shorter than
+         # the pieces.
+         "titans": ["n_persistent=2"],
+         "titans_mag": ["window=6"],
+         # Segments shorter than the row, so the pipeline's pieces hold several and a
+         # document's open segment crosses pieces; a larger inner learning rate, so that the
+         # memory moves the logits (at 0.01 a carry restarted at every piece moved them by
+         # 4e-7 only, its gradients by 30%).
+         "titans_mac": ["segment_length=8", "chunk_size=4", "theta_max=0.3"]}
 
 
 def model_for(mixers: list[str], extra: tuple[str, ...] = ()):
@@ -108,15 +118,17 @@ def gradient_error(got, want) -> float:
 
 
 def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous",
-          attention: str = "all_gather", extra: tuple[str, ...] = ()) -> dict:
+          attention: str = "all_gather", extra: tuple[str, ...] = (),
+          packed: bool = True) -> dict:
+    """packed=False: rows without documents (no segment ids; positions the token indices)."""
     model = model_for(mixers, extra)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
-    seg = segments()
+    seg = segments() if packed else np.ones((B, T), np.int32)
     tokens = jnp.asarray(rng.integers(1, 64, (B, T)), jnp.int32)
     targets = jnp.asarray(rng.integers(1, 64, (B, T)), jnp.int32)
     mask = jnp.asarray(seg != 0, jnp.float32)
-    seg = jnp.asarray(seg)
+    seg = jnp.asarray(seg) if packed else None
     fn = jax.jit(loss_and_grads, static_argnums=0)
     one = fn(graphdef, params, tokens, targets, mask, seg)
 
@@ -125,10 +137,10 @@ def check(mixers: list[str], sizes: tuple[int, ...], layout: str = "contiguous",
     mesh = make_mesh(cfg.mesh, jax.devices()[:int(np.prod(sizes))])
     # The zigzag layout reorders the rows on the host and adds their original positions.
     # (lay_out_batch finds the documents under "segment_ids", train.py's name for them.)
-    batch = lay_out_batch({"tokens": tokens, "targets": targets, "mask": mask,
-                           "segment_ids": seg}, mesh, layout)
-    args = [jax.device_put(jnp.asarray(batch[k]), batch_sharding(mesh))
-            for k in ("tokens", "targets", "mask", "segment_ids", "positions") if k in batch]
+    rows = {"tokens": tokens, "targets": targets, "mask": mask}
+    batch = lay_out_batch(rows if seg is None else {**rows, "segment_ids": seg}, mesh, layout)
+    args = [jax.device_put(jnp.asarray(batch[k]), batch_sharding(mesh)) if k in batch else None
+            for k in ("tokens", "targets", "mask", "segment_ids", "positions")]
     params_rep = jax.device_put(params, NamedSharding(mesh, P()))
     with use_mesh(mesh, layout, attention):
         lowered = fn.trace(graphdef, params_rep, *args).lower()
@@ -203,9 +215,82 @@ def window_cases() -> dict:
     return out
 
 
+def poison_cases() -> dict:
+    """Sharded ops on packed rows whose padding holds NaN (row 3's trailing padding crosses
+    pieces in both layouts), mesh (1, 1, 8, 1): the linear ops' summaries, attention by
+    all-gather, ring and window halo (with sinks), a short conv's halo. Per op and layout:
+    whether the outputs at real tokens and all input gradients are finite, and their largest
+    relative errors against one device on the same poisoned inputs (whose padding gradients
+    are 0: the ops zero padding before it meets anything)."""
+    from layers.conv import ShortConv
+    from pallas_kernels.attention import attention
+    from pallas_kernels.context_parallel import shard_sequence
+    from pallas_kernels.gated_delta_rule import gated_delta_rule
+    from pallas_kernels.gla import gla
+    from pallas_kernels.linear_attention import linear_attention
+
+    mesh = make_mesh(load_config(None, ["mesh.data=1", "mesh.sequence=8"]).mesh)
+    rng = np.random.default_rng(2)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    q, k, v = normal(B, T, 2, 8), normal(B, T, 2, 8), normal(B, T, 2, 8)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    g = -jax.nn.softplus(normal(B, T, 2) - 3.0)                 # gates in log space
+    gk = -jax.nn.softplus(normal(B, T, 2, 8) - 3.0)
+    beta = jax.nn.sigmoid(normal(B, T, 2))
+    feature = lambda x: jax.nn.elu(x) + 1.0  # noqa: E731
+    conv = ShortConv(16, 4, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    linear = dict(backend="xla", chunk_size=4)
+    cases = {   # name: (op(args, seg), args, softmax attention's exchange)
+        "gated_delta_rule": (lambda a, s: first(gated_delta_rule(*a, segment_ids=s, **linear)),
+                             (q, k, v, g, beta), "all_gather"),
+        "gla": (lambda a, s: first(gla(*a, segment_ids=s, **linear)), (q, k, v, gk),
+                "all_gather"),
+        "linear_attention": (lambda a, s: first(linear_attention(
+            *a, normalize=True, segment_ids=s, **linear)), (feature(q), feature(k), v),
+            "all_gather"),
+        "attention": (lambda a, s: attention(*a, backend="xla", segment_ids=s), (q, k, v),
+                      "all_gather"),
+        "attention_ring": (lambda a, s: attention(*a, backend="xla", segment_ids=s),
+                           (q, k, v), "ring"),
+        "attention_window": (lambda a, s: attention(*a, window=5, n_sinks=2, backend="xla",
+                                                    segment_ids=s), (q, k, v), "all_gather"),
+        "short_conv": (lambda a, s: conv(a[0], segment_ids=s)[0], (normal(B, T, 16),),
+                       "all_gather"),
+    }
+    seg = jnp.asarray(segments())
+    pad = np.asarray(seg) == 0
+    out = {}
+    for name, (op, args, exchange) in cases.items():
+        poisoned = tuple(jnp.where(jnp.asarray(pad).reshape(pad.shape + (1,) * (a.ndim - 2)),
+                                   jnp.nan, a) for a in args)
+        cotangent = normal(*jax.eval_shape(lambda a, op=op: op(a, seg), args).shape)
+
+        def loss(args, seg, ct, op=op):
+            o = op(args, seg)
+            return jnp.sum(o * ct), o
+
+        grads = jax.value_and_grad(loss, has_aux=True)
+        (_, one_o), one_g = jax.jit(grads)(poisoned, seg, cotangent)
+        for layout in ("contiguous", "zigzag"):
+            order = np.arange(T) if layout == "contiguous" else zigzag_order(T, 8)
+            back = np.argsort(order)
+            with shard_sequence(mesh, layout, exchange):
+                (_, o), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+                    tuple(a[:, order] for a in poisoned), seg[:, order], cotangent[:, order])
+            # Outputs at real tokens (a conv's padding outputs read the padding, as on one
+            # device: the layers after it zero them); gradients everywhere.
+            o, g = np.asarray(o)[:, back][~pad], [np.asarray(x)[:, back] for x in g]
+            out[f"{name}:{layout}"] = {
+                "finite": bool(np.isfinite(o).all() and all(np.isfinite(x).all() for x in g)),
+                "values": relative(o, np.asarray(one_o)[~pad]),
+                "grads": max(relative(a, b) for a, b in zip(g, one_g))}
+    return out
+
+
 # The lowered step's mixers: one of each exchange (state summaries, K / V, MLA's latents,
-# halos of convs and of a window with sinks, NSA's whole rows).
-LOWERED = ["attn", "gated_deltanet", "swa", "mla", "cca", "nsa"]
+# halos of convs and of a window with sinks, NSA's whole rows, MAC's pipeline).
+LOWERED = ["attn", "gated_deltanet", "swa", "mla", "cca", "nsa", "titans_mac"]
 
 
 def lower_sharded_step(platforms: list[str]) -> dict:
@@ -250,6 +335,9 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "windows":
         argv.pop(0)
         out["windows"] = window_cases()
+    if argv and argv[0] == "poison":
+        argv.pop(0)
+        out["poison"] = poison_cases()
     for case in argv:
         mixers, rest = case.split("@")
         sizes, *options = rest.split(":")
@@ -257,8 +345,11 @@ def main(argv: list[str]) -> None:
         attention = "ring" if "ring" in options else "all_gather"
         # absorb: MLA in its absorbed form (multi-query attention over the latents).
         extra = ("model.mixer_args.mla.absorb=always",) if "absorb" in options else ()
+        # tokenwise: MAC's segments not a multiple of the memory's chunks (its token-by-token
+        # form).
+        extra += ("model.mixer_args.titans_mac.chunk_size=3",) if "tokenwise" in options else ()
         out[case] = check(mixers.split(","), tuple(int(x) for x in sizes.split("x")), layout,
-                          attention, extra)
+                          attention, extra, packed="unpacked" not in options)
         print(case, json.dumps(out[case])[:400], file=sys.stderr, flush=True)
     print(json.dumps(out))
 

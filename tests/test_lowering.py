@@ -132,8 +132,12 @@ def test_attention_kernel_with_segment_ids_lowers(platform, backend):
     assert kernel_calls(text, platform) >= 2, text[:2000]
 
 
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-@pytest.mark.parametrize("t,packed", [(16384, False), (65536, False), (16384, True)])
+# 64k tokens lowered for the GPU only: the TPU lowering at that length took 144 s of the
+# suite's 36 min on 2 cores. The TPU kernels are lowered at 16k, packed and not.
+@pytest.mark.parametrize("platform,t,packed", [
+    (platform, t, packed) for platform in ("gpu", "tpu")
+    for t, packed in ((16384, False), (65536, False), (16384, True))
+    if (platform, t) != ("tpu", 65536)])
 def test_nsa_kernels_lower(platform, t, packed):
     """NSA (pallas_kernels/nsa) with the paper's blocks (compressed 32 / 16, 16 blocks of 64,
     window 512), GQA groups of 4, bf16, forward and backward: the selected branch's three

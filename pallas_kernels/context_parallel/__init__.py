@@ -24,14 +24,21 @@ slice under jax.shard_map with an exchange of their own:
   * NSA (layers/nsa.py): keys and values gathered into whole rows, the compressed tokens
     computed C / N per shard and gathered, blocks chosen for the shard's own queries;
   * Titans' memory (pallas_kernels/titans): not affine in its state, so a head split instead
-    (DeepSpeed-Ulysses, ulysses.py), when the shards divide the heads.
+    (DeepSpeed-Ulysses, ulysses.py), when the shards divide the heads (else, contiguous only,
+    the partitioner's gather; zigzag is refused); its persistent tokens are not prepended to
+    the sharded row: every row runs as documents that start from the state and conv tails they
+    leave (convs: the tails beside each piece's halo), and MAG's window attention takes them
+    as prefix keys beside every piece (window.py);
 
-Everything else is left to XLA's SPMD partitioner, which keeps the result exact by gathering
-what an op needs (correct on any mesh, not memory-efficient): Titans MAC, whose segment scan
-carries a memory written from every head's attention output (an exact exchange there is a
-pipeline, the state passed shard to shard, N serial steps; not built). tests/
-test_context_parallel.py checks both: equal logits and gradients for every mixer, and no
-gathered [B, T, D] activation where a mixer has its exchange.
+  * Titans MAC (layers/titans_mac_sharded.py): its segment scan carries a memory written from
+    every head's attention output, neither affine nor split by heads, so the state itself
+    travels: the pieces run in the row's original order, each from the state the previous
+    one hands on, one ppermute a piece (pipeline.py).
+
+Anything else is left to XLA's SPMD partitioner, which keeps the result exact by gathering
+what an op needs (correct on any mesh in the contiguous layout, not memory-efficient).
+tests/test_context_parallel.py checks both: equal logits and gradients for every mixer, and
+no gathered [B, T, D] activation where a mixer has its exchange.
 
 Layouts (mesh.sequence_layout): contiguous, shard r holds tokens r Tl .. (r + 1) Tl - 1; or
 zigzag, the row cut into 2N pieces of L = T / 2N tokens and shard r holding pieces r and
@@ -65,10 +72,12 @@ HEAD_AXIS = "tensor"
 LAYOUTS = ("contiguous", "zigzag")
 ATTENTION_EXCHANGES = ("all_gather", "ring")
 # Mixers whose every op has an exchange that reads the layout (the others are left to XLA's
-# partitioner, which keeps them exact only in the contiguous layout; Titans' head split reads
-# it, but falls back to the partitioner when the shards do not divide its heads).
+# partitioner, which keeps them exact only in the contiguous layout). Titans' head split
+# needs the shards to divide its heads (models/config_check.zigzag_blockers; the op says so
+# too).
 ZIGZAG_MIXERS = ("attn", "swa", "gla", "mamba2", "deltanet", "gated_deltanet", "kda", "mla",
-                 "cca", "ccgqa", "nsa", "conv", "based", "parallel", "mom")
+                 "cca", "ccgqa", "nsa", "conv", "based", "parallel", "mom", "titans",
+                 "titans_mag", "titans_mac")
 
 
 def zigzag_order(t: int, n: int) -> np.ndarray:

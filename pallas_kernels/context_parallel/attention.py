@@ -29,7 +29,7 @@ from pallas_kernels.context_parallel import SEQUENCE, SequenceShards, run_sharde
 
 def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: SequenceShards,
                       expand: Callable | None = None, weights=None, weights_head_axis: int = 1,
-                      core: Callable | None = None):
+                      core: Callable | None = None, prefix: tuple | None = None):
     """attention()'s result for q [B, T, H, Dh] sharded over the sequence axis.
 
     k, v: the keys and values [B, T, Hkv, Dh|Dv]; or, with `expand`, any two per-token arrays
@@ -39,7 +39,9 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
     like q's heads, so a shard expands its own heads only). core: instead of the softmax,
     core(q, keys, values, mask [B, Tl, T]) -> [B, Tl, H, Dv] over the all-gathered keys (Based's
     Taylor kernel); it takes the all-gather form whatever mesh.sequence_attention says (the
-    ring's online form is the softmax's)."""
+    ring's online form is the softmax's). prefix: (keys, values) [B, P, Hkv, Dh|Dv] that
+    every query sees whatever its document or window (Titans MAG's persistent tokens), with a
+    window only."""
     from pallas_kernels.attention.xla import softmax_attention
 
     tl = shards.check_length("attention", q.shape[1])
@@ -59,6 +61,8 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
         w_spec = [None] * weights.ndim
         w_spec[weights_head_axis] = heads
         w_spec = P(*w_spec)
+    if prefix is not None and (window is None or expand is not None):
+        raise ValueError("sharded_attention: prefix keys go with a window and without expand")
     if window is not None:
         # A window needs only the w - 1 keys before each piece: a halo, whichever exchange
         # full attention takes (window.py).
@@ -68,19 +72,18 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
                                   segment_ids=segment_ids, shards=shards, spec=spec,
                                   kv_spec=kv_spec, expand=expand,
                                   weights=weights if with_weights else None,
-                                  weights_spec=w_spec)
+                                  weights_spec=w_spec, prefix=prefix)
 
-    def unpack(rest):
-        """(expand bound to this shard's weights, the row inputs that follow them)."""
-        if expand is None:
-            return (lambda k, v: (k, v)), rest
-        w = rest[0] if with_weights else None
-        return (lambda k, v: expand(k, v, w)), rest[1:] if with_weights else rest
+    def split_weights(rest):
+        """(this shard's expand weights or None, the row inputs that follow them)."""
+        return (rest[0], rest[1:]) if with_weights else (None, rest)
 
     def local(q, k, v, *rest):
-        make, seg = unpack(rest)
+        w, seg = split_weights(rest)
         gather = lambda x: lax.all_gather(x, SEQUENCE, axis=1, tiled=True)  # noqa: E731
-        keys, values = make(gather(k), gather(v))   # laid out as the row: key i is token order[i]
+        keys, values = gather(k), gather(v)         # laid out as the row: key i is token order[i]
+        if expand is not None:
+            keys, values = expand(keys, values, w)
         qi = shards.local_tokens(tl)                # the shard's queries' original indices
         if seg:
             seg_all = gather(seg[0])
@@ -99,8 +102,7 @@ def sharded_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: S
     def ring(q, k, v, *rest):
         from pallas_kernels.context_parallel.ring import ring_local
 
-        w = rest[0] if with_weights else None
-        doc = rest[1:] if with_weights else rest
+        w, doc = split_weights(rest)
         return ring_local(q, k, v, doc if doc else None, scale=scale, shards=shards, tl=tl,
                           expand=expand, weights=w)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.context_parallel import (
     SEQUENCE,
@@ -37,9 +38,11 @@ from pallas_kernels.context_parallel import (
 
 
 def windowed_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: SequenceShards,
-                       spec, kv_spec, expand, weights, weights_spec):
+                       spec, kv_spec, expand, weights, weights_spec, prefix=None):
     """sharded_attention's result when a window is set (see attention.py for the arguments;
-    spec / kv_spec / weights_spec: the shard_map specs it chose)."""
+    spec / kv_spec / weights_spec: the shard_map specs it chose). prefix: (keys, values)
+    [B, P, Hkv, Dh|Dv] that every query sees (Titans MAG's persistent tokens), replicated over
+    the sequence axis and placed beside each piece's keys."""
     from pallas_kernels.attention.xla import softmax_attention
 
     tl = shards.check_length("attention", q.shape[1])
@@ -48,9 +51,10 @@ def windowed_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: 
 
     def local(q, k, v, *rest):
         w = rest[0] if weights is not None else None
+        rest = rest[1:] if weights is not None else rest
         idx = jnp.broadcast_to(shards.local_tokens(tl), q.shape[:2])  # original indices
         if doc:
-            seg, pos = rest[-2:]
+            seg, pos = rest[:2]
         else:           # one document, positions = token indices
             seg, pos = jnp.ones_like(idx), idx
         q, k, v, seg, pos, idx = (split_pieces(x, slots) for x in (q, k, v, seg, pos, idx))
@@ -74,6 +78,12 @@ def windowed_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: 
             v_all = jnp.concatenate([b_v, v_all], axis=1)
         if expand is not None:
             k_all, v_all = expand(k_all, v_all, w)
+        if prefix is not None:
+            # The same P keys beside every piece of the row: [P B, P, ...], always visible.
+            p_k, p_v = (jnp.concatenate([x] * slots, axis=0) for x in rest[-2:])
+            mask = jnp.concatenate([jnp.ones(mask.shape[:2] + p_k.shape[1:2], bool), mask], 2)
+            k_all = jnp.concatenate([p_k, k_all.astype(p_k.dtype)], axis=1)
+            v_all = jnp.concatenate([p_v, v_all.astype(p_v.dtype)], axis=1)
         return merge_pieces(softmax_attention(q, k_all, v_all, mask, scale), slots)
 
     args, specs = [q, k, v], [spec, kv_spec, kv_spec]
@@ -84,6 +94,9 @@ def windowed_attention(q, k, v, *, window, n_sinks, scale, segment_ids, shards: 
         row = shards.spec(segment_ids, heads=False)
         args += [segment_ids, shards.document_positions(segment_ids)]
         specs += [row, row]
+    if prefix is not None:
+        args += list(prefix)
+        specs += [P(kv_spec[0], None, *kv_spec[2:])] * 2
     return run_sharded(shards, local, tuple(args), tuple(specs), spec)
 
 

@@ -145,6 +145,13 @@ def titans_memory(q, k, v, theta, eta, alpha, *, memory0, momentum0=None, chunk_
 
         return sharded_by_heads(whole_rows, (q, k, v, theta, eta, alpha),
                                 (memory0, momentum0, chunk_start0), segment_ids, shards), None
+    if shards is not None and shards.layout == "zigzag" and not output_final_state:
+        # What remains is XLA's partitioner, which would read the reordered row as the row.
+        # (A call with a final state is a cache's: the persistent tokens, not the sharded row.)
+        raise ValueError(f"{_OP}: under the zigzag sequence layout the memory runs by a head "
+                         f"split, which needs mesh.sequence = {shards.n} to divide its "
+                         f"{q.shape[2]} heads; use such a head count, or "
+                         "mesh.sequence_layout=contiguous")
     if segment_ids is not None:
         check_segment_ids(_OP, segment_ids, q)
         if output_final_state:
