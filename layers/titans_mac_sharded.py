@@ -116,9 +116,10 @@ def _local_row(mac, carry, x, qx, seg, pos):
     # The segment entered after the last token: its own when that token does not close it.
     closes = (pos[:, -1] + 1) % c == 0
 
+    n = 2 * -(-lr // c)                    # segments of the layout: as packed_forward's
+    lay = document_layout(seg, c, n)
+
     def fast(_):
-        n = 2 * -(-lr // c)
-        lay = document_layout(seg, c, n)
         bi = jnp.arange(b)[:, None]
         xb = jnp.zeros((b, n * c, d), x.dtype).at[bi, lay.slot].set(x, mode="drop")
         qb = jnp.zeros((b, n * c, *qx.shape[2:]), qx.dtype).at[bi, lay.slot].set(
@@ -175,5 +176,4 @@ def _local_row(mac, carry, x, qx, seg, pos):
 
     if c % mac.memory.chunk_size:
         return exact(None)
-    n = 2 * -(-lr // c)
-    return jax.lax.cond(document_layout(seg, c, n).fits, fast, exact, None)
+    return jax.lax.cond(lay.fits, fast, exact, None)

@@ -48,9 +48,10 @@ EXCHANGING = {"attn,gated_deltanet,mamba2,kda,nsa": "1x1x8x1:zigzag",
               "swa,gla,deltanet,mla,cca,ccgqa": "1x2x2x2:zigzag:ring",
               "mla,cca,nsa,parallel,mom": "2x1x4x1:absorb",   # MLA in its absorbed form
               # Titans and MAG: a head split (Ulysses), 4 heads over 4 sequence shards; MAC: a
-              # pipeline (the state travels). Persistent tokens, on packed rows and on rows
-              # without documents; MAC also in its token-by-token form (segments not a
-              # multiple of its memory's chunks), with halos reaching several pieces back.
+              # pipeline (the state travels: layers/titans_mac_sharded.py). Persistent
+              # tokens, on packed rows and on rows without documents; MAC also in its
+              # token-by-token form (segments not a multiple of its memory's chunks), with
+              # halos reaching several pieces back.
               "titans,titans_mag,titans_mac": "2x1x4x1:zigzag",
               "attn,swa,titans,titans_mag,titans_mac": "1x2x4x1:zigzag:unpacked",
               "titans_mac": "1x1x8x1:zigzag:tokenwise"}
