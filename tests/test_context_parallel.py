@@ -31,9 +31,6 @@ from models.sharding import (
 )
 from pallas_kernels.context_parallel import ZIGZAG_MIXERS, zigzag_order
 
-# One xdist worker runs every test of this module (pyproject: --dist loadgroup), so its
-# module-scoped subprocess fixture runs once, not once per xdist worker.
-pytestmark = pytest.mark.xdist_group("context_parallel_worker")
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
 T, D = 64, 32     # the worker's sequence length and d_model
 # Mixer groups (one model each, a layer per mixer) on the three meshes, as

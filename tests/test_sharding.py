@@ -22,9 +22,6 @@ from models.sharding import (
     spec_for,
 )
 
-# One xdist worker runs every test of this module (pyproject: --dist loadgroup), so its
-# module-scoped subprocess fixture runs once, not once per xdist worker.
-pytestmark = pytest.mark.xdist_group("sharding_worker")
 WORKER = Path(__file__).with_name("sharding_worker.py")
 # float32 losses after a few steps: the meshes differ only in the order of the all-reduce and
 # matmul sums (measured <= 2e-7 relative); 1e-5 is tight enough to catch a wrong collective or
